@@ -1,0 +1,1 @@
+"""Benchmarks: each prints JSON with its baselines measured in the same run."""

@@ -1,0 +1,339 @@
+"""The experiment file: one YAML with sections data / model / objective / train / scaling /
+output, loaded into typed configs. Each component later receives only its own section.
+
+Model and objective sections name a registered component (`name:`); the rest of the section
+is that component's own config dataclass, so their keys are checked like everyone else's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raydiology.config_base import ConfigError, check, from_dict, to_dict
+from raydiology.registry import MODELS, OBJECTIVES, Registry, build_model, build_objective
+
+PROFILES_DIR = "profiles"
+
+
+@dataclass(kw_only=True)
+class PhantomConfig:
+    """The built-in corpus used when an experiment names none."""
+
+    images: int = 512
+    size: int = 256
+    seed: int = 0
+    finding_prob: float = 0.3
+
+    def validate(self, key: str) -> None:
+        check(self.images >= 1, f"{key}.images", self.images, "at least 1")
+        check(16 <= self.size <= 4096, f"{key}.size", self.size, "16..4096 pixels")
+        check(0 <= self.finding_prob <= 1, f"{key}.finding_prob", self.finding_prob, "0..1")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    hflip: bool = False
+    # RandomResizedCrop area range, e.g. [0.2, 1.0]; null = no crop (the HD-MAE paper's choice)
+    crop_scale: tuple[float, float] | None = None
+
+    def validate(self, key: str) -> None:
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            check(0 < lo <= hi <= 1, f"{key}.crop_scale", list(self.crop_scale), "0 < min <= max <= 1")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    corpus: str | None = None  # a corpus folder; null = the built-in phantom corpus
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    resolution: int = 1280  # model input side, pixels
+    channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    splits: tuple[str, ...] | None = None  # keep rows whose `split` is one of these; null = all
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_seed: int | None = 0  # shard order shuffle per epoch; null = manifest order
+    decode_batch_size: int = 16  # rows per Ray Data map_batches call
+    decode_concurrency: int | None = None  # decode actors; null = Ray Data's autoscaling
+
+    def validate(self, key: str) -> None:
+        check(self.resolution >= 16, f"{key}.resolution", self.resolution, "at least 16 pixels")
+        check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            check(len(value) == self.channels, f"{key}.{name}", list(value),
+                  f"{self.channels} value(s), one per channel")
+        check(all(s > 0 for s in self.std), f"{key}.std", list(self.std), "positive values")
+        check(self.decode_batch_size >= 1, f"{key}.decode_batch_size", self.decode_batch_size, "at least 1")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 2.5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.04
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value
+
+    def validate(self, key: str) -> None:
+        check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
+        check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", list(self.betas), "values in [0, 1)")
+        check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+    def validate(self, key: str) -> None:
+        check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # per worker, per forward
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: int = 2
+    grad_clip: float | None = 3.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 0
+    prefetch_batches: int = 2
+    reconstruction_images: int = 4  # rows in reconstruction.png
+
+    def validate(self, key: str) -> None:
+        check(self.max_steps >= 1, f"{key}.max_steps", self.max_steps, "at least 1")
+        check(self.micro_batch_size >= 1, f"{key}.micro_batch_size", self.micro_batch_size, "at least 1")
+        check(self.grad_accum >= 1, f"{key}.grad_accum", self.grad_accum, "at least 1")
+        check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip,
+              "a positive norm or null")
+        check(self.log_every >= 1, f"{key}.log_every", self.log_every, "at least 1")
+        check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", self.checkpoint_every, "at least 1")
+
+
+@dataclass(kw_only=True)
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+    accelerator_type: str | None = None  # e.g. "A100" / "A800": Ray's accelerator label
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint
+
+    def validate(self, key: str) -> None:
+        check(self.num_workers >= 1, f"{key}.num_workers", self.num_workers, "at least 1")
+        check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "> 0")
+        check(self.max_failures >= -1, f"{key}.max_failures", self.max_failures, ">= -1 (-1 = forever)")
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = "runs"  # Ray Train storage path; shared storage on a multi-node cluster
+    name: str | None = None  # run name; null = the experiment name. Same name = resume.
+
+
+@dataclass
+class Component:
+    """A registered component (model or objective) and its own typed config."""
+
+    name: str
+    config: Any
+
+
+@dataclass(kw_only=True)
+class Experiment:
+    name: str
+    description: str = ""
+    data: DataConfig
+    model: Component
+    objective: Component
+    train: TrainConfig
+    scaling: ScalingSection
+    output: OutputConfig
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["data"] = to_dict(self.data)
+        for section in ("model", "objective"):
+            comp: Component = getattr(self, section)
+            out[section] = {"name": comp.name, **to_dict(comp.config)}
+        for section in ("train", "scaling", "output"):
+            out[section] = to_dict(getattr(self, section))
+        return out
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "scaling": ScalingSection,
+    "output": OutputConfig,
+}
+
+
+def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
+    """Typed experiment from a plain dict; raises ConfigError naming the bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("(experiment)", raw, "a mapping of sections")
+    allowed = {"name", "description", "model", "objective", *_SECTIONS}
+    for key in raw:
+        check(key in allowed, key, raw[key], f"one of the sections {sorted(allowed)}")
+    check(isinstance(raw.get("name"), str) and raw["name"] != "", "name", raw.get("name"),
+          "a non-empty experiment name")
+    sections = {key: from_dict(cls, raw.get(key), key) for key, cls in _SECTIONS.items()}
+    exp = Experiment(
+        name=raw["name"],
+        description=raw.get("description", ""),
+        model=_component(MODELS, raw.get("model"), "model"),
+        objective=_component(OBJECTIVES, raw.get("objective"), "objective"),
+        **sections,
+    )
+    _validate_across_sections(exp)
+    return exp
+
+
+def _component(registry: Registry[Any], raw: Any, key: str) -> Component:
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"{key}.name", None if not isinstance(raw, dict) else raw.get("name"),
+                          f"one of the registered {registry.kind}s {registry.names()}")
+    body = {k: v for k, v in raw.items() if k != "name"}
+    try:
+        entry = registry.get(raw["name"])
+    except KeyError:
+        raise ConfigError(f"{key}.name", raw["name"],
+                          f"one of the registered {registry.kind}s {registry.names()}") from None
+    return Component(raw["name"], from_dict(entry.config_cls, body, key))
+
+
+def _validate_across_sections(exp: Experiment) -> None:
+    """Rules that span sections: building the model on the meta device checks image size
+    against patch size, and the objective checks its masking against the patch grid."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(exp.model, exp.data)
+        build_objective(exp.objective, model)
+    check(exp.train.precision != "fp16" or exp.scaling.use_gpu, "train.precision", "fp16",
+          "fp32 or bf16 on CPU workers (fp16 needs GPUs)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_experiment(
+    path: str | Path, *, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Experiment:
+    """Load an experiment file, overlay `experiments/profiles/PROFILE.yaml`, then `--set`s."""
+    return experiment_from_dict(resolve_raw(path, profile=profile, overrides=overrides))
+
+
+def resolve_raw(
+    path: str | Path, *, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    path = Path(path)
+    raw = _read_yaml_with_base(path)
+    if profile:
+        raw = deep_merge(raw, _read_yaml(find_profile(path, profile)))
+    for item in overrides:
+        raw = apply_override(raw, item)
+    return raw
+
+
+def find_profile(experiment_path: Path, profile: str) -> Path:
+    """Profiles live in `experiments/profiles/`, found by walking up from the experiment."""
+    for folder in [experiment_path.resolve().parent, *experiment_path.resolve().parents]:
+        candidate = folder / PROFILES_DIR / f"{profile}.yaml"
+        if candidate.is_file():
+            return candidate
+        if folder.name == "experiments":
+            break
+    raise ConfigError("--profile", profile, f"a file {PROFILES_DIR}/{profile}.yaml beside the experiments")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
+    """`section.key=value`; the value is parsed as YAML (numbers, lists, null, true)."""
+    if "=" not in item:
+        raise ConfigError("--set", item, "section.key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 and keys[0] not in ("name", "description"):
+        raise ConfigError("--set", item, "section.key=value (e.g. train.max_steps=100)")
+    value = yaml.safe_load(text) if text.strip() else None
+    out = copy.deepcopy(raw)
+    node = out
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(dotted, text, f"a key inside the mapping {k!r}")
+        node = node[k]
+    node[keys[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            # A component section that switches `name` replaces the whole section.
+            if "name" in value and value["name"] != out[key].get("name"):
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("(file)", str(path), "an existing YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("(file)", str(path), f"valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("(file)", str(path), "a YAML mapping of sections")
+    return data
+
+
+def _read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An experiment may start from another (`base: other.yaml`) and change a few keys."""
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError("base", base, "a file that does not include itself")
+    return deep_merge(_read_yaml_with_base(base_path, (*seen, base_path)), raw)
+
+
+def save_resolved(exp: Experiment, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))

@@ -1,0 +1,429 @@
+"""Corpus format v1: Parquet shards of raw pixel arrays plus a `manifest.json`.
+
+Pixels are stored decoded (raw little-endian bytes, already resized and padded) because PNG or
+JPEG decoding at 1280² is the slowest step of a training input pipeline; with raw bytes the
+pipeline does one `np.frombuffer` per batch. The manifest pins every shard's sha256 so a run
+can record exactly which data it saw (`manifest_hash`) and `verify_corpus` can catch a
+truncated copy before hours of training. See docs/corpus_format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+
+# Optional string columns: missing values stay null, never guessed.
+METADATA_COLUMNS = ("report", "view", "sex", "age_group", "anatomy", "split")
+LABEL_PREFIX = "label_"
+
+_BASE_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("pixels", pa.binary(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("dtype", pa.string(), nullable=False),
+    *(pa.field(name, pa.string()) for name in METADATA_COLUMNS),
+]
+_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
+# Pixels are decompressed every epoch, so they get LZ4, which decodes at about memory speed
+# yet still shrinks the zero padding and dark background; everything else is small and takes
+# zstd. docs/corpus_format.md has the measurement behind this choice.
+_PIXELS_COMPRESSION = "lz4"
+_OTHER_COMPRESSION = "zstd"
+
+
+class CorpusError(ValueError):
+    """A corpus on disk is missing, malformed or does not match its manifest."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    path: str  # relative to the corpus folder, POSIX separators
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    schema_version: int
+    rows: int
+    shards: tuple[ShardInfo, ...]
+    image_size: int | None  # stored side when every image is the same square
+    dtype: str | None  # "uint8"/"uint16" when uniform
+    columns: dict[str, str]  # column name -> arrow type string
+    label_columns: tuple[str, ...]
+    made_by: dict
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "rows": self.rows,
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "image_size": self.image_size,
+            "dtype": self.dtype,
+            "columns": dict(self.columns),
+            "label_columns": list(self.label_columns),
+            "made_by": self.made_by,
+        }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("raydiology")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class CorpusWriter:
+    """Streams rows into shards of `shard_rows`, each written in row groups of
+    `row_group_rows` so that at most one row group of pixels is held in memory and Ray Data
+    can read a shard piecewise.
+
+    Use as a context manager: a clean exit calls `close()`; an exception leaves no manifest,
+    so a half-written corpus can never pass `read_manifest`.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        made_by: dict,
+        shard_rows: int = 1024,
+        row_group_rows: int = 128,
+    ) -> None:
+        if shard_rows < 1 or row_group_rows < 1:
+            raise ValueError("shard_rows and row_group_rows must be >= 1")
+        self.out_dir = Path(out_dir)
+        if (self.out_dir / MANIFEST_NAME).exists() or any(
+            (self.out_dir / SHARDS_DIR).glob("*.parquet")
+        ):
+            raise CorpusError(f"{self.out_dir}: already holds a corpus; choose an empty folder")
+        (self.out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        self.made_by = {
+            "tool": "raydiology",
+            "version": _version(),
+            "command": made_by.get("command", ""),
+            "options": dict(made_by.get("options", {})),
+            **{k: v for k, v in made_by.items() if k not in ("command", "options")},
+        }
+        self.shard_rows = shard_rows
+        self.row_group_rows = row_group_rows
+        self._schema: pa.Schema | None = None
+        self._label_columns: tuple[str, ...] = ()
+        self._buffer: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_written = 0  # rows in the open shard
+        self._shards: list[ShardInfo] = []
+        self._ids: set[str] = set()
+        self._sizes: set[tuple[int, int]] = set()
+        self._dtypes: set[str] = set()
+        self._closed = False
+        self.manifest: Manifest | None = None  # set by close()
+
+    def __enter__(self) -> CorpusWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def add(self, row: dict) -> None:
+        """Queue one image; `pixels` is a 2-D uint8/uint16 array, `label_*` are 0/1."""
+        if self._closed:
+            raise CorpusError(f"{self.out_dir}: writer is closed")
+        image_id = row.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise CorpusError(f"{self.out_dir}: row without a string image_id: {image_id!r}")
+        if image_id in self._ids:
+            raise CorpusError(f"{self.out_dir}: duplicate image_id {image_id!r}")
+        pixels = row.get("pixels")
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 2:
+            raise CorpusError(f"{self.out_dir}: {image_id}: pixels must be a 2-D numpy array")
+        dtype = pixels.dtype.name
+        if dtype not in _DTYPES:
+            raise CorpusError(f"{self.out_dir}: {image_id}: pixels dtype {dtype} not uint8/uint16")
+        height, width = pixels.shape
+        for key, want in (("height", height), ("width", width), ("dtype", dtype)):
+            if key in row and row[key] != want:
+                raise CorpusError(f"{self.out_dir}: {image_id}: {key}={row[key]!r}, pixels say {want!r}")
+
+        labels = tuple(k for k in row if k.startswith(LABEL_PREFIX))
+        unknown = set(row) - {"image_id", "pixels", "height", "width", "dtype"}
+        unknown -= set(METADATA_COLUMNS) | set(labels)
+        if unknown:
+            raise CorpusError(f"{self.out_dir}: {image_id}: unknown column {sorted(unknown)[0]!r}")
+        if self._schema is None:
+            self._label_columns = labels
+            label_fields = [pa.field(name, pa.int8()) for name in labels]
+            self._schema = pa.schema(_BASE_FIELDS + label_fields)
+        elif set(labels) != set(self._label_columns):
+            raise CorpusError(
+                f"{self.out_dir}: {image_id}: label columns {sorted(labels)} differ from the "
+                f"first row's {sorted(self._label_columns)}"
+            )
+
+        out = {
+            "image_id": image_id,
+            "pixels": np.ascontiguousarray(pixels, dtype=_DTYPES[dtype]).tobytes(),
+            "height": height,
+            "width": width,
+            "dtype": dtype,
+        }
+        for name in METADATA_COLUMNS:
+            value = row.get(name)
+            out[name] = None if value is None else str(value)
+        for name in self._label_columns:
+            value = row[name]
+            if value not in (0, 1):  # also accepts bools and numpy ints
+                raise CorpusError(f"{self.out_dir}: {image_id}: {name}={value!r} is not 0/1")
+            out[name] = int(value)
+
+        self._ids.add(image_id)
+        self._sizes.add((height, width))
+        self._dtypes.add(dtype)
+        self._buffer.append(out)
+        room = self.shard_rows - self._shard_written
+        if len(self._buffer) >= min(self.row_group_rows, room):
+            self._flush()
+
+    def close(self) -> Manifest:
+        """Write the last shard, then `manifest.json` via a temp file and rename."""
+        if self._closed:
+            raise CorpusError(f"{self.out_dir}: writer is closed")
+        if self._buffer:
+            self._flush()
+        self._finish_shard()
+        self._closed = True
+        schema = self._schema or pa.schema(_BASE_FIELDS)
+        size = None
+        if len(self._sizes) == 1:
+            height, width = next(iter(self._sizes))
+            size = height if height == width else None
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            rows=sum(s.rows for s in self._shards),
+            shards=tuple(self._shards),
+            image_size=size,
+            dtype=next(iter(self._dtypes)) if len(self._dtypes) == 1 else None,
+            columns={f.name: str(f.type) for f in schema},
+            label_columns=self._label_columns,
+            made_by={
+                **self.made_by,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        self.manifest = manifest
+        return manifest
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _shard_path(self) -> Path:
+        return self.out_dir / SHARDS_DIR / f"part-{len(self._shards):05d}.parquet"
+
+    def _flush(self) -> None:
+        assert self._schema is not None
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                str(self._shard_path()) + ".tmp",
+                self._schema,
+                compression={
+                    f.name: _PIXELS_COMPRESSION if f.name == "pixels" else _OTHER_COMPRESSION
+                    for f in self._schema
+                },
+                use_dictionary=[n for n in METADATA_COLUMNS if n != "report"] + ["dtype"],
+                # min/max of megabyte-sized blobs would only bloat the footer
+                write_statistics=[f.name for f in self._schema if f.name != "pixels"],
+            )
+        table = pa.Table.from_pylist(self._buffer, schema=self._schema)
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self._shard_written += len(self._buffer)
+        self._buffer = []
+        if self._shard_written >= self.shard_rows:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        final = self._shard_path()
+        os.replace(str(final) + ".tmp", final)
+        self._shards.append(
+            ShardInfo(
+                path=final.relative_to(self.out_dir).as_posix(),
+                rows=self._shard_written,
+                sha256=_file_sha256(final),
+            )
+        )
+        self._shard_written = 0
+
+    def _abort(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            Path(str(self._shard_path()) + ".tmp").unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(corpus_dir: str | os.PathLike) -> Manifest:
+    """Parse and check `manifest.json`; errors name the corpus path and the bad key."""
+    path = Path(corpus_dir) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no manifest; is {corpus_dir} a raydiology corpus?") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(data, dict):
+        raise CorpusError(f"{path}: manifest is not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CorpusError(
+            f"{path}: schema_version {version!r} is not supported (this raydiology reads "
+            f"{SCHEMA_VERSION})"
+        )
+    try:
+        shards = tuple(
+            ShardInfo(path=str(s["path"]), rows=int(s["rows"]), sha256=str(s["sha256"]))
+            for s in data["shards"]
+        )
+        manifest = Manifest(
+            schema_version=version,
+            rows=int(data["rows"]),
+            shards=shards,
+            image_size=data.get("image_size"),
+            dtype=data.get("dtype"),
+            columns=dict(data["columns"]),
+            label_columns=tuple(data.get("label_columns", ())),
+            made_by=dict(data.get("made_by", {})),
+        )
+    except KeyError as e:
+        raise CorpusError(f"{path}: manifest lacks key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CorpusError(f"{path}: malformed manifest: {e}") from None
+    if manifest.rows != sum(s.rows for s in shards):
+        raise CorpusError(f"{path}: rows={manifest.rows} but the shards hold {sum(s.rows for s in shards)}")
+    return manifest
+
+
+def verify_corpus(corpus_dir: str | os.PathLike) -> Manifest:
+    """Recompute every shard's sha256 against the manifest (reads all bytes once)."""
+    manifest = read_manifest(corpus_dir)
+    for shard in manifest.shards:
+        path = Path(corpus_dir) / shard.path
+        if not path.is_file():
+            raise CorpusError(f"{corpus_dir}: shard {shard.path} is missing")
+        actual = _file_sha256(path)
+        if actual != shard.sha256:
+            raise CorpusError(
+                f"{corpus_dir}: shard {shard.path} has sha256 {actual[:12]}…, manifest says "
+                f"{shard.sha256[:12]}…; the file changed or was copied incompletely"
+            )
+    return manifest
+
+
+def shard_paths(corpus_dir: str | os.PathLike) -> list[str]:
+    """Absolute shard paths in manifest order (what `ray.data.read_parquet` is given)."""
+    root = Path(corpus_dir).resolve()
+    return [str(root / s.path) for s in read_manifest(corpus_dir).shards]
+
+
+def manifest_hash(corpus_dir: str | os.PathLike) -> str:
+    """sha256 of the manifest bytes: one string that names the exact data a run used."""
+    path = Path(corpus_dir) / MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no manifest") from None
+
+
+def decode_pixels(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Turn a column batch (Ray Data's numpy format) into one [B, H, W] uint8/uint16 array.
+
+    All rows must share height, width and dtype, which is what lets the whole batch be one
+    `np.frombuffer` over the joined bytes instead of B small decodes. The result is read-only
+    (it views an immutable bytes object); copy or convert before writing into it.
+    """
+    pixels = batch["pixels"]
+    n = len(pixels)
+    if n == 0:
+        return np.zeros((0, 0, 0), dtype=np.uint8)
+    heights = np.asarray(batch["height"])
+    widths = np.asarray(batch["width"])
+    dtypes = np.asarray(batch["dtype"]).astype(str)
+    ids = batch.get("image_id")
+    differs = (heights != heights[0]) | (widths != widths[0]) | (dtypes != dtypes[0])
+    if differs.any():
+        i = int(np.argmax(differs))
+        who = ids[i] if ids is not None else f"row {i}"
+        first = ids[0] if ids is not None else "row 0"
+        raise CorpusError(
+            f"decode_pixels: {who} is {heights[i]}x{widths[i]} {dtypes[i]}, but {first} is "
+            f"{heights[0]}x{widths[0]} {dtypes[0]}; a batch must share one size and dtype"
+        )
+    height, width, name = int(heights[0]), int(widths[0]), str(dtypes[0])
+    if name not in _DTYPES:
+        raise CorpusError(f"decode_pixels: dtype {name!r} is not uint8/uint16")
+    dtype = _DTYPES[name]
+    flat = np.frombuffer(b"".join(pixels), dtype=dtype)
+    if flat.size != n * height * width:
+        raise CorpusError(
+            f"decode_pixels: {flat.size} values for {n} images of {height}x{width}; "
+            "a pixels blob has the wrong length"
+        )
+    out = flat.reshape(n, height, width)
+    return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
+
+
+def read_rows(corpus_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Whole corpus as one Arrow table; meant for tests and small evaluation corpora."""
+    manifest = read_manifest(corpus_dir)
+    paths = shard_paths(corpus_dir)
+    if not paths:
+        schema = pa.schema([pa.field(k, pa.type_for_alias(v)) for k, v in manifest.columns.items()])
+        empty = schema.empty_table()
+        return empty.select(columns) if columns is not None else empty
+    for path, shard in zip(paths, manifest.shards):
+        if not Path(path).is_file():
+            raise CorpusError(f"{corpus_dir}: shard {shard.path} is missing")
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+
+
+def progress_iter(items: Iterable[T], *, enabled: bool, description: str) -> Iterator[T]:
+    """Iterate with a rich progress bar when `enabled`, silently otherwise (tests, workers)."""
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=description)

@@ -1,0 +1,101 @@
+"""Ray Data pipeline: corpus shards -> decoded, resized, normalised training batches.
+
+    read_parquet(shards) -> map_batches(preprocess_batch) -> Ray Train's streaming_split
+    -> worker: get_dataset_shard("train").iter_torch_batches()
+
+All per-image work (decode, crop, resize, flip, normalise) happens here, in Ray Data tasks
+scheduled anywhere on the cluster, batched with torch ops; the training worker only moves
+ready tensors to its device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydiology.config import DataConfig
+from raydiology.config_base import to_dict
+
+# Columns read from the shards: pixels and what decoding needs, plus labels for evaluation.
+_PIXEL_COLUMNS = ["image_id", "pixels", "height", "width", "dtype"]
+
+
+def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str, ...] = ()):
+    """The training dataset for one experiment; lazy until Ray Train iterates it."""
+    import ray.data
+    from ray.data.expressions import col
+
+    from raydiology.data.corpus import shard_paths
+
+    columns = [*_PIXEL_COLUMNS, *label_columns]
+    shuffle = None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
+    if data.splits:
+        columns.append("split")
+    ds = ray.data.read_parquet(shard_paths(corpus_dir), columns=columns, shuffle=shuffle)
+    if data.splits:
+        ds = ds.filter(expr=col("split").is_in(list(data.splits)))
+    return ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"data": to_dict(data), "label_columns": list(label_columns)},
+        batch_size=data.decode_batch_size,
+        batch_format="numpy",
+        concurrency=data.decode_concurrency,
+    )
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], *, data: dict[str, Any],
+                     label_columns: list[str]) -> dict[str, np.ndarray]:
+    """Raw stored pixels -> float32 [B, C, R, R] normalised images (+ label columns)."""
+    from raydiology.config_base import from_dict
+    from raydiology.data.corpus import decode_pixels
+
+    cfg = from_dict(DataConfig, data, "data")
+    pixels = decode_pixels(batch)  # [B, H, W] uint8 / uint16
+    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
+    images = torch.from_numpy(pixels.astype(np.float32, copy=False)).unsqueeze(1).div_(scale)
+    rng = np.random.default_rng()  # fresh augmentation every epoch
+    images = augment_and_resize(images, cfg, rng)
+    if cfg.channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
+    out = {"image": ((images - mean) / std).contiguous().numpy()}
+    for column in label_columns:
+        out[column] = np.asarray(batch[column], dtype=np.float32)
+    return out
+
+
+def augment_and_resize(images: torch.Tensor, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+    """[B, 1, H, W] in [0, 1] -> [B, 1, R, R]: optional random-resized crop, resize, flip."""
+    size = (cfg.resolution, cfg.resolution)
+    if cfg.augment.crop_scale is not None:
+        crops = [_random_crop(img, cfg.augment.crop_scale, rng) for img in images]
+        images = torch.cat([_resize(c.unsqueeze(0), size) for c in crops])
+    elif images.shape[-2:] != size:
+        images = _resize(images, size)
+    if cfg.augment.hflip:
+        flip = torch.from_numpy(rng.random(images.shape[0]) < 0.5).view(-1, 1, 1, 1)
+        images = torch.where(flip, images.flip(-1), images)
+    return images
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Antialiasing matters when a 1024-px corpus feeds a 224-px model.
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _random_crop(image: torch.Tensor, scale: tuple[float, float], rng: np.random.Generator) -> torch.Tensor:
+    """RandomResizedCrop's box sampling (aspect 3/4..4/3) on one [C, H, W] image."""
+    _, h, w = image.shape
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
+        if 0 < ch <= h and 0 < cw <= w:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            return image[:, top : top + ch, left : left + cw]
+    return image
+

@@ -1,0 +1,34 @@
+"""The DeepSpeed config generated from an experiment's `train` section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raydiology.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    opt = train.optimizer
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip or 0.0,
+        "zero_optimization": {"stage": train.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                # FusedAdam needs a CUDA build; torch's AdamW runs everywhere.
+                "torch_adam": not on_gpu,
+            },
+        },
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        # The loop logs through Ray Train; keep DeepSpeed's own step prints quiet.
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

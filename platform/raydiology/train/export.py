@@ -1,0 +1,117 @@
+"""Exported encoders (safetensors + a JSON that says how to feed them) and the
+reconstruction picture (original / masked / reconstruction, the HD-MAE paper's Fig. 8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raydiology.config import DataConfig, Experiment
+
+FORMAT = "raydiology-encoder/1"
+WEIGHTS = "encoder.safetensors"
+SPEC = "encoder.json"
+
+
+def export_encoder(objective: nn.Module, folder: Path, *, exp: Experiment,
+                   corpus_sha256: str | None, step: int) -> Path:
+    """Write the objective's encoder and how to use it; returns the JSON path."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder: nn.Module = objective.encoder
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    experiment = exp.to_dict()
+    spec = {
+        "format": FORMAT,
+        "model": experiment["model"],
+        "image_size": exp.data.resolution,
+        "in_chans": exp.data.channels,
+        "patch_size": getattr(encoder, "patch_size", None),
+        "embed_dim": getattr(encoder, "embed_dim", None),
+        "mean": list(exp.data.mean),
+        "std": list(exp.data.std),
+        "objective": experiment["objective"],
+        "experiment": exp.name,
+        "step": step,
+        "corpus_manifest_sha256": corpus_sha256,
+        "config_sha256": exp.config_hash(),
+        "usage": "raydiology.load_encoder(path)(images) -> tokens [B, 1+N, D] (CLS first); "
+        "images: float [B, in_chans, image_size, image_size], (pixel/max - mean) / std",
+    }
+    (folder / SPEC).write_text(json.dumps(spec, indent=2))
+    return folder / SPEC
+
+
+def load_encoder(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported encoder from its folder (or its JSON) with safetensors weights.
+
+    The returned module is in eval mode and carries the export's JSON as `.spec`.
+    """
+    from safetensors.torch import load_file
+
+    from raydiology.config_base import from_dict
+    from raydiology.registry import MODELS
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".json" else path
+    spec: dict[str, Any] = json.loads((folder / SPEC).read_text())
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{folder / SPEC}: format {spec.get('format')!r} is not {FORMAT!r}")
+    model_section = dict(spec["model"])
+    entry = MODELS.get(model_section.pop("name"))
+    config = from_dict(entry.config_cls, model_section, "model")
+    with torch.device("meta"):  # decoder and heads are never allocated
+        model = entry.builder(config, image_size=spec["image_size"], in_chans=spec["in_chans"])
+    encoder = model.encoder.to_empty(device=device)
+    encoder.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)), strict=True)
+    encoder.spec = spec
+    return encoder.eval()
+
+
+@torch.no_grad()
+def save_reconstruction(objective: nn.Module, images: torch.Tensor, data: DataConfig, path: Path,
+                        *, write: bool, seed: int) -> Path | None:
+    """Rows of original / masked / reconstruction for a few training images."""
+    reconstruct = getattr(objective, "reconstruct", None)
+    if reconstruct is None:
+        return None
+    was_training = objective.training
+    objective.eval()
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    out = reconstruct(images, generator=generator)
+    objective.train(was_training)
+    if not write:
+        return None
+    columns = {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"]}
+    _save_grid(columns, data, path)
+    return path
+
+
+def _save_grid(columns: dict[str, torch.Tensor], data: DataConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    shown = {k: (v.detach().float().cpu() * std + mean).clamp(0, 1)[:, 0] for k, v in columns.items()}
+    rows = next(iter(shown.values())).shape[0]
+    fig, axes = plt.subplots(rows, len(shown), figsize=(3 * len(shown), 3 * rows), squeeze=False)
+    for col, (title, batch) in enumerate(shown.items()):
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.imshow(batch[row].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,245 @@
+"""The driver side of `raydiology run`: Ray (embedded or a cluster), corpus, dataset,
+TorchTrainer, then the run directory's summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from raydiology.config import Experiment, save_resolved
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    checkpoint: str | None
+    export: Path | None
+    picture: Path | None
+    metrics: dict[str, Any]
+
+
+def run_experiment(exp: Experiment, *, address: str | None = None, dashboard_host: str = "127.0.0.1",
+                   console: Console | None = None) -> RunResult:
+    console = console or Console()
+    run_dir = Path(exp.output.dir).expanduser().resolve() / exp.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(exp, run_dir / "config.yaml")
+
+    corpus_dir = resolve_corpus(exp, console=console)
+    dashboard = connect_ray(address, dashboard_host=dashboard_host, console=console)
+    console.print(f"[bold]run[/] {exp.run_name}  ->  {run_dir}")
+    if dashboard:
+        console.print(f"[bold]dashboard[/] {dashboard}  (token in ~/.ray/auth_token)")
+
+    import ray.data
+
+    # The driver shows one progress bar (below); Ray Data's per-operator bars would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer = _build_trainer(exp, corpus_dir, run_dir, embedded=address is None, console=console)
+    with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
+        result = trainer.fit()
+    return _summarise(result, run_dir, console)
+
+
+def resolve_corpus(exp: Experiment, *, console: Console) -> str:
+    """The experiment's corpus, or the built-in phantom corpus (made once, then reused)."""
+    from raydiology.data.corpus import CorpusError, read_manifest
+
+    if exp.data.corpus:
+        read_manifest(exp.data.corpus)  # fail early, naming the path, before Ray starts work
+        return str(Path(exp.data.corpus).expanduser().resolve())
+    from raydiology.data.phantom import write_phantom_corpus
+
+    p = exp.data.phantom
+    folder = (Path(exp.output.dir).expanduser().resolve() / "_corpora" /
+              f"phantom-n{p.images}-s{p.size}-seed{p.seed}-p{p.finding_prob:g}")
+    try:
+        read_manifest(folder)
+    except CorpusError:
+        console.print(f"making the built-in phantom corpus ({p.images} images, {p.size}px) in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+        write_phantom_corpus(folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob)
+    return str(folder)
+
+
+def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -> str | None:
+    """Connect to `address`, or start a local Ray sized to this machine.
+
+    The embedded Ray binds its dashboard to `dashboard_host` (127.0.0.1 unless the user says
+    otherwise) and keeps Ray's token authentication on.
+    """
+    import ray
+
+    if ray.is_initialized():  # e.g. a test session's cluster
+        return _dashboard_url()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return _dashboard_url()
+    if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning[/]: the dashboard and Jobs API will listen on {dashboard_host}; "
+                      "anyone who reaches it with the token can run code on this machine")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host=dashboard_host,
+             log_to_driver=True)
+    return _dashboard_url()
+
+
+def _dashboard_url() -> str | None:
+    import ray
+
+    from ray._private.worker import get_dashboard_url  # no public getter once connected
+
+    url = get_dashboard_url()
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _build_trainer(exp: Experiment, corpus_dir: str, run_dir: Path, *, embedded: bool, console: Console):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydiology.data.corpus import manifest_hash
+    from raydiology.data.pipeline import build_dataset
+    from raydiology.train.loop import train_loop_per_worker
+
+    scaling = exp.scaling
+    cpus = scaling.cpus_per_worker
+    if embedded and not scaling.use_gpu:
+        # Ray Data's read/decode tasks need CPUs too: with every CPU reserved by the
+        # trainers the pipeline never starts (see DESIGN.md). Leave it at least one.
+        total = ray.cluster_resources().get("CPU", 1.0)
+        if total - cpus * scaling.num_workers < 1:
+            cpus = max(0.1, round((total - 1) / scaling.num_workers, 2))
+            console.print(f"embedded Ray has {total:g} CPUs: {cpus} per worker, the rest for data")
+    resources: dict[str, float] = {"CPU": cpus}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": exp.to_dict(), "corpus_sha256": manifest_hash(corpus_dir)},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources,
+                                     accelerator_type=scaling.accelerator_type),
+        run_config=RunConfig(
+            name=exp.run_name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[MetricsLog(str(run_dir / METRICS_FILE))],
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+        datasets={"train": build_dataset(exp.data, corpus_dir)},
+    )
+
+
+def _worker_env() -> dict[str, str]:
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    # DeepSpeed JIT-builds a small op on first use; a shared cache makes that a one-off.
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raydiology" / "torch_extensions"))
+    return env
+
+
+try:
+    from ray.train import UserCallback as _UserCallback
+except ImportError:  # pragma: no cover - Ray Train V1
+    _UserCallback = object  # type: ignore[assignment,misc]
+
+
+class MetricsLog(_UserCallback):  # type: ignore[misc,valid-type]
+    """Appends rank 0's metrics to the run's metrics.jsonl (runs in the Train controller)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if not metrics or not metrics[0]:
+            return
+        row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str)) or v is None}
+        if checkpoint is not None:
+            row["checkpoint"] = checkpoint.path
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class _Progress:
+    """A rich progress bar on the driver, fed by the run's metrics.jsonl."""
+
+    def __init__(self, metrics_path: Path, total: int, console: Console) -> None:
+        self.metrics_path, self.total, self.console = metrics_path, total, console
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _Progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=self.console, transient=False)
+        self.task = self.progress.add_task("train", total=self.total, info="starting workers")
+        self.progress.start()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        if lines:
+            last = json.loads(lines[-1])
+            info = f"loss {last.get('loss', float('nan')):.4f}  {last.get('images_per_s', 0):.1f} img/s"
+            self.progress.update(self.task, completed=last.get("step", 0), info=info)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        self._update()
+        self.progress.stop()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _summarise(result, run_dir: Path, console: Console) -> RunResult:
+    from raydiology.train.loop import EXPORT_DIR, PICTURE
+
+    if result.error:
+        raise result.error
+    export = picture = None
+    checkpoint = result.checkpoint
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / EXPORT_DIR).is_dir():
+                export = run_dir / EXPORT_DIR
+                shutil.rmtree(export, ignore_errors=True)
+                shutil.copytree(Path(folder) / EXPORT_DIR, export)
+            if (Path(folder) / PICTURE).is_file():
+                picture = run_dir / PICTURE
+                shutil.copy(Path(folder) / PICTURE, picture)
+    metrics = dict(result.metrics or {})
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None,
+         "export": str(export) if export else None, "picture": str(picture) if picture else None,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+    console.print(f"[bold green]done[/] step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}")
+    console.print(f"  checkpoint      {checkpoint.path if checkpoint else '-'}")
+    console.print(f"  encoder export  {export or '-'}  (raydiology.load_encoder(path))")
+    console.print(f"  picture         {picture or '-'}")
+    console.print(f"  config          {run_dir / 'config.yaml'}")
+    return RunResult(run_dir, checkpoint.path if checkpoint else None, export, picture, metrics)

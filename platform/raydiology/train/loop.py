@@ -1,0 +1,233 @@
+"""The one training loop: every objective runs through `train_loop_per_worker`.
+
+It turns the config dict into a typed Experiment, builds model and objective from the
+registry, hands them to DeepSpeed, iterates this worker's dataset shard and reports metrics
+and checkpoints through `ray.train.report` on every rank, the same number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raydiology.config import Experiment, experiment_from_dict
+from raydiology.registry import build_model, build_objective
+from raydiology.train.deepspeed_config import deepspeed_config
+from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
+
+CHECKPOINT_TAG = "deepspeed"
+EXPORT_DIR = "export"
+PICTURE = "reconstruction.png"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a restart continues from here."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this worker consumed in the current epoch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    exp = experiment_from_dict(loop_config["experiment"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = _device(exp)
+
+    torch.manual_seed(exp.train.seed)  # identical initial weights on every rank
+    model = build_model(exp.model, exp.data)
+    objective = build_objective(exp.objective, model)
+    train = exp.train
+    engine, *_ = deepspeed.initialize(
+        model=objective,
+        model_parameters=param_groups(objective, train.optimizer.weight_decay),
+        config=deepspeed_config(train, world_size=world, on_gpu=device.type == "cuda"),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s: lr_factor(s, schedule=train.schedule, base_lr=train.optimizer.lr,
+                                max_steps=train.max_steps),
+        ),
+    )
+    state = _restore(engine)
+    if rank == 0 and state.step:
+        print(f"[raydiology] resumed from step {state.step} (epoch {state.epoch})", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    param_dtype = next(engine.module.parameters()).dtype
+    generator = torch.Generator(device=device)
+    picture_batch: torch.Tensor | None = None
+    window = _Window()
+    metrics: dict[str, Any] = {}
+
+    while state.step < train.max_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=train.micro_batch_size,
+            drop_last=True,  # every rank takes the same number of steps
+            prefetch_batches=train.prefetch_batches,
+            device=str(device),
+        )
+        seen = 0
+        waited_since = time.perf_counter()
+        for batch in batches:
+            seen += 1
+            if seen <= state.batches_in_epoch:  # resumed mid-epoch: skip what was consumed
+                waited_since = time.perf_counter()
+                continue
+            window.data_wait += time.perf_counter() - waited_since
+            batch["image"] = batch["image"].to(param_dtype)
+            if picture_batch is None:
+                picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
+
+            generator.manual_seed(_mask_seed(train.seed, rank, state.step, seen))
+            out = engine(batch, generator=generator)
+            engine.backward(out["loss"])
+            _set_weight_decay(engine, weight_decay_at(state.step, optimizer=train.optimizer,
+                                                      max_steps=train.max_steps))
+            engine.step()
+            state.batches_in_epoch = seen
+            window.add(out, images=batch["image"].shape[0])
+            if not engine.is_gradient_accumulation_boundary():
+                waited_since = time.perf_counter()
+                continue
+            # DeepSpeed steps on the boundary micro-batch, so the count moves only here.
+            state.step += 1
+            last = state.step >= train.max_steps
+            if state.step % train.log_every == 0 or last:
+                metrics = window.report(engine, state, world)
+                if rank == 0:
+                    _print_progress(metrics, train.max_steps)
+            if state.step % train.checkpoint_every == 0 or last:
+                _checkpoint(engine, state, metrics, exp=exp, loop_config=loop_config,
+                            picture_batch=picture_batch if last else None, rank=rank)
+            elif state.step % train.log_every == 0 or last:
+                ray.train.report(metrics)
+            if last:
+                break
+            waited_since = time.perf_counter()
+        else:
+            if seen == 0:
+                raise RuntimeError(
+                    f"worker {rank} got no batch of {train.micro_batch_size} images: the "
+                    "corpus is smaller than num_workers x micro_batch_size (after `data.splits`)"
+                )
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+
+def _device(exp: Experiment) -> torch.device:
+    if exp.scaling.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    # Distinct masks per rank and step, reproducible after a resume.
+    return (seed * 1_000_003 + rank * 7919 + step * 131 + micro) % (2**63 - 1)
+
+
+def _set_weight_decay(engine, value: float) -> None:
+    for group in engine.optimizer.param_groups:
+        if group.get("weight_decay", 0.0) > 0.0:
+            group["weight_decay"] = value
+
+
+class _Window:
+    """Running sums between two reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.data_wait = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor], *, images: int) -> None:
+        for key, value in out.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach().float())
+        self.count += 1
+        self.images += images
+
+    def report(self, engine, state: TrainState, world: int) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        # The loss is averaged over every rank so all ranks report the same number.
+        values = torch.tensor([self.sums.get("loss", 0.0), float(self.count)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": float(values[0] / values[1].clamp(min=1)),
+            "lr": float(engine.get_lr()[0]),
+            "images_per_s": self.images * world / elapsed,
+            "data_wait_s_per_step": self.data_wait / max(1, self.count),
+        }
+        for key, value in self.sums.items():
+            if key != "loss":
+                metrics[key] = value / max(1, self.count)
+        self.reset()
+        return metrics
+
+
+def _print_progress(metrics: dict[str, Any], max_steps: int) -> None:
+    print(
+        f"[raydiology] step {metrics['step']}/{max_steps}  loss {metrics['loss']:.4f}  "
+        f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.1f} img/s  "
+        f"data wait {metrics['data_wait_s_per_step'] * 1000:.0f} ms/step",
+        flush=True,
+    )
+
+
+def _restore(engine) -> TrainState:
+    import ray.train
+
+    from raydiology.train.safe_load import weights_only_checkpoint_engine
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as folder, weights_only_checkpoint_engine(engine):
+        _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+    return TrainState(**(client_state or {}).get("train_state", {}))
+
+
+def _checkpoint(engine, state: TrainState, metrics: dict[str, Any], *, exp: Experiment,
+                loop_config: dict[str, Any], picture_batch: torch.Tensor | None, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint.
+
+    The final checkpoint also carries the exported encoder and the reconstruction picture,
+    so they reach the run's storage however remote it is.
+    """
+    import ray.train
+
+    from raydiology.train.export import export_encoder, save_reconstruction
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"train_state": asdict(state)})
+        if picture_batch is not None:
+            # Every rank runs the forward (ZeRO-3 needs all ranks); rank 0 writes.
+            picture = save_reconstruction(engine.module, picture_batch, exp.data,
+                                          Path(folder) / PICTURE, write=rank == 0, seed=exp.train.seed)
+            if rank == 0:
+                export_encoder(engine.module, Path(folder) / EXPORT_DIR, exp=exp,
+                               corpus_sha256=loop_config.get("corpus_sha256"), step=state.step)
+                metrics = {**metrics, "picture": PICTURE if picture else None}
+        if rank == 0:
+            (Path(folder) / "train_state.json").write_text(json.dumps(asdict(state)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
