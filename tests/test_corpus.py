@@ -63,7 +63,7 @@ def test_round_trip(tmp_path, dtype):
     assert table.column("image_id").to_pylist() == [r["image_id"] for r in rows]
     images = decode_pixels(_batch(table))
     assert images.dtype == dtype and images.shape == (10, 16, 16)
-    for image, row in zip(images, rows):
+    for image, row in zip(images, rows, strict=True):
         np.testing.assert_array_equal(image, row["pixels"])
     for key in ("report", "view", "sex", "split", "label_a", "label_b"):
         assert table.column(key).to_pylist() == [r[key] for r in rows]
@@ -83,7 +83,9 @@ def test_manifest_fields(tmp_path):
     assert manifest.columns["label_a"] == "int8" and manifest.columns["report"] == "string"
     assert manifest.label_columns == ("label_a", "label_b")
     made = manifest.made_by
-    assert made["tool"] == "raydiology" and made["command"] == "test" and made["options"] == {"k": 1}
+    assert (
+        made["tool"] == "raydiology" and made["command"] == "test" and made["options"] == {"k": 1}
+    )
     assert made["version"] and dt.datetime.fromisoformat(made["created"])
     paths = shard_paths(tmp_path / "c")
     assert paths == [str((tmp_path / "c" / s.path).resolve()) for s in manifest.shards]
@@ -112,7 +114,7 @@ def test_verify_names_changed_and_missing_shard(tmp_path):
     with pytest.raises(CorpusError, match="part-00001"):
         verify_corpus(corpus)
     shard.unlink()
-    with pytest.raises(CorpusError, match="part-00001.*missing"):
+    with pytest.raises(CorpusError, match=r"part-00001.*missing"):
         verify_corpus(corpus)
 
 

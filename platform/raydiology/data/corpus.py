@@ -164,7 +164,9 @@ class CorpusWriter:
         height, width = pixels.shape
         for key, want in (("height", height), ("width", width), ("dtype", dtype)):
             if key in row and row[key] != want:
-                raise CorpusError(f"{self.out_dir}: {image_id}: {key}={row[key]!r}, pixels say {want!r}")
+                raise CorpusError(
+                    f"{self.out_dir}: {image_id}: {key}={row[key]!r}, pixels say {want!r}"
+                )
 
         labels = tuple(k for k in row if k.startswith(LABEL_PREFIX))
         unknown = set(row) - {"image_id", "pixels", "height", "width", "dtype"}
@@ -332,7 +334,9 @@ def read_manifest(corpus_dir: str | os.PathLike) -> Manifest:
     except (TypeError, ValueError) as e:
         raise CorpusError(f"{path}: malformed manifest: {e}") from None
     if manifest.rows != sum(s.rows for s in shards):
-        raise CorpusError(f"{path}: rows={manifest.rows} but the shards hold {sum(s.rows for s in shards)}")
+        raise CorpusError(
+            f"{path}: rows={manifest.rows} but the shards hold {sum(s.rows for s in shards)}"
+        )
     return manifest
 
 
@@ -413,7 +417,7 @@ def read_rows(corpus_dir: str | os.PathLike, columns: list[str] | None = None) -
         schema = pa.schema([pa.field(k, pa.type_for_alias(v)) for k, v in manifest.columns.items()])
         empty = schema.empty_table()
         return empty.select(columns) if columns is not None else empty
-    for path, shard in zip(paths, manifest.shards):
+    for path, shard in zip(paths, manifest.shards, strict=True):
         if not Path(path).is_file():
             raise CorpusError(f"{corpus_dir}: shard {shard.path} is missing")
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

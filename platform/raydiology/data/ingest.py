@@ -50,7 +50,9 @@ def find_images(sources: list[str | Path]) -> list[tuple[Path, str]]:
         if root.is_file():
             found.append((root, root.name))
         elif root.is_dir():
-            files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = (
+                p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
             found += sorted((p, p.relative_to(root).as_posix()) for p in files)
         else:
             raise FileNotFoundError(f"ingest source {source} does not exist")
@@ -178,11 +180,15 @@ def ingest_images(
     duplicates: list[dict] = []
     seen_pixels: dict[str, tuple[str, str]] = {}  # content sha256 -> (image_id, path)
     seen_ids: dict[str, str] = {}
-    with CorpusWriter(out, made_by={"command": "ingest", "options": options}, shard_rows=shard_rows) as writer:
+    with CorpusWriter(
+        out, made_by={"command": "ingest", "options": options}, shard_rows=shard_rows
+    ) as writer:
         for path, relative in progress_iter(files, enabled=progress, description="ingesting"):
             image_id = image_id_for(relative, salt)
             if image_id in seen_ids:
-                reason = f"same relative path {relative!r} as {seen_ids[image_id]} in another source"
+                reason = (
+                    f"same relative path {relative!r} as {seen_ids[image_id]} in another source"
+                )
                 quarantined.append({"path": str(path), "reason": reason})
                 continue
             try:
@@ -190,10 +196,14 @@ def ingest_images(
             except BadImage as e:
                 quarantined.append({"path": str(path), "reason": str(e)})
                 continue
-            digest = hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
+            digest = hashlib.sha256(
+                f"{array.dtype}{array.shape}".encode() + array.tobytes()
+            ).hexdigest()
             if digest in seen_pixels:
                 first_id, first_path = seen_pixels[digest]
-                duplicates.append({"path": str(path), "duplicate_of": first_id, "duplicate_of_path": first_path})
+                duplicates.append(
+                    {"path": str(path), "duplicate_of": first_id, "duplicate_of_path": first_path}
+                )
                 continue
             seen_pixels[digest] = (image_id, str(path))
             seen_ids[image_id] = str(path)

@@ -119,7 +119,8 @@ def _to_pixels(a: _Anatomy, size: int, points: np.ndarray) -> list[tuple[float, 
     c, s = math.cos(a.angle) * a.scale, math.sin(a.angle) * a.scale
     x = a.shift[0] + c * points[:, 0] - s * points[:, 1]
     y = a.shift[1] + s * points[:, 0] + c * points[:, 1]
-    return list(zip(((x + 1.0) * size / 2.0 - 0.5).tolist(), ((y + 1.0) * size / 2.0 - 0.5).tolist()))
+    px, py = (x + 1.0) * size / 2.0 - 0.5, (y + 1.0) * size / 2.0 - 0.5
+    return list(zip(px.tolist(), py.tolist(), strict=True))
 
 
 class _Frame:
@@ -189,7 +190,10 @@ def _lesion_centre(a: _Anatomy, draw: _FindingDraw) -> tuple[float, float]:
             and _lung_lateral_edge(a, va) - ta > rad + 0.04
         )
         u = -t if side == "right" else t
-        clear = math.hypot(t - 0.16, v + 0.06) > 0.16 and math.hypot((u - hu) / ha, (v - hv) / hb) > 1.15
+        clear = (
+            math.hypot(t - 0.16, v + 0.06) > 0.16
+            and math.hypot((u - hu) / ha, (v - hv) / hb) > 1.15
+        )
         if inside and clear:
             return t, v
     return 0.42, -0.3  # upper zone: inside every drawn lung shape
@@ -198,7 +202,9 @@ def _lesion_centre(a: _Anatomy, draw: _FindingDraw) -> tuple[float, float]:
 # -- drawing ------------------------------------------------------------------------------
 
 
-def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tuple[float, float]) -> np.ndarray:
+def _chest(
+    f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tuple[float, float]
+) -> np.ndarray:
     """Attenuation map of the chest with its findings (devices excepted), at `f.size`."""
     a, u, v, e = f.a, f.u, f.v, f.edge
     tex = np.random.default_rng(a.seeds["texture"])
@@ -229,7 +235,9 @@ def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tupl
     for side in ("right", "left"):
         shapes[side] = _lung_mask(a, side, f.lateral(side), v, 2.5 * e)
         # Less air at the bases and medially, where more tissue overlaps the lung.
-        depth = 0.8 + 0.2 * np.clip(0.4 - v, 0.0, 1.0) + 0.1 * np.clip(f.lateral(side) - 0.3, 0.0, 0.4)
+        depth = (
+            0.8 + 0.2 * np.clip(0.4 - v, 0.0, 1.0) + 0.1 * np.clip(f.lateral(side) - 0.3, 0.0, 0.4)
+        )
         lungs[side] = shapes[side] * (1.0 - mediastinum) * depth
     markings = _markings(f, lungs, tex)
 
@@ -238,7 +246,11 @@ def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tupl
         s = draw.effusion_side
         t = f.lateral(s)
         # Fluid settles at the base and climbs the lateral wall (meniscus).
-        surface = a.dome[s] - draw.effusion_level - 0.2 * np.clip((t - 0.08) * (1.0 / 0.62), 0.0, 1.0) ** 2.5
+        surface = (
+            a.dome[s]
+            - draw.effusion_level
+            - 0.2 * np.clip((t - 0.08) * (1.0 / 0.62), 0.0, 1.0) ** 2.5
+        )
         fluid = _ramp(v - surface, 3 * e) * shapes[s]
         lungs[s] *= 1.0 - fluid
         markings[s] *= 1.0 - fluid
@@ -253,7 +265,7 @@ def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tupl
         upper = _ramp(0.05 - v, 0.3)
         region = _ramp(r - 1.0, e / ru) * upper * shapes[s]
         markings[s] *= 1.0 - region
-        lungs[s] *= 1.0 + 0.35 * region
+        lungs[s] *= 1.0 + 0.5 * region
         line = _bump((r - 1.0) * ru, max(0.0035, 0.8 / f.size), max(0.003, 1.5 / f.size))
         extra += 0.35 * a.soft * line * upper * shapes[s] * (1.0 - mediastinum)
     if present["lung_lesion"]:
@@ -268,7 +280,9 @@ def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tupl
         density += 0.45 * a.air * markings[side]
 
     # Gastric air bubble under the left hemidiaphragm; trachea and main bronchi.
-    bubble = _ramp(1.0 - np.hypot((u - 0.34) * (1.0 / 0.1), (v - a.dome["left"] - 0.14) * (1.0 / 0.055)), 0.4)
+    bubble = _ramp(
+        1.0 - np.hypot((u - 0.34) * (1.0 / 0.1), (v - a.dome["left"] - 0.14) * (1.0 / 0.055)), 0.4
+    )
     airway = _bump(u - 0.01, 0.03, e) * _ramp(-0.33 - v, e)
     for side, slope in (("right", 1.3), ("left", 0.75)):
         t = f.lateral(side) + (0.01 if side == "right" else -0.01)
@@ -280,7 +294,9 @@ def _chest(f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tupl
     return density
 
 
-def _markings(f: _Frame, lungs: dict[str, np.ndarray], tex: np.random.Generator) -> dict[str, np.ndarray]:
+def _markings(
+    f: _Frame, lungs: dict[str, np.ndarray], tex: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Vessels fanning out from each hilum, broken up and fading toward the periphery."""
     v = f.v
     bend = _smooth_noise(tex, f.size, 40)
@@ -326,7 +342,11 @@ def _bones(f: _Frame) -> np.ndarray:
         half = 0.022 + 0.012 * _ramp(0.2 - t, 0.15)  # the sternal end is thicker
         clavicle = _bump(v - centre, half, 1.5 * e) * _ramp(t - 0.06, e) * _ramp(0.72 - t, 2 * e)
         bones += 0.5 * rib + 0.25 * rib_a + 0.8 * clavicle
-    spine = _bump(u - 0.01, 0.07, 3 * e) * (1.0 - 0.5 * _ramp(v - 0.5, 0.3)) * (0.85 + 0.15 * np.cos((v - a.rib_phase) * (2 * math.pi / 0.11)))
+    spine = (
+        _bump(u - 0.01, 0.07, 3 * e)
+        * (1.0 - 0.5 * _ramp(v - 0.5, 0.3))
+        * (0.85 + 0.15 * np.cos((v - a.rib_phase) * (2 * math.pi / 0.11)))
+    )
     bones += 0.3 * spine
     return a.bone * bones
 
@@ -347,7 +367,9 @@ def _draw_devices(a: _Anatomy, size: int, kind: str) -> np.ndarray:
         s = np.linspace(0, len(pts) - 1, 16 * len(pts))
         dense = np.stack([np.interp(s, np.arange(len(pts)), pts[:, i]) for i in (0, 1)], 1)
         kernel = np.ones(11) / 11
-        dense = np.stack([np.convolve(np.pad(c, 5, mode="edge"), kernel, "valid") for c in dense.T], 1)
+        dense = np.stack(
+            [np.convolve(np.pad(c, 5, mode="edge"), kernel, "valid") for c in dense.T], 1
+        )
         pen.line(_to_pixels(a, size, dense), fill=255, width=width, joint="curve")
     return _box_blur(np.asarray(mask, dtype=np.float32) * (1.0 / 255.0), max(0, width // 3))
 
@@ -432,10 +454,14 @@ def make_phantom(
     frame = _Frame(min(size, _RENDER_MAX), anatomy)
     film = _develop(_chest(frame, present, draw, lesion), anatomy, frame.size)
     if frame.size < size:
-        film = np.asarray(Image.fromarray(film, mode="F").resize((size, size), Image.Resampling.BICUBIC))
+        film = np.asarray(
+            Image.fromarray(film, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+        )
     if present["support_devices"]:
         film = film + 0.45 * _draw_devices(anatomy, size, draw.device)
-    noise = np.random.default_rng(anatomy.seeds["noise"]).standard_normal((size, size), dtype=np.float32)
+    noise = np.random.default_rng(anatomy.seeds["noise"]).standard_normal(
+        (size, size), dtype=np.float32
+    )
     film = film + anatomy.noise * noise
     image = np.clip(film * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
@@ -467,7 +493,11 @@ def _develop(density: np.ndarray, a: _Anatomy, size: int) -> np.ndarray:
 
 _HEART = (
     ("The heart is enlarged.", "There is cardiomegaly.", "The cardiac silhouette is enlarged."),
-    ("The heart size is normal.", "Normal heart size.", "The cardiac silhouette is within normal limits."),
+    (
+        "The heart size is normal.",
+        "Normal heart size.",
+        "The cardiac silhouette is within normal limits.",
+    ),
 )
 _DEVICES = {
     "ett": "An endotracheal tube is in place with its tip above the carina.",
@@ -536,7 +566,14 @@ def _report(present: dict[str, bool], side: dict[str, str], draw: _FindingDraw, 
         )
         impression.append(f"{s} apical pneumothorax")
     if not effusion and not pneumo:
-        findings.append(one(("No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.")))
+        findings.append(
+            one(
+                (
+                    "No pleural effusion or pneumothorax.",
+                    "There is no pleural effusion or pneumothorax.",
+                )
+            )
+        )
     elif not effusion:
         findings.append("No pleural effusion.")
     elif not pneumo:
@@ -586,7 +623,9 @@ def write_phantom_corpus(
         row_group_rows=min(128, shard_rows),
     ) as writer:
         for index in progress_iter(range(n), enabled=progress, description="phantoms"):
-            case = make_phantom(np.random.default_rng([seed, index]), size=size, finding_prob=finding_prob)
+            case = make_phantom(
+                np.random.default_rng([seed, index]), size=size, finding_prob=finding_prob
+            )
             meta = np.random.default_rng([seed, index, 1])
             labels = {f"label_{k}": int(case.findings[k]) for k in FINDINGS}
             writer.add(
@@ -604,4 +643,3 @@ def write_phantom_corpus(
                 }
             )
     return writer.manifest
-
