@@ -12,15 +12,21 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 HANNOVER_PNG = SHARED_DATA / "hannover-cxr" / "png"
 
 # DeepSpeed JIT-builds a small CPU op on first use (minutes); keep it between runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raydiology" / "torch_extensions"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raydiology" / "torch_extensions")
+)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}},
+    )
     yield ray
     ray.shutdown()
 

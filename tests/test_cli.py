@@ -32,7 +32,13 @@ def test_model_params_sizes_the_paper_model_without_allocating_it():
 
 
 def test_invalid_experiment_exits_2_naming_the_key():
-    args = ["model", "params", str(EXPERIMENTS / "hd_mae_cam.yaml"), "--set", "data.resolution=1300"]
+    args = [
+        "model",
+        "params",
+        str(EXPERIMENTS / "hd_mae_cam.yaml"),
+        "--set",
+        "data.resolution=1300",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "data.resolution" in result.output and "1300" in result.output
@@ -42,6 +48,8 @@ def test_corpus_phantom_command_writes_a_verifiable_corpus(tmp_path):
     from raydiology.data.corpus import verify_corpus
 
     out = tmp_path / "phantom"
-    result = CliRunner().invoke(app, ["corpus", "phantom", "--n", "6", "--size", "64", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["corpus", "phantom", "--n", "6", "--size", "64", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert verify_corpus(out).rows == 6

@@ -23,7 +23,11 @@ def test_paper_experiment_loads_with_paper_settings():
     assert exp.model.name == "hd_mae" and exp.model.config.flavor == "large"
     assert exp.data.resolution == 1280 and exp.data.channels == 1
     masking = exp.objective.config.masking
-    assert (masking.strategy, masking.inside_ratio, masking.outside_ratio) == ("context_aware", 0.95, 0.85)
+    assert (masking.strategy, masking.inside_ratio, masking.outside_ratio) == (
+        "context_aware",
+        0.95,
+        0.85,
+    )
     assert exp.train.optimizer.weight_decay == 0.04 and exp.train.grad_clip == 3.0
 
 
@@ -44,7 +48,9 @@ def test_smoke_profile_overlays_the_paper_file():
 
 
 def test_set_overrides_any_field_with_yaml_values():
-    exp = load("train.max_steps=7", "objective.masking.region=[0.2, 0.2, 0.9, 0.9]", "output.name=x")
+    exp = load(
+        "train.max_steps=7", "objective.masking.region=[0.2, 0.2, 0.9, 0.9]", "output.name=x"
+    )
     assert exp.train.max_steps == 7
     assert exp.objective.config.masking.region == (0.2, 0.2, 0.9, 0.9)
     assert exp.run_name == "x"
@@ -75,12 +81,12 @@ def test_validation_errors_name_key_value_and_what_is_allowed(override, key, fra
 
 
 def test_fp16_refused_on_cpu_workers():
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match=r"train\.precision"):
         load("train.precision=fp16")
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_override({}, "train.max_steps")
     with pytest.raises(ConfigError, match="--profile"):
         load(profile="nonexistent")

@@ -63,7 +63,9 @@ def assert_export_matches_checkpoint(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     exp = experiment_from_dict(__import__("yaml").safe_load((run_dir / "config.yaml").read_text()))
     objective = build_objective(exp.objective, build_model(exp.model, exp.data))
-    states = weights_only_load(str(Path(summary["checkpoint"]) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"))
+    states = weights_only_load(
+        str(Path(summary["checkpoint"]) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+    )
     objective.load_state_dict(states["module"])
     with torch.no_grad():
         assert torch.allclose(objective.encoder.eval()(images), features, atol=1e-5)
@@ -91,10 +93,15 @@ def test_smoke_run_on_ingested_real_radiographs(ray_cluster, tmp_path, hannover_
     for path in sorted(hannover_png.glob("*.png"))[:48]:
         (subset / path.name).symlink_to(path)
     corpus = tmp_path / "corpus"
-    summary = ingest_images([subset], corpus, size=128, progress=False)
-    assert summary.ingested == 48
-    run_dir = smoke_run(tmp_path / "runs", f"data.corpus={corpus}", "train.max_steps=16",
-                        "train.checkpoint_every=16")
+    credit = "COVID-19 Image Repository, Hannover Medical School (CC BY 3.0)"
+    summary = ingest_images([subset], corpus, size=128, attribution=credit, progress=False)
+    assert summary.ingested == 48 and summary.manifest.made_by["attribution"] == credit
+    run_dir = smoke_run(
+        tmp_path / "runs",
+        f"data.corpus={corpus}",
+        "train.max_steps=16",
+        "train.checkpoint_every=16",
+    )
     assert_learned(run_dir)
     assert_export_matches_checkpoint(run_dir)
     assert (run_dir / "reconstruction.png").is_file()

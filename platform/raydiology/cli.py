@@ -12,8 +12,11 @@ from rich.console import Console
 
 from raydiology.config_base import ConfigError
 
-app = typer.Typer(help="Experiment platform on Ray for X-ray foundation models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Experiment platform on Ray for X-ray foundation models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 corpus_app = typer.Typer(help="Make and inspect corpora.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (print JSON).", no_args_is_help=True)
@@ -24,8 +27,12 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
-Profile = Annotated[str | None, typer.Option("--profile", help="overlay experiments/profiles/NAME.yaml")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+Profile = Annotated[
+    str | None, typer.Option("--profile", help="overlay experiments/profiles/NAME.yaml")
+]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
+]
 
 
 def _load(experiment: Path, profile: str | None, sets: list[str] | None):
@@ -43,8 +50,12 @@ def run(
     experiment: Annotated[Path, typer.Argument(help="experiment YAML file")],
     profile: Profile = None,
     set_: Sets = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start a local Ray")] = None,
-    dashboard_host: Annotated[str, typer.Option(help="embedded Ray's dashboard bind address")] = "127.0.0.1",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: start a local Ray")
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option(help="embedded Ray's dashboard bind address")
+    ] = "127.0.0.1",
 ) -> None:
     """Train an experiment on Ray Train + DeepSpeed; rerun with the same name to resume."""
     from raydiology.train.launch import run_experiment
@@ -65,9 +76,19 @@ def model_params(experiment: Path, profile: Profile = None, set_: Sets = None) -
     with torch.device("meta"):
         model = build_model(exp.model, exp.data)
     counts = count_parameters(model)
-    print(json.dumps({"experiment": exp.name, "model": exp.model.name,
-                      "flavor": getattr(exp.model.config, "flavor", None),
-                      "image_size": exp.data.resolution, "in_chans": exp.data.channels, **counts}, indent=2))
+    print(
+        json.dumps(
+            {
+                "experiment": exp.name,
+                "model": exp.model.name,
+                "flavor": getattr(exp.model.config, "flavor", None),
+                "image_size": exp.data.resolution,
+                "in_chans": exp.data.channels,
+                **counts,
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command()
@@ -77,6 +98,9 @@ def ingest(
     size: Annotated[int, typer.Option(help="stored square side, pixels")] = 1024,
     resize: Annotated[str, typer.Option(help="pad (keep aspect, zero-pad) or stretch")] = "pad",
     bit_depth: Annotated[int, typer.Option(help="8 or 16")] = 8,
+    attribution: Annotated[
+        str | None, typer.Option(help="credit the images' licence requires; shown under pictures")
+    ] = None,
 ) -> None:
     """Turn folders of radiographs into a corpus (Parquet shards + manifest.json)."""
     from raydiology.data.ingest import ingest_images
@@ -84,9 +108,18 @@ def ingest(
     if resize not in ("pad", "stretch") or bit_depth not in (8, 16):
         err.print("[red]--resize must be pad or stretch, --bit-depth 8 or 16[/]")
         raise typer.Exit(2)
-    summary = ingest_images(list(sources), out, size=size, resize=resize, bit_depth=bit_depth)  # type: ignore[arg-type]
-    console.print(f"found {summary.found}: ingested {summary.ingested}, quarantined {summary.quarantined}, "
-                  f"duplicates {summary.duplicates} -> {out}")
+    summary = ingest_images(
+        list(sources),
+        out,
+        size=size,
+        resize=resize,  # type: ignore[arg-type]  # checked just above
+        bit_depth=bit_depth,  # type: ignore[arg-type]
+        attribution=attribution,
+    )
+    console.print(
+        f"found {summary.found}: ingested {summary.ingested}, quarantined {summary.quarantined}, "
+        f"duplicates {summary.duplicates} -> {out}"
+    )
     if summary.quarantine_file:
         console.print(f"quarantine list: {summary.quarantine_file}")
 
@@ -110,15 +143,23 @@ def corpus_phantom(
 def bench_data(
     resolution: Annotated[int, typer.Option(help="model input side")] = 1280,
     images: Annotated[int, typer.Option(help="images to time per method")] = 256,
-    corpus: Annotated[Path | None, typer.Option(help="corpus to read; default: a phantom corpus")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="corpus to read; default: a phantom corpus")
+    ] = None,
     batch_size: int = 16,
     cpus: Annotated[int | None, typer.Option(help="cores for each method; default: all")] = None,
 ) -> None:
     """Images/s into a training worker's batches vs a DataLoader+PIL baseline and the ceiling."""
     from raydiology.bench.data import run_data_benchmark
 
-    result = run_data_benchmark(resolution=resolution, images=images, corpus=corpus,
-                                batch_size=batch_size, cpus=cpus, console=err)
+    result = run_data_benchmark(
+        resolution=resolution,
+        images=images,
+        corpus=corpus,
+        batch_size=batch_size,
+        cpus=cpus,
+        console=err,
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -46,7 +46,9 @@ class AugmentConfig:
     def validate(self, key: str) -> None:
         if self.crop_scale is not None:
             lo, hi = self.crop_scale
-            check(0 < lo <= hi <= 1, f"{key}.crop_scale", list(self.crop_scale), "0 < min <= max <= 1")
+            check(
+                0 < lo <= hi <= 1, f"{key}.crop_scale", list(self.crop_scale), "0 < min <= max <= 1"
+            )
 
 
 @dataclass(kw_only=True)
@@ -68,10 +70,19 @@ class DataConfig:
         check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            check(len(value) == self.channels, f"{key}.{name}", list(value),
-                  f"{self.channels} value(s), one per channel")
+            check(
+                len(value) == self.channels,
+                f"{key}.{name}",
+                list(value),
+                f"{self.channels} value(s), one per channel",
+            )
         check(all(s > 0 for s in self.std), f"{key}.std", list(self.std), "positive values")
-        check(self.decode_batch_size >= 1, f"{key}.decode_batch_size", self.decode_batch_size, "at least 1")
+        check(
+            self.decode_batch_size >= 1,
+            f"{key}.decode_batch_size",
+            self.decode_batch_size,
+            "at least 1",
+        )
 
 
 @dataclass(kw_only=True)
@@ -85,7 +96,12 @@ class OptimizerConfig:
 
     def validate(self, key: str) -> None:
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
-        check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", list(self.betas), "values in [0, 1)")
+        check(
+            all(0 <= b < 1 for b in self.betas),
+            f"{key}.betas",
+            list(self.betas),
+            "values in [0, 1)",
+        )
         check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
 
 
@@ -117,13 +133,27 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         check(self.max_steps >= 1, f"{key}.max_steps", self.max_steps, "at least 1")
-        check(self.micro_batch_size >= 1, f"{key}.micro_batch_size", self.micro_batch_size, "at least 1")
+        check(
+            self.micro_batch_size >= 1,
+            f"{key}.micro_batch_size",
+            self.micro_batch_size,
+            "at least 1",
+        )
         check(self.grad_accum >= 1, f"{key}.grad_accum", self.grad_accum, "at least 1")
         check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
-        check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip,
-              "a positive norm or null")
+        check(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"{key}.grad_clip",
+            self.grad_clip,
+            "a positive norm or null",
+        )
         check(self.log_every >= 1, f"{key}.log_every", self.log_every, "at least 1")
-        check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", self.checkpoint_every, "at least 1")
+        check(
+            self.checkpoint_every >= 1,
+            f"{key}.checkpoint_every",
+            self.checkpoint_every,
+            "at least 1",
+        )
 
 
 @dataclass(kw_only=True)
@@ -138,7 +168,12 @@ class ScalingSection:
     def validate(self, key: str) -> None:
         check(self.num_workers >= 1, f"{key}.num_workers", self.num_workers, "at least 1")
         check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "> 0")
-        check(self.max_failures >= -1, f"{key}.max_failures", self.max_failures, ">= -1 (-1 = forever)")
+        check(
+            self.max_failures >= -1,
+            f"{key}.max_failures",
+            self.max_failures,
+            ">= -1 (-1 = forever)",
+        )
 
 
 @dataclass(kw_only=True)
@@ -202,9 +237,15 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     allowed = {"name", "description", "model", "objective", *_SECTIONS}
     for key in raw:
         check(key in allowed, key, raw[key], f"one of the sections {sorted(allowed)}")
-    check(isinstance(raw.get("name"), str) and raw["name"] != "", "name", raw.get("name"),
-          "a non-empty experiment name")
-    sections = {key: from_dict(cls, raw.get(key), key) for key, cls in _SECTIONS.items()}
+    check(
+        isinstance(raw.get("name"), str) and raw["name"] != "",
+        "name",
+        raw.get("name"),
+        "a non-empty experiment name",
+    )
+    sections: dict[str, Any] = {
+        key: from_dict(cls, raw.get(key), key) for key, cls in _SECTIONS.items()
+    }
     exp = Experiment(
         name=raw["name"],
         description=raw.get("description", ""),
@@ -218,14 +259,18 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
 
 def _component(registry: Registry[Any], raw: Any, key: str) -> Component:
     if not isinstance(raw, dict) or "name" not in raw:
-        raise ConfigError(f"{key}.name", None if not isinstance(raw, dict) else raw.get("name"),
-                          f"one of the registered {registry.kind}s {registry.names()}")
+        raise ConfigError(
+            f"{key}.name",
+            None if not isinstance(raw, dict) else raw.get("name"),
+            f"one of the registered {registry.kind}s {registry.names()}",
+        )
     body = {k: v for k, v in raw.items() if k != "name"}
     try:
         entry = registry.get(raw["name"])
     except KeyError:
-        raise ConfigError(f"{key}.name", raw["name"],
-                          f"one of the registered {registry.kind}s {registry.names()}") from None
+        raise ConfigError(
+            f"{key}.name", raw["name"], f"one of the registered {registry.kind}s {registry.names()}"
+        ) from None
     return Component(raw["name"], from_dict(entry.config_cls, body, key))
 
 
@@ -237,8 +282,12 @@ def _validate_across_sections(exp: Experiment) -> None:
     with torch.device("meta"):
         model = build_model(exp.model, exp.data)
         build_objective(exp.objective, model)
-    check(exp.train.precision != "fp16" or exp.scaling.use_gpu, "train.precision", "fp16",
-          "fp32 or bf16 on CPU workers (fp16 needs GPUs)")
+    check(
+        exp.train.precision != "fp16" or exp.scaling.use_gpu,
+        "train.precision",
+        "fp16",
+        "fp32 or bf16 on CPU workers (fp16 needs GPUs)",
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -271,7 +320,9 @@ def find_profile(experiment_path: Path, profile: str) -> Path:
             return candidate
         if folder.name == "experiments":
             break
-    raise ConfigError("--profile", profile, f"a file {PROFILES_DIR}/{profile}.yaml beside the experiments")
+    raise ConfigError(
+        "--profile", profile, f"a file {PROFILES_DIR}/{profile}.yaml beside the experiments"
+    )
 
 
 def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:

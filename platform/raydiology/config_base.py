@@ -90,7 +90,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(key, value, "one of " + ", ".join(repr(a) for a in allowed))
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -101,7 +101,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(key, value, f"a list of {len(args)} values")
-            items = [_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [
+                _coerce(a, v, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            ]
         else:
             inner = args[0] if args else Any
             items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -29,7 +29,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config_cls: type) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, config_cls: type
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         if not dataclasses.is_dataclass(config_cls):
             raise TypeError(f"{self.kind} {name!r}: config_cls must be a dataclass")
 
@@ -69,7 +71,9 @@ def _import_builtins() -> None:
 
 def build_model(model: Any, data: Any) -> Any:
     """The experiment's model; image size and channels come from the data section."""
-    return MODELS.build(model.name, model.config, image_size=data.resolution, in_chans=data.channels)
+    return MODELS.build(
+        model.name, model.config, image_size=data.resolution, in_chans=data.channels
+    )
 
 
 def build_objective(objective: Any, model: Any) -> Any:

@@ -9,6 +9,7 @@ Three measurements in one run, on the same images and the same cores:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -23,8 +24,15 @@ from rich.console import Console
 from raydiology.config import DataConfig
 
 
-def run_data_benchmark(*, resolution: int, images: int, corpus: Path | None, batch_size: int,
-                       cpus: int | None, console: Console) -> dict[str, Any]:
+def run_data_benchmark(
+    *,
+    resolution: int,
+    images: int,
+    corpus: Path | None,
+    batch_size: int,
+    cpus: int | None,
+    console: Console,
+) -> dict[str, Any]:
     import ray
 
     from raydiology.data.corpus import read_manifest, read_rows
@@ -41,9 +49,12 @@ def run_data_benchmark(*, resolution: int, images: int, corpus: Path | None, bat
     n = min(images, manifest.rows)
 
     png_dir = work / "png"
-    _write_pngs(read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype"]), png_dir, n)
-    data = DataConfig(corpus=str(corpus), resolution=resolution, shuffle_seed=None,
-                      decode_batch_size=batch_size)
+    _write_pngs(
+        read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype"]), png_dir, n
+    )
+    data = DataConfig(
+        corpus=str(corpus), resolution=resolution, shuffle_seed=None, decode_batch_size=batch_size
+    )
 
     with _PeakMemory() as memory:
         ceiling = _ceiling(corpus, n)
@@ -121,13 +132,16 @@ class _PngDataset(torch.utils.data.Dataset):
         from raydiology.data.pipeline import augment_and_resize
 
         pixels = np.asarray(Image.open(self.paths[i]).convert("L"), dtype=np.float32) / 255.0
-        image = augment_and_resize(torch.from_numpy(pixels)[None, None], self.data, np.random.default_rng())
+        image = augment_and_resize(
+            torch.from_numpy(pixels)[None, None], self.data, np.random.default_rng()
+        )
         return ((image[0] - self.data.mean[0]) / self.data.std[0]).contiguous()
 
 
 def _dataloader(folder: Path, data: DataConfig, batch_size: int, cpus: int) -> float:
-    loader = torch.utils.data.DataLoader(_PngDataset(folder, data), batch_size=batch_size,
-                                         num_workers=cpus, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _PngDataset(folder, data), batch_size=batch_size, num_workers=cpus, persistent_workers=False
+    )
     return _time_batches(iter(loader), lambda b: b.shape[0])
 
 
@@ -165,10 +179,8 @@ class _PeakMemory:
             while not self._stop.wait(0.2):
                 total = 0
                 for p in [me, *me.children(recursive=True)]:
-                    try:
+                    with contextlib.suppress(psutil.Error):  # a process may just have exited
                         total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
                 self.peak = max(self.peak, total)
 
         self._thread = threading.Thread(target=sample, daemon=True)

@@ -41,7 +41,7 @@ _BASE_FIELDS = [
     pa.field("dtype", pa.string(), nullable=False),
     *(pa.field(name, pa.string()) for name in METADATA_COLUMNS),
 ]
-_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 # Pixels are decompressed every epoch, so they get LZ4, which decodes at about memory speed
 # yet still shrinks the zero padding and dark background; everything else is small and takes
 # zstd. docs/corpus_format.md has the measurement behind this choice.

@@ -68,9 +68,9 @@ def load_image(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncation surfaces here
-            img = ImageOps.exif_transpose(img)
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so truncation surfaces here
+            img = ImageOps.exif_transpose(opened)
             mode = img.mode
             if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
                 array = np.asarray(img).astype(np.uint16)
@@ -150,6 +150,7 @@ def ingest_images(
     resize: Literal["pad", "stretch"] = "pad",
     bit_depth: Literal[8, 16] = 8,
     salt: str = "",
+    attribution: str | None = None,
     shard_rows: int = 1024,
     progress: bool = True,
 ) -> IngestSummary:
@@ -158,7 +159,8 @@ def ingest_images(
     Unreadable, truncated, empty and constant images go to `quarantine.jsonl`; exact
     duplicates (same decoded pixels) are skipped and listed in `duplicates.jsonl`, so that
     found == ingested + quarantined + duplicates. Metadata columns stay null: nothing is
-    guessed from file names.
+    guessed from file names. `attribution` (a licence's required credit) is kept in the
+    manifest and printed under every picture drawn from the corpus.
     """
     if resize not in ("pad", "stretch"):
         raise ValueError(f"resize must be 'pad' or 'stretch', not {resize!r}")
@@ -181,7 +183,9 @@ def ingest_images(
     seen_pixels: dict[str, tuple[str, str]] = {}  # content sha256 -> (image_id, path)
     seen_ids: dict[str, str] = {}
     with CorpusWriter(
-        out, made_by={"command": "ingest", "options": options}, shard_rows=shard_rows
+        out,
+        made_by={"command": "ingest", "options": options, "attribution": attribution},
+        shard_rows=shard_rows,
     ) as writer:
         for path, relative in progress_iter(files, enabled=progress, description="ingesting"):
             image_id = image_id_for(relative, salt)

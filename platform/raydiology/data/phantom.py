@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,12 +70,16 @@ class _Anatomy:
     seeds: dict[str, int] = field(default_factory=dict)
 
 
+# The lung outline helpers take a full grid or, when placing a lesion, one float32 point.
+_ArrayOrScalar = np.ndarray | np.floating[Any]
+
+
 def _ramp(x: np.ndarray, width: float) -> np.ndarray:
     """Soft step 0 -> 1 across `width` centred at x = 0 (a cheap anti-aliased edge)."""
     return np.clip(x * (1.0 / width) + 0.5, 0.0, 1.0)
 
 
-def _bump(x: np.ndarray, half: float, edge: float) -> np.ndarray:
+def _bump(x: np.ndarray, half: float | np.ndarray, edge: float) -> np.ndarray:
     """1 where |x| < half, falling to 0 over `edge`: a band of given thickness."""
     return np.clip((half - np.abs(x)) * (1.0 / edge) + 0.5, 0.0, 1.0)
 
@@ -147,15 +152,15 @@ class _Frame:
 # -- geometry of one hemithorax, in lateral coordinate t (>= 0) and height v -----------------
 
 
-def _lung_lateral_edge(a: _Anatomy, v: np.ndarray) -> np.ndarray:
+def _lung_lateral_edge(a: _Anatomy, v: _ArrayOrScalar) -> _ArrayOrScalar:
     return a.lung_width - 0.47 * (v - 0.3) ** 2
 
 
-def _lung_top(a: _Anatomy, t: np.ndarray) -> np.ndarray:
+def _lung_top(a: _Anatomy, t: _ArrayOrScalar) -> _ArrayOrScalar:
     return a.apex + 2.4 * (t - 0.24) ** 2
 
 
-def _lung_bottom(a: _Anatomy, side: str, t: np.ndarray) -> np.ndarray:
+def _lung_bottom(a: _Anatomy, side: str, t: _ArrayOrScalar) -> _ArrayOrScalar:
     # The dome peaks near mid-lung and falls to a deep, sharp costophrenic angle laterally.
     return a.dome[side] + 0.22 * ((t - 0.3) / 0.42) ** 2
 
@@ -642,4 +647,5 @@ def write_phantom_corpus(
                     **labels,
                 }
             )
+    assert writer.manifest is not None  # set by a clean close()
     return writer.manifest

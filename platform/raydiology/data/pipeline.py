@@ -31,14 +31,16 @@ def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str
     from raydiology.data.corpus import shard_paths
 
     columns = [*_PIXEL_COLUMNS, *label_columns]
-    shuffle = None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
+    shuffle = (
+        None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
+    )
     if data.splits:
         columns.append("split")
     ds = ray.data.read_parquet(shard_paths(corpus_dir), columns=columns, shuffle=shuffle)
     if data.splits:
         ds = ds.filter(expr=col("split").is_in(list(data.splits)))
     return ds.map_batches(
-        preprocess_batch,
+        preprocess_batch,  # type: ignore[arg-type]  # Ray's stub misses keyword-only fn_kwargs
         fn_kwargs={"data": to_dict(data), "label_columns": list(label_columns)},
         batch_size=data.decode_batch_size,
         batch_format="numpy",
@@ -46,8 +48,9 @@ def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str
     )
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], *, data: dict[str, Any],
-                     label_columns: list[str]) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, data: dict[str, Any], label_columns: list[str]
+) -> dict[str, np.ndarray]:
     """Raw stored pixels -> float32 [B, C, R, R] normalised images (+ label columns)."""
     from raydiology.config_base import from_dict
     from raydiology.data.corpus import decode_pixels
@@ -68,7 +71,9 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, data: dict[str, Any],
     return out
 
 
-def augment_and_resize(images: torch.Tensor, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+def augment_and_resize(
+    images: torch.Tensor, cfg: DataConfig, rng: np.random.Generator
+) -> torch.Tensor:
     """[B, 1, H, W] in [0, 1] -> [B, 1, R, R]: optional random-resized crop, resize, flip."""
     size = (cfg.resolution, cfg.resolution)
     if cfg.augment.crop_scale is not None:
@@ -87,7 +92,9 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _random_crop(image: torch.Tensor, scale: tuple[float, float], rng: np.random.Generator) -> torch.Tensor:
+def _random_crop(
+    image: torch.Tensor, scale: tuple[float, float], rng: np.random.Generator
+) -> torch.Tensor:
     """RandomResizedCrop's box sampling (aspect 3/4..4/3) on one [C, H, W] image."""
     _, h, w = image.shape
     for _ in range(10):
@@ -98,4 +105,3 @@ def _random_crop(image: torch.Tensor, scale: tuple[float, float], rng: np.random
             top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
             return image[:, top : top + ch, left : left + cw]
     return image
-

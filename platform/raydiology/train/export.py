@@ -17,14 +17,18 @@ WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 
 
-def export_encoder(objective: nn.Module, folder: Path, *, exp: Experiment,
-                   corpus_sha256: str | None, step: int) -> Path:
+def export_encoder(
+    objective: nn.Module, folder: Path, *, exp: Experiment, corpus_sha256: str | None, step: int
+) -> Path:
     """Write the objective's encoder and how to use it; returns the JSON path."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    encoder: nn.Module = objective.encoder
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()}
+    encoder = objective.encoder
+    assert isinstance(encoder, nn.Module), "an objective exposes its encoder as a module"
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()
+    }
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
     experiment = exp.to_dict()
     spec = {
@@ -65,7 +69,7 @@ def load_encoder(path: str | Path, *, device: str | torch.device = "cpu") -> nn.
         raise ValueError(f"{folder / SPEC}: format {spec.get('format')!r} is not {FORMAT!r}")
     model_section = dict(spec["model"])
     entry = MODELS.get(model_section.pop("name"))
-    config = from_dict(entry.config_cls, model_section, "model")
+    config: Any = from_dict(entry.config_cls, model_section, "model")
     with torch.device("meta"):  # decoder and heads are never allocated
         model = entry.builder(config, image_size=spec["image_size"], in_chans=spec["in_chans"])
     encoder = model.encoder.to_empty(device=device)
@@ -75,9 +79,20 @@ def load_encoder(path: str | Path, *, device: str | torch.device = "cpu") -> nn.
 
 
 @torch.no_grad()
-def save_reconstruction(objective: nn.Module, images: torch.Tensor, data: DataConfig, path: Path,
-                        *, write: bool, seed: int) -> Path | None:
-    """Rows of original / masked / reconstruction for a few training images."""
+def save_reconstruction(
+    objective: nn.Module,
+    images: torch.Tensor,
+    data: DataConfig,
+    path: Path,
+    *,
+    write: bool,
+    seed: int,
+    caption: str | None = None,
+) -> Path | None:
+    """Rows of original / masked / reconstruction for a few training images.
+
+    `caption` carries the corpus's required attribution (e.g. CC BY) under the picture.
+    """
     reconstruct = getattr(objective, "reconstruct", None)
     if reconstruct is None:
         return None
@@ -89,11 +104,13 @@ def save_reconstruction(objective: nn.Module, images: torch.Tensor, data: DataCo
     if not write:
         return None
     columns = {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"]}
-    _save_grid(columns, data, path)
+    _save_grid(columns, data, path, caption=caption)
     return path
 
 
-def _save_grid(columns: dict[str, torch.Tensor], data: DataConfig, path: Path) -> None:
+def _save_grid(
+    columns: dict[str, torch.Tensor], data: DataConfig, path: Path, *, caption: str | None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +118,9 @@ def _save_grid(columns: dict[str, torch.Tensor], data: DataConfig, path: Path) -
 
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
-    shown = {k: (v.detach().float().cpu() * std + mean).clamp(0, 1)[:, 0] for k, v in columns.items()}
+    shown = {
+        k: (v.detach().float().cpu() * std + mean).clamp(0, 1)[:, 0] for k, v in columns.items()
+    }
     rows = next(iter(shown.values())).shape[0]
     fig, axes = plt.subplots(rows, len(shown), figsize=(3 * len(shown), 3 * rows), squeeze=False)
     for col, (title, batch) in enumerate(shown.items()):
@@ -112,6 +131,8 @@ def _save_grid(columns: dict[str, torch.Tensor], data: DataConfig, path: Path) -
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,8 +28,13 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def run_experiment(exp: Experiment, *, address: str | None = None, dashboard_host: str = "127.0.0.1",
-                   console: Console | None = None) -> RunResult:
+def run_experiment(
+    exp: Experiment,
+    *,
+    address: str | None = None,
+    dashboard_host: str = "127.0.0.1",
+    console: Console | None = None,
+) -> RunResult:
     console = console or Console()
     run_dir = Path(exp.output.dir).expanduser().resolve() / exp.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,14 +66,21 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
     from raydiology.data.phantom import write_phantom_corpus
 
     p = exp.data.phantom
-    folder = (Path(exp.output.dir).expanduser().resolve() / "_corpora" /
-              f"phantom-n{p.images}-s{p.size}-seed{p.seed}-p{p.finding_prob:g}")
+    folder = (
+        Path(exp.output.dir).expanduser().resolve()
+        / "_corpora"
+        / f"phantom-n{p.images}-s{p.size}-seed{p.seed}-p{p.finding_prob:g}"
+    )
     try:
         read_manifest(folder)
     except CorpusError:
-        console.print(f"making the built-in phantom corpus ({p.images} images, {p.size}px) in {folder}")
+        console.print(
+            f"making the built-in phantom corpus ({p.images} images, {p.size}px) in {folder}"
+        )
         shutil.rmtree(folder, ignore_errors=True)
-        write_phantom_corpus(folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob)
+        write_phantom_corpus(
+            folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob
+        )
     return str(folder)
 
 
@@ -86,15 +98,20 @@ def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -
         ray.init(address=address, log_to_driver=True)
         return _dashboard_url()
     if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning[/]: the dashboard and Jobs API will listen on {dashboard_host}; "
-                      "anyone who reaches it with the token can run code on this machine")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host=dashboard_host,
-             log_to_driver=True)
+        console.print(
+            f"[yellow]warning[/]: the dashboard and Jobs API will listen on {dashboard_host}; "
+            "anyone who reaches it with the token can run code on this machine"
+        )
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host=dashboard_host,
+        log_to_driver=True,
+    )
     return _dashboard_url()
 
 
 def _dashboard_url() -> str | None:
-    import ray
 
     from ray._private.worker import get_dashboard_url  # no public getter once connected
 
@@ -102,12 +119,14 @@ def _dashboard_url() -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def _build_trainer(exp: Experiment, corpus_dir: str, run_dir: Path, *, embedded: bool, console: Console):
+def _build_trainer(
+    exp: Experiment, corpus_dir: str, run_dir: Path, *, embedded: bool, console: Console
+):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydiology.data.corpus import manifest_hash
+    from raydiology.data.corpus import manifest_hash, read_manifest
     from raydiology.data.pipeline import build_dataset
     from raydiology.train.loop import train_loop_per_worker
 
@@ -125,17 +144,24 @@ def _build_trainer(exp: Experiment, corpus_dir: str, run_dir: Path, *, embedded:
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.to_dict(), "corpus_sha256": manifest_hash(corpus_dir)},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources,
-                                     accelerator_type=scaling.accelerator_type),
+        train_loop_config={
+            "experiment": exp.to_dict(),
+            "corpus_sha256": manifest_hash(corpus_dir),
+            "attribution": read_manifest(corpus_dir).made_by.get("attribution"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=scaling.accelerator_type,
+        ),
         run_config=RunConfig(
             name=exp.run_name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MetricsLog(str(run_dir / METRICS_FILE))],
-            worker_runtime_env={"env_vars": _worker_env()},
+            callbacks=[MetricsLog(str(run_dir / METRICS_FILE))],  # type: ignore[list-item]  # V2 UserCallback
+            worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]  # V2 field
         ),
         datasets={"train": build_dataset(exp.data, corpus_dir)},
     )
@@ -145,7 +171,8 @@ def _worker_env() -> dict[str, str]:
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     # DeepSpeed JIT-builds a small op on first use; a shared cache makes that a one-off.
     env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raydiology" / "torch_extensions"))
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raydiology" / "torch_extensions")
+    )
     return env
 
 
@@ -179,11 +206,23 @@ class _Progress:
         self._stop = threading.Event()
 
     def __enter__(self) -> _Progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 console=self.console, transient=False)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
         self.task = self.progress.add_task("train", total=self.total, info="starting workers")
         self.progress.start()
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -233,11 +272,21 @@ def _summarise(result, run_dir: Path, console: Console) -> RunResult:
                 picture = run_dir / PICTURE
                 shutil.copy(Path(folder) / PICTURE, picture)
     metrics = dict(result.metrics or {})
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None,
-         "export": str(export) if export else None, "picture": str(picture) if picture else None,
-         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
-    console.print(f"[bold green]done[/] step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}")
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "checkpoint": checkpoint.path if checkpoint else None,
+                "export": str(export) if export else None,
+                "picture": str(picture) if picture else None,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            indent=2,
+        )
+    )
+    console.print(
+        f"[bold green]done[/] step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}"
+    )
     console.print(f"  checkpoint      {checkpoint.path if checkpoint else '-'}")
     console.print(f"  encoder export  {export or '-'}  (raydiology.load_encoder(path))")
     console.print(f"  picture         {picture or '-'}")

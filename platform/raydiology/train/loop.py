@@ -8,6 +8,7 @@ and checkpoints through `ray.train.report` on every rank, the same number of tim
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,10 @@ from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "export"
 PICTURE = "reconstruction.png"
+
+# Ray Train routes worker logging to the driver console and its log files; a bare print
+# would be teed to both and show up twice.
+log = logging.getLogger("raydiology.train")
 
 
 @dataclass
@@ -54,13 +59,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config=deepspeed_config(train, world_size=world, on_gpu=device.type == "cuda"),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt,
-            lambda s: lr_factor(s, schedule=train.schedule, base_lr=train.optimizer.lr,
-                                max_steps=train.max_steps),
+            lambda s: lr_factor(
+                s, schedule=train.schedule, base_lr=train.optimizer.lr, max_steps=train.max_steps
+            ),
         ),
     )
     state = _restore(engine)
     if rank == 0 and state.step:
-        print(f"[raydiology] resumed from step {state.step} (epoch {state.epoch})", flush=True)
+        log.info("resumed from step %d (epoch %d)", state.step, state.epoch)
 
     shard = ray.train.get_dataset_shard("train")
     param_dtype = next(engine.module.parameters()).dtype
@@ -91,8 +97,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             generator.manual_seed(_mask_seed(train.seed, rank, state.step, seen))
             out = engine(batch, generator=generator)
             engine.backward(out["loss"])
-            _set_weight_decay(engine, weight_decay_at(state.step, optimizer=train.optimizer,
-                                                      max_steps=train.max_steps))
+            _set_weight_decay(
+                engine,
+                weight_decay_at(state.step, optimizer=train.optimizer, max_steps=train.max_steps),
+            )
             engine.step()
             state.batches_in_epoch = seen
             window.add(out, images=batch["image"].shape[0])
@@ -107,8 +115,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
             if state.step % train.checkpoint_every == 0 or last:
-                _checkpoint(engine, state, metrics, exp=exp, loop_config=loop_config,
-                            picture_batch=picture_batch if last else None, rank=rank)
+                _checkpoint(
+                    engine,
+                    state,
+                    metrics,
+                    exp=exp,
+                    loop_config=loop_config,
+                    picture_batch=picture_batch if last else None,
+                    rank=rank,
+                )
             elif state.step % train.log_every == 0 or last:
                 ray.train.report(metrics)
             if last:
@@ -186,11 +201,14 @@ class _Window:
 
 
 def _print_progress(metrics: dict[str, Any], max_steps: int) -> None:
-    print(
-        f"[raydiology] step {metrics['step']}/{max_steps}  loss {metrics['loss']:.4f}  "
-        f"lr {metrics['lr']:.2e}  {metrics['images_per_s']:.1f} img/s  "
-        f"data wait {metrics['data_wait_s_per_step'] * 1000:.0f} ms/step",
-        flush=True,
+    log.info(
+        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  data wait %.0f ms/step",
+        metrics["step"],
+        max_steps,
+        metrics["loss"],
+        metrics["lr"],
+        metrics["images_per_s"],
+        metrics["data_wait_s_per_step"] * 1000,
     )
 
 
@@ -207,8 +225,16 @@ def _restore(engine) -> TrainState:
     return TrainState(**(client_state or {}).get("train_state", {}))
 
 
-def _checkpoint(engine, state: TrainState, metrics: dict[str, Any], *, exp: Experiment,
-                loop_config: dict[str, Any], picture_batch: torch.Tensor | None, rank: int) -> None:
+def _checkpoint(
+    engine,
+    state: TrainState,
+    metrics: dict[str, Any],
+    *,
+    exp: Experiment,
+    loop_config: dict[str, Any],
+    picture_batch: torch.Tensor | None,
+    rank: int,
+) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint.
 
     The final checkpoint also carries the exported encoder and the reconstruction picture,
@@ -219,14 +245,28 @@ def _checkpoint(engine, state: TrainState, metrics: dict[str, Any], *, exp: Expe
     from raydiology.train.export import export_encoder, save_reconstruction
 
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"train_state": asdict(state)})
+        engine.save_checkpoint(
+            folder, tag=CHECKPOINT_TAG, client_state={"train_state": asdict(state)}
+        )
         if picture_batch is not None:
             # Every rank runs the forward (ZeRO-3 needs all ranks); rank 0 writes.
-            picture = save_reconstruction(engine.module, picture_batch, exp.data,
-                                          Path(folder) / PICTURE, write=rank == 0, seed=exp.train.seed)
+            picture = save_reconstruction(
+                engine.module,
+                picture_batch,
+                exp.data,
+                Path(folder) / PICTURE,
+                write=rank == 0,
+                seed=exp.train.seed,
+                caption=loop_config.get("attribution"),
+            )
             if rank == 0:
-                export_encoder(engine.module, Path(folder) / EXPORT_DIR, exp=exp,
-                               corpus_sha256=loop_config.get("corpus_sha256"), step=state.step)
+                export_encoder(
+                    engine.module,
+                    Path(folder) / EXPORT_DIR,
+                    exp=exp,
+                    corpus_sha256=loop_config.get("corpus_sha256"),
+                    step=state.step,
+                )
                 metrics = {**metrics, "picture": PICTURE if picture else None}
         if rank == 0:
             (Path(folder) / "train_state.json").write_text(json.dumps(asdict(state)))
