@@ -108,7 +108,13 @@ def test_smoke_run_on_ingested_real_radiographs(ray_cluster, tmp_path, hannover_
 
 
 def test_rerun_with_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
-    sets = ("output.name=resume", "train.log_every=1", "train.checkpoint_every=4")
+    # grad_accum=2: steps count optimizer steps, two micro-batches each
+    sets = (
+        "output.name=resume",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "train.grad_accum=2",
+    )
     run_dir = smoke_run(tmp_path, *sets, "train.max_steps=4")
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     smoke_run(tmp_path, *sets, "train.max_steps=8")

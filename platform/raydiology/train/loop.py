@@ -73,7 +73,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device)
     picture_batch: torch.Tensor | None = None
     window = _Window()
-    metrics: dict[str, Any] = {}
 
     while state.step < train.max_steps:
         batches = shard.iter_torch_batches(
@@ -101,31 +100,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 engine,
                 weight_decay_at(state.step, optimizer=train.optimizer, max_steps=train.max_steps),
             )
-            engine.step()
+            # Asked before step(): afterwards DeepSpeed already answers for the next micro-batch.
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()  # the optimizer steps only on the boundary micro-batch
             state.batches_in_epoch = seen
             window.add(out, images=batch["image"].shape[0])
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 waited_since = time.perf_counter()
                 continue
-            # DeepSpeed steps on the boundary micro-batch, so the count moves only here.
             state.step += 1
             last = state.step >= train.max_steps
-            if state.step % train.log_every == 0 or last:
+            save = state.step % train.checkpoint_every == 0 or last
+            if save or state.step % train.log_every == 0:
                 metrics = window.report(engine, state, world)
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
-            if state.step % train.checkpoint_every == 0 or last:
-                _checkpoint(
-                    engine,
-                    state,
-                    metrics,
-                    exp=exp,
-                    loop_config=loop_config,
-                    picture_batch=picture_batch if last else None,
-                    rank=rank,
-                )
-            elif state.step % train.log_every == 0 or last:
-                ray.train.report(metrics)
+                if save:
+                    _checkpoint(
+                        engine,
+                        state,
+                        metrics,
+                        exp=exp,
+                        loop_config=loop_config,
+                        picture_batch=picture_batch if last else None,
+                        rank=rank,
+                    )
+                else:
+                    ray.train.report(metrics)
+                window.reset()  # time spent reporting and saving is not training throughput
             if last:
                 break
             waited_since = time.perf_counter()
@@ -196,7 +198,6 @@ class _Window:
         for key, value in self.sums.items():
             if key != "loss":
                 metrics[key] = value / max(1, self.count)
-        self.reset()
         return metrics
 
 
