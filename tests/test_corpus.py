@@ -174,3 +174,40 @@ def test_empty_corpus(tmp_path):
     manifest = _write(tmp_path / "c", [])
     assert manifest.rows == 0 and manifest.shards == () and manifest.image_size is None
     assert read_rows(tmp_path / "c").num_rows == 0
+
+
+def test_region_columns_round_trip_into_training_batches(tmp_path):
+    """A `region_*` box column is written, validated, and delivered by the pipeline."""
+    from raydiology.config import DataConfig
+    from raydiology.config_base import to_dict
+    from raydiology.data.pipeline import preprocess_batch
+
+    out = tmp_path / "c"
+    with CorpusWriter(out, made_by={"command": "test"}) as writer:
+        for i in range(3):
+            box = (0.3, 0.15, 0.8, 0.8) if i else (0.1, 0.1, 0.9, 0.9)
+            writer.add(
+                {"image_id": f"r{i}", "pixels": np.zeros((16, 16), np.uint8), "region_chest": box}
+            )
+    table = read_rows(out)
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    got = preprocess_batch(
+        batch,
+        data=to_dict(DataConfig(resolution=16)),
+        label_columns=[],
+        extra_columns={"region": "region_chest"},
+    )
+    np.testing.assert_allclose(got["region"][0], [0.1, 0.1, 0.9, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(got["region"][2], [0.3, 0.15, 0.8, 0.8], rtol=1e-6)
+
+    with (
+        pytest.raises(CorpusError, match="region_chest"),
+        CorpusWriter(tmp_path / "bad", made_by={"command": "test"}) as writer,
+    ):
+        writer.add(
+            {
+                "image_id": "x",
+                "pixels": np.zeros((8, 8), np.uint8),
+                "region_chest": (0.9, 0, 0.1, 1),
+            }
+        )

@@ -146,3 +146,53 @@ def test_config_round_trip() -> None:
     cfg = from_dict(MaskingConfig, data, "objective.masking")
     assert cfg.region == (0.2, 0.1, 0.9, 0.9)
     assert from_dict(MaskingConfig, to_dict(cfg), "objective.masking") == cfg
+
+
+def test_per_image_boxes_from_the_corpus_reach_the_masking():
+    """A corpus column of boxes -> pipeline -> objective: same masks as the equivalent grids."""
+    import numpy as np
+
+    from raydiology.config import DataConfig
+    from raydiology.config_base import to_dict
+    from raydiology.data.pipeline import preprocess_batch
+    from raydiology.models.hd_mae import HDMAEConfig, build_hd_mae
+    from raydiology.objectives.mae import MAEObjective, MAEObjectiveConfig
+    from raydiology.objectives.masking import boxes_to_grid, region_to_grid
+
+    boxes = [(0.3, 0.15, 0.8, 0.8), (0.0, 0.5, 0.5, 1.0)]
+    pixels = np.zeros((2, 64, 64), dtype=np.uint8)
+    batch = {
+        "image_id": np.array(["a", "b"], dtype=object),
+        "pixels": np.array([p.tobytes() for p in pixels], dtype=object),
+        "height": np.array([64, 64]),
+        "width": np.array([64, 64]),
+        "dtype": np.array(["uint8", "uint8"], dtype=object),
+    }
+    batch["chest_box"] = np.empty(2, dtype=object)  # how Ray hands over a list<float> column
+    batch["chest_box"][:] = [np.array(b) for b in boxes]
+    out = preprocess_batch(
+        batch,
+        data=to_dict(DataConfig(resolution=64)),
+        label_columns=[],
+        extra_columns={"region": "chest_box"},
+    )
+    assert out["region"].shape == (2, 4) and out["region"].dtype == np.float32
+
+    grids = boxes_to_grid(torch.from_numpy(out["region"]), 4, 4)
+    for box, grid in zip(boxes, grids, strict=True):
+        assert torch.equal(grid, region_to_grid(box, 4, 4))
+
+    cfg = MAEObjectiveConfig(masking=MaskingConfig(region_column="chest_box"))
+    assert cfg.corpus_columns() == {"region": "chest_box"}
+    objective = MAEObjective(
+        cfg, build_hd_mae(HDMAEConfig(flavor="tiny"), image_size=64, in_chans=1)
+    )
+    images = torch.from_numpy(out["image"])
+    from_boxes = objective(
+        {"image": images, "region": torch.from_numpy(out["region"])},
+        generator=torch.Generator().manual_seed(0),
+    )
+    from_grids = objective(
+        {"image": images, "region": grids}, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(from_boxes["loss"], from_grids["loss"])

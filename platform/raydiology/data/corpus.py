@@ -32,6 +32,9 @@ SHARDS_DIR = "shards"
 # Optional string columns: missing values stay null, never guessed.
 METADATA_COLUMNS = ("report", "view", "sex", "age_group", "anatomy", "split")
 LABEL_PREFIX = "label_"
+# Optional per-image boxes (top, left, bottom, right), normalised to the stored image, e.g.
+# `region_chest` for context-aware masking; null where unknown.
+REGION_PREFIX = "region_"
 
 _BASE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -127,6 +130,7 @@ class CorpusWriter:
         self.row_group_rows = row_group_rows
         self._schema: pa.Schema | None = None
         self._label_columns: tuple[str, ...] = ()
+        self._region_columns: tuple[str, ...] = ()
         self._buffer: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_written = 0  # rows in the open shard
@@ -169,19 +173,27 @@ class CorpusWriter:
                 )
 
         labels = tuple(k for k in row if k.startswith(LABEL_PREFIX))
+        regions = tuple(k for k in row if k.startswith(REGION_PREFIX))
         unknown = set(row) - {"image_id", "pixels", "height", "width", "dtype"}
-        unknown -= set(METADATA_COLUMNS) | set(labels)
+        unknown -= set(METADATA_COLUMNS) | set(labels) | set(regions)
         if unknown:
             raise CorpusError(f"{self.out_dir}: {image_id}: unknown column {sorted(unknown)[0]!r}")
         if self._schema is None:
             self._label_columns = labels
+            self._region_columns = regions
             label_fields = [pa.field(name, pa.int8()) for name in labels]
-            self._schema = pa.schema(_BASE_FIELDS + label_fields)
-        elif set(labels) != set(self._label_columns):
-            raise CorpusError(
-                f"{self.out_dir}: {image_id}: label columns {sorted(labels)} differ from the "
-                f"first row's {sorted(self._label_columns)}"
-            )
+            region_fields = [pa.field(name, pa.list_(pa.float32(), 4)) for name in regions]
+            self._schema = pa.schema(_BASE_FIELDS + label_fields + region_fields)
+        else:
+            for kind, got, first in (
+                ("label", labels, self._label_columns),
+                ("region", regions, self._region_columns),
+            ):
+                if set(got) != set(first):
+                    raise CorpusError(
+                        f"{self.out_dir}: {image_id}: {kind} columns {sorted(got)} differ from "
+                        f"the first row's {sorted(first)}"
+                    )
 
         out = {
             "image_id": image_id,
@@ -198,6 +210,8 @@ class CorpusWriter:
             if value not in (0, 1):  # also accepts bools and numpy ints
                 raise CorpusError(f"{self.out_dir}: {image_id}: {name}={value!r} is not 0/1")
             out[name] = int(value)
+        for name in self._region_columns:
+            out[name] = _check_box(row[name], f"{self.out_dir}: {image_id}: {name}")
 
         self._ids.add(image_id)
         self._sizes.add((height, width))
@@ -431,3 +445,16 @@ def progress_iter(items: Iterable[T], *, enabled: bool, description: str) -> Ite
     from rich.progress import track
 
     yield from track(items, description=description)
+
+
+def _check_box(value: object, where: str) -> list[float] | None:
+    """A normalised (top, left, bottom, right) box, or None where the region is unknown."""
+    if value is None:
+        return None
+    box = [float(v) for v in np.asarray(value, dtype=np.float64).ravel()]
+    if len(box) != 4:
+        raise CorpusError(f"{where}: {value!r} is not 4 numbers (top, left, bottom, right)")
+    top, left, bottom, right = box
+    if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1):
+        raise CorpusError(f"{where}: {box} is not a box inside [0, 1] x [0, 1]")
+    return box

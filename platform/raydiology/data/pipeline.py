@@ -23,14 +23,25 @@ from raydiology.config_base import to_dict
 _PIXEL_COLUMNS = ["image_id", "pixels", "height", "width", "dtype"]
 
 
-def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str, ...] = ()):
-    """The training dataset for one experiment; lazy until Ray Train iterates it."""
+def build_dataset(
+    data: DataConfig,
+    corpus_dir: str,
+    *,
+    label_columns: tuple[str, ...] = (),
+    extra_columns: dict[str, str] | None = None,
+):
+    """The training dataset for one experiment; lazy until Ray Train iterates it.
+
+    `extra_columns` maps batch keys to numeric corpus columns an objective needs (e.g. the
+    per-image masking region); they pass through as float32 arrays.
+    """
+    extra_columns = extra_columns or {}
     import ray.data
     from ray.data.expressions import col
 
     from raydiology.data.corpus import shard_paths
 
-    columns = [*_PIXEL_COLUMNS, *label_columns]
+    columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values()]
     shuffle = (
         None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
     )
@@ -41,7 +52,11 @@ def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str
         ds = ds.filter(expr=col("split").is_in(list(data.splits)))
     return ds.map_batches(
         preprocess_batch,  # type: ignore[arg-type]  # Ray's stub misses keyword-only fn_kwargs
-        fn_kwargs={"data": to_dict(data), "label_columns": list(label_columns)},
+        fn_kwargs={
+            "data": to_dict(data),
+            "label_columns": list(label_columns),
+            "extra_columns": extra_columns,
+        },
         batch_size=data.decode_batch_size,
         batch_format="numpy",
         concurrency=data.decode_concurrency,
@@ -49,9 +64,13 @@ def build_dataset(data: DataConfig, corpus_dir: str, *, label_columns: tuple[str
 
 
 def preprocess_batch(
-    batch: dict[str, np.ndarray], *, data: dict[str, Any], label_columns: list[str]
+    batch: dict[str, np.ndarray],
+    *,
+    data: dict[str, Any],
+    label_columns: list[str],
+    extra_columns: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Raw stored pixels -> float32 [B, C, R, R] normalised images (+ label columns)."""
+    """Raw stored pixels -> float32 [B, C, R, R] normalised images (+ label/extra columns)."""
     from raydiology.config_base import from_dict
     from raydiology.data.corpus import decode_pixels
 
@@ -68,6 +87,9 @@ def preprocess_batch(
     out = {"image": ((images - mean) / std).contiguous().numpy()}
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
+    for key, column in (extra_columns or {}).items():
+        # list columns arrive as an object array of per-row arrays
+        out[key] = np.stack([np.asarray(v, dtype=np.float32) for v in batch[column]])
     return out
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from raydiology.models.hd_mae import MaskedAutoencoder
 from raydiology.models.vit import patchify, unpatchify
-from raydiology.objectives.masking import MaskGenerator, MaskingConfig
+from raydiology.objectives.masking import MaskGenerator, MaskingConfig, boxes_to_grid
 from raydiology.registry import OBJECTIVES
 
 
@@ -28,6 +28,11 @@ class MAEObjectiveConfig:
 
     def validate(self, key: str) -> None:
         self.masking.validate(f"{key}.masking" if key else "masking")
+
+    def corpus_columns(self) -> dict[str, str]:
+        """Batch key -> corpus column that the data pipeline must deliver."""
+        column = self.masking.region_column
+        return {"region": column} if column and self.masking.strategy == "context_aware" else {}
 
 
 class MAEObjective(nn.Module):
@@ -53,7 +58,10 @@ class MAEObjective(nn.Module):
                 f"objective.masking.region_column is {self.cfg.masking.region_column!r} "
                 "but the batch has no 'region' entry"
             )
-        return batch.get("region")
+        region = batch.get("region")
+        if region is not None and region.is_floating_point() and region.shape[-1] == 4:
+            region = boxes_to_grid(region, *self.model.grid_size)  # boxes from the corpus
+        return region
 
     def forward(
         self, batch: dict[str, Tensor], *, generator: torch.Generator | None = None

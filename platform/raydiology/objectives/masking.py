@@ -36,7 +36,9 @@ class MaskingConfig:
     # (top, left, bottom, right) in normalised image coordinates; a patch is inside when its
     # centre is. The default is the paper's chest region at 20x20.
     region: tuple[float, float, float, float] = (0.3, 0.15, 0.8, 0.8)
-    # A corpus column with per-image region masks; they reach the objective as batch["region"].
+    # A corpus column with a per-image box (top, left, bottom, right), normalised like
+    # `region`, in stored-image coordinates (so not with crop/flip augmentation); it reaches the
+    # objective as batch["region"].
     region_column: str | None = None
 
     def validate(self, key: str) -> None:
@@ -86,6 +88,17 @@ def region_to_grid(region: tuple[float, float, float, float], grid_h: int, grid_
     rows = torch.tensor([top <= (i + 0.5) / grid_h < bottom for i in range(grid_h)], device="cpu")
     cols = torch.tensor([left <= (j + 0.5) / grid_w < right for j in range(grid_w)], device="cpu")
     return rows[:, None] & cols[None, :]
+
+
+def boxes_to_grid(boxes: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """Per-sample boxes float [B, 4] (top, left, bottom, right) -> bool [B, grid_h, grid_w],
+    by the same patch-centre rule as `region_to_grid`."""
+    rows = (torch.arange(grid_h, device=boxes.device, dtype=torch.float32) + 0.5) / grid_h
+    cols = (torch.arange(grid_w, device=boxes.device, dtype=torch.float32) + 0.5) / grid_w
+    top, left, bottom, right = (boxes.float()[:, i, None] for i in range(4))
+    inside_rows = (top <= rows) & (rows < bottom)  # [B, grid_h]
+    inside_cols = (left <= cols) & (cols < right)  # [B, grid_w]
+    return inside_rows[:, :, None] & inside_cols[:, None, :]
 
 
 def _keep_count(n: int, ratio: float) -> int:

@@ -163,8 +163,14 @@ def _build_trainer(
             callbacks=[MetricsLog(str(run_dir / METRICS_FILE))],  # type: ignore[list-item]  # V2 UserCallback
             worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]  # V2 field
         ),
-        datasets={"train": build_dataset(exp.data, corpus_dir)},
+        datasets={"train": build_dataset(exp.data, corpus_dir, extra_columns=_corpus_columns(exp))},
     )
+
+
+def _corpus_columns(exp: Experiment) -> dict[str, str]:
+    """Corpus columns the objective asks for (batch key -> column), e.g. masking regions."""
+    wanted = getattr(exp.objective.config, "corpus_columns", None)
+    return wanted() if callable(wanted) else {}
 
 
 def _worker_env() -> dict[str, str]:
