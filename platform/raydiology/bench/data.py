@@ -166,7 +166,11 @@ def _time_batches(batches, count) -> float:
 
 
 class _PeakMemory:
-    """Peak resident memory of this process and all its children (Ray's included)."""
+    """Peak memory of this process and all its children (Ray's included).
+
+    Proportional set size (PSS): pages shared between processes, such as Ray's object
+    store, count once in total rather than once per process as RSS would.
+    """
 
     def __enter__(self) -> _PeakMemory:
         import psutil
@@ -180,7 +184,7 @@ class _PeakMemory:
                 total = 0
                 for p in [me, *me.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):  # a process may just have exited
-                        total += p.memory_info().rss
+                        total += getattr(p.memory_full_info(), "pss", 0) or p.memory_info().rss
                 self.peak = max(self.peak, total)
 
         self._thread = threading.Thread(target=sample, daemon=True)
