@@ -19,14 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raydiology.data.corpus import CorpusWriter, Manifest, progress_iter
+from raydiology.data.errors import BadImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 QUARANTINE_NAME = "quarantine.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
-
-
-class BadImage(Exception):
-    """A file that cannot become a training image; the message is the quarantine reason."""
 
 
 @dataclass(frozen=True, kw_only=True)
