@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from raydiology.data.corpus import decode_pixels, read_rows, verify_corpus
-from raydiology.data.ingest import ingest_images
+from raydiology.data.ingest import image_id_for, ingest_images
 
 HANNOVER = Path(__file__).resolve().parents[1].parent / "shared/data/hannover-cxr/png"
 SIZE = 96
@@ -64,7 +63,7 @@ def test_real_images_padded_and_centred(tmp_path, real_pngs):
     by_id = dict(zip(table.column("image_id").to_pylist(), images, strict=True))
     for f in sorted(src.rglob("*.png")):
         relative = f.relative_to(src).as_posix()
-        image = by_id[hashlib.sha256(("s" + relative).encode()).hexdigest()[:16]]
+        image = by_id[image_id_for(relative, "s")]
         height, width = _expected_geometry(f)
         top, left = (SIZE - height) // 2, (SIZE - width) // 2
         content = image[top : top + height, left : left + width]
@@ -116,7 +115,7 @@ def test_bad_files_quarantined_and_duplicates_counted(tmp_path, real_pngs):
 
     (dup,) = map(json.loads, (tmp_path / "out" / "duplicates.jsonl").read_text().splitlines())
     assert Path(dup["path"]).name == "zz_copy.png"
-    assert dup["duplicate_of"] == hashlib.sha256(real_pngs[0].name.encode()).hexdigest()[:16]
+    assert dup["duplicate_of"] == image_id_for(real_pngs[0].name, "")
     ids = read_rows(tmp_path / "out", ["image_id"]).column("image_id").to_pylist()
     assert dup["duplicate_of"] in ids
 

@@ -63,7 +63,10 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shuffle_seed: int | None = 0  # shard order shuffle per epoch; null = manifest order
     decode_batch_size: int = 16  # rows per Ray Data map_batches call
-    decode_concurrency: int | None = None  # decode actors; null = Ray Data's autoscaling
+    decode_concurrency: int | None = None  # decode tasks in flight; null = Ray Data decides
+    # Multi-anatomy mixing (XR-0): relative sampling weight per `anatomy` value, e.g.
+    # {chest: 1.0, knee: 0.5}; "default" covers the rest. Null = every image once an epoch.
+    anatomy_weights: dict[str, float] | None = None
 
     def validate(self, key: str) -> None:
         check(self.resolution >= 16, f"{key}.resolution", self.resolution, "at least 16 pixels")
@@ -83,6 +86,17 @@ class DataConfig:
             self.decode_batch_size,
             "at least 1",
         )
+        if self.anatomy_weights is not None:
+            weights = self.anatomy_weights
+            valid = bool(weights) and all(
+                isinstance(v, (int, float)) and v >= 0 for v in weights.values()
+            )
+            check(
+                valid and max(weights.values()) > 0,
+                f"{key}.anatomy_weights",
+                weights,
+                "a mapping of anatomy -> non-negative weight, at least one positive",
+            )
 
 
 @dataclass(kw_only=True)
@@ -129,6 +143,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     prefetch_batches: int = 2
+    local_shuffle_buffer: int = 0  # rows; 0 = file-level shuffle only (buffers cost speed)
     reconstruction_images: int = 4  # rows in reconstruction.png
 
     def validate(self, key: str) -> None:

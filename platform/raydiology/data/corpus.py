@@ -30,7 +30,9 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 
 # Optional string columns: missing values stay null, never guessed.
-METADATA_COLUMNS = ("report", "view", "sex", "age_group", "anatomy", "split")
+METADATA_COLUMNS = (
+    "report", "view", "sex", "age_group", "anatomy", "split", "modality", "manufacturer",
+)  # fmt: skip
 LABEL_PREFIX = "label_"
 # Optional per-image boxes (top, left, bottom, right), normalised to the stored image, e.g.
 # `region_chest` for context-aware masking; null where unknown.

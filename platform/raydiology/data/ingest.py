@@ -1,29 +1,62 @@
-"""Ingest folders of PNG/JPEG radiographs into a corpus (format v1).
+"""Ingest: folders of DICOM/PNG/JPEG and CSV file lists -> a clean corpus (format v1).
 
-Each file goes through `load_image` (decode to a 2-D array) and `fit_square` (resize and pad),
-so new sources (DICOM, say) only need another loader. A bad file never stops an ingest: it is
-written to `quarantine.jsonl` with the reason, because a single truncated file in a folder of
-a million should cost one line in a log, not the night's run.
+Three stages, so that a million-image hospital export is processed in parallel, survives a
+crash, and is deduplicated across all of it:
+
+1. decode (parallel, Ray tasks when Ray is up): each chunk of files is loaded (DICOM or PIL),
+   converted to the corpus bit depth, resized, hashed (content sha256 + perceptual hash) and
+   written to `staging/chunk-NNNNN.parquet`; a finished chunk has a `.json` beside it and is
+   skipped when the ingest runs again;
+2. deduplicate (driver): exact duplicates by content hash, near duplicates by perceptual hash;
+3. write (driver): kept rows stream into the corpus shards, with reports joined by file name.
+
+A bad file never stops an ingest: it goes to `quarantine.jsonl` with its reason, and
+found == ingested + quarantined + duplicates. Nothing from a DICOM header but the few
+metadata columns is kept, ids are salted hashes, and logs carry counts, never header values
+or paths. The mapping from ids back to files is written only when asked for
+(`source_map.csv`), because file names can identify patients.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from raydiology.data.corpus import CorpusWriter, Manifest, progress_iter
+from raydiology.data.corpus import (
+    LABEL_PREFIX,
+    MANIFEST_NAME,
+    METADATA_COLUMNS,
+    CorpusWriter,
+    Manifest,
+    progress_iter,
+    read_manifest,
+)
 from raydiology.data.errors import BadImage
+from raydiology.data.images import ResizeMode, fit_square, load_image, to_bit_depth
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 QUARANTINE_NAME = "quarantine.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
+SOURCE_MAP_NAME = "source_map.csv"
+STAGING_DIR = "staging"
+
+if TYPE_CHECKING:
+    from raydiology.data.reports import ReportRecord
+
+log = logging.getLogger("raydiology.ingest")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,109 +67,249 @@ class IngestSummary:
     duplicates: int
     manifest: Manifest
     quarantine_file: str | None  # None when nothing was quarantined
+    skipped_chunks: int = 0  # chunks already done by an earlier, interrupted run
+    reasons: dict[str, int] = field(default_factory=dict)  # quarantine reason kind -> count
 
 
-def find_images(sources: list[str | Path]) -> list[tuple[Path, str]]:
-    """(file, path relative to its source root) for every image, sorted for determinism.
+@dataclass(frozen=True, kw_only=True)
+class IngestOptions:
+    """What decides the stored pixels; a change means chunks must be decoded again."""
 
-    A source may also be a single file; its relative path is then its name.
+    size: int = 1024
+    resize: ResizeMode = "pad"
+    bit_depth: Literal[8, 16] = 8
+    near_duplicate_distance: int | None = 6  # perceptual-hash bits; None = exact duplicates only
+
+    def fingerprint(self, salt: str) -> str:
+        blob = json.dumps({**asdict(self), "salt": salt}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    key: str  # path relative to its source root (or as listed in a CSV): names the image
+    metadata: dict[str, Any] = field(default_factory=dict)  # from a CSV file list
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def find_sources(sources: list[str | Path]) -> list[SourceFile]:
+    """Every image under `sources`, sorted for determinism.
+
+    A source is a folder (searched recursively for PNG/JPEG/DICOM, including DICOM files
+    without an extension), a single image file, or a CSV file list with a `path` column
+    (relative paths resolve against the CSV's folder) and optional metadata columns
+    (report, view, sex, age_group, anatomy, split, label_*).
     """
-    found = []
+    from raydiology.data.dicom import is_dicom
+
+    found: list[SourceFile] = []
     for source in sources:
         root = Path(source)
-        if root.is_file():
-            found.append((root, root.name))
+        if root.is_file() and root.suffix.lower() == ".csv":
+            found += _read_file_list(root)
+        elif root.is_file():
+            found.append(SourceFile(str(root), root.name))
         elif root.is_dir():
-            files = (
-                p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            files = [
+                p
+                for p in root.rglob("*")
+                if p.is_file()
+                and (p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and is_dicom(p)))
+            ]
+            found += sorted(
+                (SourceFile(str(p), p.relative_to(root).as_posix()) for p in files),
+                key=lambda s: s.key,
             )
-            found += sorted((p, p.relative_to(root).as_posix()) for p in files)
         else:
             raise FileNotFoundError(f"ingest source {source} does not exist")
     return found
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode one file to a 2-D uint8 or uint16 array; raises BadImage with the reason.
-
-    Colour images become grayscale (ITU-R 601 luma); 16-bit grayscale PNGs stay 16-bit.
-    """
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, so truncation surfaces here
-            img = ImageOps.exif_transpose(opened)
-            mode = img.mode
-            if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                array = np.asarray(img).astype(np.uint16)
-            elif mode == "I":
-                array = np.asarray(img)
-                if array.min() < 0 or array.max() > 65535:
-                    raise BadImage(f"32-bit values outside 0..65535 (mode {mode})")
-                array = array.astype(np.uint16)
-            elif mode in ("L", "1", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
-                array = np.asarray(img.convert("L"))
-            else:
-                raise BadImage(f"unsupported image mode {mode}")
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # PIL reports unreadable/corrupt/truncated data through these.
-        raise BadImage(f"unreadable image: {type(e).__name__}: {e}") from None
-    if array.ndim != 2 or array.size == 0:
-        raise BadImage(f"not a 2-D image (shape {array.shape})")
-    if array.min() == array.max():
-        raise BadImage(f"zero variance (every pixel is {int(array.min())})")
-    return array
+_CSV_COLUMNS = set(METADATA_COLUMNS)
 
 
-def to_bit_depth(array: np.ndarray, bit_depth: Literal[8, 16]) -> np.ndarray:
-    """Convert to the corpus's bit depth.
-
-    8 -> 16 scales by 257 (full range). 16 -> 8 stretches the image's own min..max to 0..255,
-    because 16-bit radiographs often use only 10-12 bits and a fixed shift would leave them
-    nearly black.
-    """
-    if bit_depth == 8:
-        if array.dtype == np.uint8:
-            return array
-        lo, hi = float(array.min()), float(array.max())
-        return np.round((array.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    if array.dtype == np.uint16:
-        return array
-    return array.astype(np.uint16) * np.uint16(257)
-
-
-def fit_square(array: np.ndarray, size: int, resize: Literal["pad", "stretch"]) -> np.ndarray:
-    """Resize to size x size: `pad` keeps the aspect ratio (longest side = size) and centres
-    the image on zeros; `stretch` resizes each axis straight to `size`."""
-    height, width = array.shape
-    if resize == "stretch":
-        new_h = new_w = size
-    else:
-        scale = size / max(height, width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        # Float mode keeps 16-bit precision through the filter; LANCZOS for up and down.
-        img = Image.fromarray(array.astype(np.float32), mode="F")
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-        info = np.iinfo(array.dtype)
-        array = np.clip(np.round(np.asarray(img)), info.min, info.max).astype(array.dtype)
-    if (new_h, new_w) == (size, size):
-        return array
-    out = np.zeros((size, size), dtype=array.dtype)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = array
+def _read_file_list(path: Path) -> list[SourceFile]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ValueError(
+                f"{path}: a file list needs a 'path' column (found {reader.fieldnames})"
+            )
+        unknown = [
+            c
+            for c in reader.fieldnames
+            if c != "path" and c not in _CSV_COLUMNS and not c.startswith(LABEL_PREFIX)
+        ]
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown column {unknown[0]!r}; allowed: path, "
+                f"{', '.join(sorted(_CSV_COLUMNS))}, {LABEL_PREFIX}*"
+            )
+        out = []
+        for line, row in enumerate(reader, start=2):
+            listed = row.pop("path")
+            if not listed:
+                raise ValueError(f"{path}:{line}: empty path")
+            file = Path(listed) if Path(listed).is_absolute() else path.parent / listed
+            metadata: dict[str, Any] = {}
+            for column, value in row.items():
+                if value in (None, ""):
+                    continue
+                if column.startswith(LABEL_PREFIX):
+                    if value not in ("0", "1"):
+                        raise ValueError(f"{path}:{line}: {column}={value!r} is not 0/1")
+                    metadata[column] = int(value)
+                else:
+                    metadata[column] = value
+            out.append(SourceFile(str(file), listed, metadata))
     return out
 
 
-def image_id_for(relative_path: str, salt: str) -> str:
-    """Stable id that does not reveal the path (paths can carry patient names)."""
-    return hashlib.sha256((salt + relative_path).encode()).hexdigest()[:16]
+def image_id_for(key: str, salt: str, uid: str | None = None) -> str:
+    """Stable id that reveals neither the path nor the SOP instance UID."""
+    return hashlib.sha256(f"{salt}\0{key}\0{uid or ''}".encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def load_any(path: str) -> tuple[np.ndarray, dict[str, Any], str | None]:
+    """(pixels, metadata, DICOM UID) for a DICOM or PNG/JPEG file; BadImage otherwise."""
+    from raydiology.data.dicom import is_dicom, load_dicom
+
+    if os.path.getsize(path) == 0:
+        raise BadImage("empty file (0 bytes)")
+    if is_dicom(path) or Path(path).suffix.lower() in (".dcm", ".dicom"):
+        loaded = load_dicom(path)
+        metadata = {k: v for k, v in loaded.metadata.items() if v is not None}
+        return loaded.pixels, metadata, loaded.uid
+    return load_image(path), {}, None
+
+
+_STAGING_SCHEMA = pa.schema(
+    [
+        ("file_index", pa.int64()),
+        ("image_id", pa.string()),
+        ("pixels", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("dtype", pa.string()),
+        ("content_sha256", pa.string()),
+        ("phash", pa.uint64()),
+        ("metadata", pa.string()),  # JSON: DICOM metadata + file-list columns
+    ]
+)
+
+
+def decode_chunk(
+    chunk: int,
+    files: list[SourceFile],
+    first_index: int,
+    options: IngestOptions,
+    salt: str,
+    staging: str,
+) -> dict[str, Any]:
+    """Stage 1 for one chunk of files; idempotent (a finished chunk is not redone)."""
+    from raydiology.data.dedup import perceptual_hash
+
+    done = Path(staging) / f"chunk-{chunk:05d}.json"
+    fingerprint = options.fingerprint(salt)
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("fingerprint") == fingerprint:
+            return {**result, "skipped": True}
+    rows: dict[str, list] = {name: [] for name in _STAGING_SCHEMA.names}
+    quarantined = []
+    for offset, source in enumerate(files):
+        index = first_index + offset
+        try:
+            pixels, metadata, uid = load_any(source.path)
+            stored = fit_square(
+                to_bit_depth(pixels, options.bit_depth), options.size, options.resize
+            )
+        except BadImage as e:
+            quarantined.append({"file_index": index, "reason": str(e)})
+            continue
+        except Exception as e:  # a decoder bug must not end a night's ingest either
+            quarantined.append({"file_index": index, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        rows["file_index"].append(index)
+        rows["image_id"].append(image_id_for(source.key, salt, uid))
+        rows["pixels"].append(np.ascontiguousarray(stored).tobytes())
+        rows["height"].append(stored.shape[0])
+        rows["width"].append(stored.shape[1])
+        rows["dtype"].append(stored.dtype.name)
+        # Exact duplicates: hash of the decoded source pixels, before resizing.
+        rows["content_sha256"].append(
+            hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+        )
+        rows["phash"].append(perceptual_hash(stored))
+        rows["metadata"].append(json.dumps({**metadata, **source.metadata}, sort_keys=True))
+    table = pa.table(rows, schema=_STAGING_SCHEMA)
+    parquet = Path(staging) / f"chunk-{chunk:05d}.parquet"
+    pq.write_table(table, f"{parquet}.tmp", compression="lz4")
+    os.replace(f"{parquet}.tmp", parquet)
+    result = {"chunk": chunk, "fingerprint": fingerprint, "rows": table.num_rows,
+              "quarantined": quarantined}  # fmt: skip
+    done.write_text(json.dumps(result))  # written last: marks the chunk finished
+    return {**result, "skipped": False}
+
+
+def _run_chunks(
+    chunks: list[tuple[int, list[SourceFile], int]],
+    options: IngestOptions,
+    salt: str,
+    staging: Path,
+    *,
+    parallel: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    if not parallel:
+        return [
+            decode_chunk(i, files, first, options, salt, str(staging))
+            for i, files, first in progress_iter(chunks, enabled=progress, description="decoding")
+        ]
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(decode_chunk)
+    pending = [
+        task.remote(i, files, first, options, salt, str(staging)) for i, files, first in chunks
+    ]
+    results = []
+    with _Bar(len(pending), "decoding", enabled=progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results.append(ray.get(ready[0]))
+            bar.advance()
+    return sorted(results, key=lambda r: r["chunk"])
+
+
+class _Bar:
+    def __init__(self, total: int, description: str, *, enabled: bool) -> None:
+        self.total, self.description, self.enabled = total, description, enabled
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.progress import Progress
+
+            self.progress = Progress()
+            self.task = self.progress.add_task(self.description, total=self.total)
+            self.progress.start()
+        return self
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.progress.advance(self.task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+# ----------------------------------------------------------------------------- stages 2, 3
 
 
 def ingest_images(
@@ -144,84 +317,241 @@ def ingest_images(
     out_dir: str | os.PathLike,
     *,
     size: int = 1024,
-    resize: Literal["pad", "stretch"] = "pad",
+    resize: ResizeMode = "pad",
     bit_depth: Literal[8, 16] = 8,
     salt: str = "",
     attribution: str | None = None,
+    near_duplicate_distance: int | None = 6,
+    reports: Mapping[str, Mapping[str, str | None]] | None = None,
+    write_source_map: bool = False,
+    chunk_rows: int = 256,
     shard_rows: int = 1024,
+    parallel: bool | None = None,
     progress: bool = True,
 ) -> IngestSummary:
-    """Decode, resize and shard every PNG/JPEG under `sources` into a corpus at `out_dir`.
+    """Decode, deduplicate and shard every image under `sources` into a corpus at `out_dir`.
 
-    Unreadable, truncated, empty and constant images go to `quarantine.jsonl`; exact
-    duplicates (same decoded pixels) are skipped and listed in `duplicates.jsonl`, so that
-    found == ingested + quarantined + duplicates. Metadata columns stay null: nothing is
-    guessed from file names. `attribution` (a licence's required credit) is kept in the
-    manifest and printed under every picture drawn from the corpus.
+    `reports` maps a file name stem to columns to join (e.g. {"report": ..., "split": ...}),
+    as built by `raydiology.data.reports`. `parallel` None = on Ray when Ray is initialised.
+    `attribution` (a licence's required credit) is kept in the manifest and printed under
+    every picture drawn from the corpus. Running the same ingest again is a no-op once it
+    finished, and picks up the finished chunks after an interruption.
     """
-    if resize not in ("pad", "stretch"):
-        raise ValueError(f"resize must be 'pad' or 'stretch', not {resize!r}")
+    if resize not in ("pad", "stretch", "shortest"):
+        raise ValueError(f"resize must be 'pad', 'stretch' or 'shortest', not {resize!r}")
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth!r}")
     if size < 1:
         raise ValueError(f"size must be positive, not {size}")
-    files = find_images(sources)
+    options = IngestOptions(
+        size=size,
+        resize=resize,
+        bit_depth=bit_depth,
+        near_duplicate_distance=near_duplicate_distance,
+    )
     out = Path(out_dir)
-    options = {
+    files = find_sources(sources)
+    recorded = {
         "sources": [str(s) for s in sources],
-        "size": size,
-        "resize": resize,
-        "bit_depth": bit_depth,
+        **asdict(options),
         "salted": bool(salt),  # the salt itself stays secret
+        "files": len(files),
+        "files_sha256": hashlib.sha256("\n".join(f.key for f in files).encode()).hexdigest(),
+        "reports_joined": reports is not None,
         "shard_rows": shard_rows,
     }
-    quarantined: list[dict] = []
-    duplicates: list[dict] = []
-    seen_pixels: dict[str, tuple[str, str]] = {}  # content sha256 -> (image_id, path)
-    seen_ids: dict[str, str] = {}
-    with CorpusWriter(
-        out,
-        made_by={"command": "ingest", "options": options, "attribution": attribution},
-        shard_rows=shard_rows,
-    ) as writer:
-        for path, relative in progress_iter(files, enabled=progress, description="ingesting"):
-            image_id = image_id_for(relative, salt)
-            if image_id in seen_ids:
-                reason = (
-                    f"same relative path {relative!r} as {seen_ids[image_id]} in another source"
-                )
-                quarantined.append({"path": str(path), "reason": reason})
-                continue
-            try:
-                array = load_image(path)
-            except BadImage as e:
-                quarantined.append({"path": str(path), "reason": str(e)})
-                continue
-            digest = hashlib.sha256(
-                f"{array.dtype}{array.shape}".encode() + array.tobytes()
-            ).hexdigest()
-            if digest in seen_pixels:
-                first_id, first_path = seen_pixels[digest]
-                duplicates.append(
-                    {"path": str(path), "duplicate_of": first_id, "duplicate_of_path": first_path}
-                )
-                continue
-            seen_pixels[digest] = (image_id, str(path))
-            seen_ids[image_id] = str(path)
-            pixels = fit_square(to_bit_depth(array, bit_depth), size, resize)
-            writer.add({"image_id": image_id, "pixels": pixels})
+    finished = _finished_summary(out, recorded)
+    if finished is not None:
+        return finished
 
+    staging = out / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    chunks = [
+        (i, files[start : start + chunk_rows], start)
+        for i, start in enumerate(range(0, len(files), chunk_rows))
+    ]
+    if parallel is None:
+        import ray
+
+        parallel = ray.is_initialized()
+    results = _run_chunks(chunks, options, salt, staging, parallel=parallel, progress=progress)
+    quarantined = [
+        {"path": files[q["file_index"]].path, "reason": q["reason"]}
+        for r in results
+        for q in r["quarantined"]
+    ]
+    keep, duplicates, collisions = _deduplicate(staging, results, files, near_duplicate_distance)
+    quarantined += collisions
+    made_by = {"command": "ingest", "options": recorded, "attribution": attribution}
+    with CorpusWriter(out, made_by=made_by, shard_rows=shard_rows) as writer:
+        _write_rows(writer, staging, results, files, keep, reports or {}, progress=progress)
+    if write_source_map:
+        _write_source_map(out / SOURCE_MAP_NAME, staging, results, files, keep)
     quarantine_file = _write_jsonl(out / QUARANTINE_NAME, quarantined)
     _write_jsonl(out / DUPLICATES_NAME, duplicates)
+    shutil.rmtree(staging)
     assert writer.manifest is not None
-    return IngestSummary(
+    reasons = Counter(q["reason"].split(":")[0].split(" (")[0] for q in quarantined)
+    summary = IngestSummary(
         found=len(files),
         ingested=writer.manifest.rows,
         quarantined=len(quarantined),
         duplicates=len(duplicates),
         manifest=writer.manifest,
         quarantine_file=quarantine_file,
+        skipped_chunks=sum(r["skipped"] for r in results),
+        reasons=dict(reasons),
     )
+    # Counts only: reasons and paths stay in the quarantine file.
+    log.info("ingest: found %d, ingested %d, quarantined %d, duplicates %d", summary.found,
+             summary.ingested, summary.quarantined, summary.duplicates)  # fmt: skip
+    return summary
+
+
+def _finished_summary(out: Path, recorded: dict[str, Any]) -> IngestSummary | None:
+    """The summary of an identical ingest that already finished at `out`, else None."""
+    if not (out / MANIFEST_NAME).exists():
+        return None
+    manifest = read_manifest(out)
+    if manifest.made_by.get("options") != json.loads(json.dumps(recorded)):
+        raise FileExistsError(
+            f"{out} already holds a corpus made with other sources or options; "
+            "choose another --out or remove it"
+        )
+    quarantine = out / QUARANTINE_NAME
+    quarantined = len(quarantine.read_text().splitlines()) if quarantine.exists() else 0
+    duplicates_file = out / DUPLICATES_NAME
+    duplicates = len(duplicates_file.read_text().splitlines()) if duplicates_file.exists() else 0
+    return IngestSummary(
+        found=recorded["files"],
+        ingested=manifest.rows,
+        quarantined=quarantined,
+        duplicates=duplicates,
+        manifest=manifest,
+        quarantine_file=str(quarantine) if quarantined else None,
+        skipped_chunks=-1,  # the whole ingest was already done
+    )
+
+
+def _staged(staging: Path, results: list[dict[str, Any]], columns: list[str]):
+    """Staged row batches in chunk order, reading only `columns`."""
+    for r in results:
+        path = staging / f"chunk-{r['chunk']:05d}.parquet"
+        yield from pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns)
+
+
+def _deduplicate(
+    staging: Path,
+    results: list[dict[str, Any]],
+    files: list[SourceFile],
+    near_duplicate_distance: int | None,
+) -> tuple[set[int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """File indices to keep, a record per dropped duplicate (first occurrence wins), and
+    the files quarantined because their name collides with another source's."""
+    from raydiology.data.dedup import NearDuplicateIndex, hamming
+
+    by_content: dict[str, str] = {}
+    ids: dict[str, int] = {}
+    phashes: dict[str, int] = {}
+    near = NearDuplicateIndex(max_distance=near_duplicate_distance or 0)
+    keep: set[int] = set()
+    duplicates = []
+    collisions = []
+    columns = ["file_index", "image_id", "content_sha256", "phash"]
+    for batch in _staged(staging, results, columns):
+        for index, image_id, digest, phash in zip(
+            *(batch.column(c).to_pylist() for c in columns), strict=True
+        ):
+            path = files[index].path
+            if image_id in ids:  # same relative path in two sources: the id would collide
+                first = files[ids[image_id]].key
+                collisions.append(
+                    {
+                        "path": path,
+                        "reason": f"same relative path {first!r} as a file in another source",
+                    }
+                )
+                continue
+            if digest in by_content:
+                first = by_content[digest]
+                duplicates.append({"path": path, "duplicate_of": first, "kind": "exact"})
+                continue
+            if near_duplicate_distance is not None:
+                first_near = near.add(image_id, phash)
+                if first_near is not None:
+                    distance = hamming(phash, phashes[first_near])
+                    duplicates.append(
+                        {
+                            "path": path,
+                            "duplicate_of": first_near,
+                            "kind": "near",
+                            "distance": distance,
+                        }
+                    )
+                    continue
+            by_content[digest] = image_id
+            ids[image_id] = index
+            phashes[image_id] = phash
+            keep.add(index)
+    return keep, duplicates, collisions
+
+
+def _write_rows(
+    writer: CorpusWriter,
+    staging: Path,
+    results: list[dict[str, Any]],
+    files: list[SourceFile],
+    keep: set[int],
+    reports: Mapping[str, Mapping[str, str | None]],
+    *,
+    progress: bool,
+) -> None:
+    columns = ["file_index", "image_id", "pixels", "height", "width", "dtype", "metadata"]
+    batches = _staged(staging, results, columns)
+    for batch in progress_iter(batches, enabled=progress, description="writing shards"):
+        for row in batch.to_pylist():
+            if row["file_index"] not in keep:
+                continue
+            pixels = np.frombuffer(row["pixels"], dtype=row["dtype"]).reshape(
+                row["height"], row["width"]
+            )
+            joined = _report_for(files[row["file_index"]].key, reports)
+            metadata = {**json.loads(row["metadata"]), **{k: v for k, v in joined.items() if v}}
+            writer.add({"image_id": row["image_id"], "pixels": pixels, **metadata})
+
+
+def _report_for(
+    key: str, reports: Mapping[str, Mapping[str, str | None]]
+) -> Mapping[str, str | None]:
+    """The report joined to a file: report corpora name images by stem ("CXR1_1_IM-0001-3001")
+    or, where stems repeat across studies, by the last folders too ("CXR2384_IM-0942/0");
+    the longest trailing part of the file's path that a corpus knows wins."""
+    if not reports:
+        return {}
+    parts = Path(key).with_suffix("").parts
+    for start in range(len(parts)):
+        found = reports.get("/".join(parts[start:]))
+        if found is not None:
+            return found
+    return {}
+
+
+def _write_source_map(
+    path: Path,
+    staging: Path,
+    results: list[dict[str, Any]],
+    files: list[SourceFile],
+    keep: set[int],
+) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image_id", "path"])
+        for batch in _staged(staging, results, ["file_index", "image_id"]):
+            for index, image_id in zip(
+                *(batch.column(c).to_pylist() for c in ("file_index", "image_id")), strict=True
+            ):
+                if index in keep:
+                    out.writerow([image_id, files[index].path])
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> str | None:
@@ -229,3 +559,19 @@ def _write_jsonl(path: Path, records: list[dict]) -> str | None:
         return None
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
+
+
+def report_columns(
+    records: Iterable[ReportRecord], *, clean: Literal["iu", "mimic"] | None = None
+) -> dict[str, dict[str, str | None]]:
+    """Image key (file stem) -> the columns a report corpus joins onto it (report, split).
+
+    `clean` applies R2Gen's report cleaning for that corpus style.
+    """
+    from raydiology.data.reports import clean_report, index_by_image_key
+
+    out = {}
+    for key, record in index_by_image_key(records).items():
+        text = clean_report(record.report, style=clean) if clean else record.report
+        out[key] = {"report": text or None, "split": record.split}
+    return out

@@ -10,6 +10,7 @@ ready tensors to its device.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ def build_dataset(
     from raydiology.data.corpus import shard_paths
 
     columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values()]
+    if data.anatomy_weights:
+        columns.append("anatomy")
     shuffle = (
         None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
     )
@@ -75,22 +78,80 @@ def preprocess_batch(
     from raydiology.data.corpus import decode_pixels
 
     cfg = from_dict(DataConfig, data, "data")
-    pixels = decode_pixels(batch)  # [B, H, W] uint8 / uint16
-    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
-    images = torch.from_numpy(pixels.astype(np.float32, copy=False)).unsqueeze(1).div_(scale)
-    rng = np.random.default_rng()  # fresh augmentation every epoch
+    rng = np.random.default_rng()  # fresh augmentation and sampling every epoch
+    if cfg.anatomy_weights:
+        batch = _sample_by_anatomy(batch, cfg.anatomy_weights, rng)
+    if _uniform_size(batch):
+        pixels = decode_pixels(batch)  # [B, H, W] uint8 / uint16, one frombuffer
+        images = _to_unit_float(pixels).unsqueeze(1)
+    else:  # e.g. a corpus stored at "shortest side N": pad each to square first (XR-0)
+        images = torch.cat(
+            [_pad_resize(_to_unit_float(p), cfg.resolution) for p in _each_image(batch)]
+        )
     images = augment_and_resize(images, cfg, rng)
     if cfg.channels == 3:
         images = images.expand(-1, 3, -1, -1)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
-    out = {"image": ((images - mean) / std).contiguous().numpy()}
+    out = {
+        "image": ((images - mean) / std).contiguous().numpy(),
+        "row_key": row_keys(batch["image_id"]),
+    }
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
     for key, column in (extra_columns or {}).items():
         # list columns arrive as an object array of per-row arrays
         out[key] = np.stack([np.asarray(v, dtype=np.float32) for v in batch[column]])
     return out
+
+
+def row_keys(image_ids: np.ndarray) -> np.ndarray:
+    """int64 key per image id: lets a training worker record what it consumed (strings
+    cannot travel in torch batches)."""
+    digests = [hashlib.blake2b(str(i).encode(), digest_size=8).digest() for i in image_ids]
+    return (
+        np.frombuffer(b"".join(digests), dtype="<i8").copy() if digests else np.zeros(0, np.int64)
+    )
+
+
+def _to_unit_float(pixels: np.ndarray) -> torch.Tensor:
+    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
+    return torch.from_numpy(pixels.astype(np.float32)).div_(scale)
+
+
+def _uniform_size(batch: dict[str, np.ndarray]) -> bool:
+    h, w = np.asarray(batch["height"]), np.asarray(batch["width"])
+    return len(h) == 0 or bool((h == h[0]).all() and (w == w[0]).all())
+
+
+def _each_image(batch: dict[str, np.ndarray]):
+    for blob, h, w, dtype in zip(
+        batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
+    ):
+        yield np.frombuffer(blob, dtype=str(dtype)).reshape(int(h), int(w))
+
+
+def _pad_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[H, W] -> [1, 1, R, R]: zero-pad to square with the content centred, then resize."""
+    h, w = image.shape
+    side = max(h, w)
+    square = image.new_zeros(side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = image
+    return _resize(square[None, None], (resolution, resolution))
+
+
+def _sample_by_anatomy(
+    batch: dict[str, np.ndarray], weights: dict[str, float], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Keep each row with probability weight / max weight (anatomies not listed: weight of
+    "default", else 1), so an epoch mixes anatomies in the requested proportions."""
+    top = max(weights.values())
+    default = weights.get("default", 1.0)
+    anatomy = np.asarray(batch["anatomy"], dtype=object)
+    keep_prob = np.array([weights.get(str(a).lower(), default) / top for a in anatomy])
+    keep = rng.random(len(anatomy)) < keep_prob
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
 
 
 def augment_and_resize(

@@ -11,10 +11,12 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from raydiology.config import Experiment, experiment_from_dict
@@ -25,6 +27,7 @@ from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "export"
 PICTURE = "reconstruction.png"
+CONSUMED = "consumed"  # per-rank row keys seen in the checkpoint's epoch
 
 # Ray Train routes worker logging to the driver console and its log files; a bare print
 # would be teed to both and show up twice.
@@ -37,7 +40,6 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches this worker consumed in the current epoch
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -64,9 +66,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ),
         ),
     )
-    state = _restore(engine)
+    state, consumed = _restore(engine)
     if rank == 0 and state.step:
-        log.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+        log.info("resumed from step %d (epoch %d, %d images of it already seen)",
+                 state.step, state.epoch, len(consumed))  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
     param_dtype = next(engine.module.parameters()).dtype
@@ -75,25 +78,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = _Window()
 
     while state.step < train.max_steps:
-        batches = shard.iter_torch_batches(
-            batch_size=train.micro_batch_size,
-            drop_last=True,  # every rank takes the same number of steps
-            prefetch_batches=train.prefetch_batches,
-            device=str(device),
-        )
-        seen = 0
+        seen: list[np.ndarray] = []  # row keys this rank trained on in this epoch
+        batches = _epoch_batches(shard, train, skip=consumed)
         waited_since = time.perf_counter()
-        for batch in batches:
-            seen += 1
-            if seen <= state.batches_in_epoch:  # resumed mid-epoch: skip what was consumed
-                waited_since = time.perf_counter()
-                continue
+        while True:
+            batch = next(batches, None)
+            # Ranks stop an epoch together: sampling and resumes can leave them unequal.
+            if not _every_rank(batch is not None):
+                break
+            assert batch is not None
             window.data_wait += time.perf_counter() - waited_since
+            seen.append(batch.pop("row_key").numpy())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["image"] = batch["image"].to(param_dtype)
             if picture_batch is None:
                 picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
 
-            generator.manual_seed(_mask_seed(train.seed, rank, state.step, seen))
+            generator.manual_seed(_mask_seed(train.seed, rank, state.step, len(seen)))
             out = engine(batch, generator=generator)
             engine.backward(out["loss"])
             _set_weight_decay(
@@ -103,7 +104,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Asked before step(): afterwards DeepSpeed already answers for the next micro-batch.
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()  # the optimizer steps only on the boundary micro-batch
-            state.batches_in_epoch = seen
             window.add(out, images=batch["image"].shape[0])
             if not boundary:
                 waited_since = time.perf_counter()
@@ -120,6 +120,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         engine,
                         state,
                         metrics,
+                        # rank 0 carries what was seen before the resume, once
+                        consumed=np.concatenate([consumed if rank == 0 else consumed[:0], *seen]),
                         exp=exp,
                         loop_config=loop_config,
                         picture_batch=picture_batch if last else None,
@@ -131,14 +133,58 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if last:
                 break
             waited_since = time.perf_counter()
-        else:
-            if seen == 0:
-                raise RuntimeError(
-                    f"worker {rank} got no batch of {train.micro_batch_size} images: the "
-                    "corpus is smaller than num_workers x micro_batch_size (after `data.splits`)"
-                )
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        if state.step >= train.max_steps:
+            break
+        if not seen and not len(consumed):
+            raise RuntimeError(
+                f"worker {rank} got no batch of {train.micro_batch_size} images: the corpus "
+                "is smaller than num_workers x micro_batch_size (after `data.splits`)"
+            )
+        state.epoch += 1
+        consumed = np.zeros(0, dtype=np.int64)
+
+
+def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of exact micro-batches from this worker's shard, on the CPU.
+
+    Rows whose key is in `skip` (seen before a resume in this epoch) are dropped and the
+    batches refilled, so a resumed epoch neither repeats nor skips an image.
+    """
+    batches = shard.iter_torch_batches(
+        batch_size=train.micro_batch_size,
+        drop_last=True,
+        prefetch_batches=train.prefetch_batches,
+        local_shuffle_buffer_size=train.local_shuffle_buffer or None,
+        local_shuffle_seed=train.seed if train.local_shuffle_buffer else None,
+    )
+    if not len(skip):
+        yield from batches
+        return
+    pending: list[dict[str, torch.Tensor]] = []
+    have = 0
+    for batch in batches:
+        keep = torch.from_numpy(~np.isin(batch["row_key"].numpy(), skip))
+        if not keep.any():
+            continue
+        pending.append({k: v[keep] for k, v in batch.items()})
+        have += int(keep.sum())
+        while have >= train.micro_batch_size:
+            merged = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+            size = train.micro_batch_size
+            yield {k: v[:size] for k, v in merged.items()}
+            rest = {k: v[size:] for k, v in merged.items()}
+            have -= size
+            pending = [rest] if have else []
+
+
+def _every_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _device(exp: Experiment) -> torch.device:
@@ -213,17 +259,22 @@ def _print_progress(metrics: dict[str, Any], max_steps: int) -> None:
     )
 
 
-def _restore(engine) -> TrainState:
+def _restore(engine) -> tuple[TrainState, np.ndarray]:
+    """Engine state, where the run is, and the row keys every rank saw in the current epoch."""
     import ray.train
 
     from raydiology.train.safe_load import weights_only_checkpoint_engine
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainState()
+        return TrainState(), np.zeros(0, dtype=np.int64)
     with checkpoint.as_directory() as folder, weights_only_checkpoint_engine(engine):
         _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-    return TrainState(**(client_state or {}).get("train_state", {}))
+        seen = [
+            np.load(p, allow_pickle=False) for p in sorted(Path(folder).glob(f"{CONSUMED}/*.npy"))
+        ]
+    state = TrainState(**(client_state or {}).get("train_state", {}))
+    return state, np.unique(np.concatenate(seen)) if seen else np.zeros(0, dtype=np.int64)
 
 
 def _checkpoint(
@@ -231,6 +282,7 @@ def _checkpoint(
     state: TrainState,
     metrics: dict[str, Any],
     *,
+    consumed: np.ndarray,
     exp: Experiment,
     loop_config: dict[str, Any],
     picture_batch: torch.Tensor | None,
@@ -246,6 +298,8 @@ def _checkpoint(
     from raydiology.train.export import export_encoder, save_reconstruction
 
     with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / CONSUMED).mkdir()
+        np.save(Path(folder) / CONSUMED / f"rank-{rank:05d}.npy", consumed.astype(np.int64))
         engine.save_checkpoint(
             folder, tag=CHECKPOINT_TAG, client_state={"train_state": asdict(state)}
         )

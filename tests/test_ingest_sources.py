@@ -1,0 +1,205 @@
+"""Ingest at scale: the real Hannover folder with planted bad files on a real local Ray,
+DICOM without patient data leaking, resumable chunks, CSV file lists and report joins."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raydiology.data.corpus import decode_pixels, read_rows, verify_corpus
+from raydiology.data.ingest import (
+    STAGING_DIR,
+    IngestOptions,
+    decode_chunk,
+    find_sources,
+    ingest_images,
+    report_columns,
+)
+
+PHI = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "PID-314159",
+    "PatientBirthDate": "19450704",
+    "InstitutionName": "St. Planted Hospital",
+    "AccessionNumber": "ACC-27182818",
+}
+
+
+def _batch(table):
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
+
+
+def _dicom_file(name: str) -> Path:
+    data = pytest.importorskip("pydicom.data", reason="pydicom-data is not installed")
+    try:
+        return Path(data.get_testdata_file(name))
+    except Exception:  # pragma: no cover - depends on the installed data package
+        pytest.skip(f"{name} is not in pydicom-data")
+
+
+@pytest.mark.ray
+def test_hannover_folder_with_planted_bad_files_on_ray(ray_cluster, tmp_path, hannover_png):
+    src = tmp_path / "src"
+    shutil.copytree(hannover_png, src / "hannover")
+    good = sorted((src / "hannover").glob("*.png"))
+    (src / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(5000))
+    (src / "truncated.png").write_bytes(good[0].read_bytes()[: good[0].stat().st_size // 2])
+    (src / "empty.png").write_bytes(b"")
+    Image.new("L", (300, 300), 128).save(src / "flat.png")
+    shutil.copy(good[1], src / "copy_of_one.png")
+    out = tmp_path / "corpus"
+
+    summary = ingest_images([src], out, size=64, chunk_rows=64, parallel=True, progress=False)
+
+    assert summary.found == len(good) + 5
+    assert summary.found == summary.ingested + summary.quarantined + summary.duplicates
+    quarantine = {
+        Path(q["path"]).name: q["reason"]
+        for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())
+    }
+    assert set(quarantine) == {"corrupt.png", "truncated.png", "empty.png", "flat.png"}
+    assert "zero variance" in quarantine["flat.png"] and "empty" in quarantine["empty.png"]
+    duplicates = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    (exact,) = [d for d in duplicates if d["kind"] == "exact"]
+    assert Path(exact["path"]).name in {"copy_of_one.png", good[1].name}
+    # Real data has near duplicates too (follow-up films of one patient); each is recorded
+    # with its distance and what it duplicates, and everything else is in the corpus.
+    near = [d for d in duplicates if d["kind"] == "near"]
+    assert all(0 < d["distance"] <= 6 and d["duplicate_of"] for d in near)
+    assert summary.ingested == len(good) + 1 - len(duplicates)
+    verify_corpus(out)
+    assert not (out / STAGING_DIR).exists()
+
+    again = ingest_images([src], out, size=64, chunk_rows=64, parallel=True, progress=False)
+    assert again.skipped_chunks == -1 and again.ingested == summary.ingested  # a no-op
+
+
+def test_interrupted_ingest_reuses_finished_chunks(tmp_path, hannover_png):
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted(hannover_png.glob("*.png"))[:12]:
+        shutil.copy(path, src / path.name)
+    out = tmp_path / "corpus"
+    files = find_sources([src])
+    # An earlier run got as far as the first chunk before it died.
+    (out / STAGING_DIR).mkdir(parents=True)
+    decode_chunk(0, files[:4], 0, IngestOptions(size=48), "", str(out / STAGING_DIR))
+
+    summary = ingest_images([src], out, size=48, chunk_rows=4, parallel=False, progress=False)
+    assert summary.skipped_chunks == 1 and summary.ingested == 12
+
+    with pytest.raises(FileExistsError, match="other sources or options"):
+        ingest_images([src], out, size=64, chunk_rows=4, parallel=False, progress=False)
+
+
+def test_dicom_ingest_is_not_inverted_and_lossless_copy_is_a_duplicate(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(_dicom_file("RG1_UNCR.dcm"), src / "a_uncompressed.dcm")
+    shutil.copy(_dicom_file("RG1_J2KR.dcm"), src / "b_jpeg2000")  # no extension: found by magic
+    summary = ingest_images([src], tmp_path / "c", size=256, bit_depth=16, progress=False)
+    assert (summary.found, summary.ingested, summary.duplicates) == (2, 1, 1)
+    (dup,) = map(json.loads, (tmp_path / "c" / "duplicates.jsonl").read_text().splitlines())
+    assert dup["kind"] == "exact" and dup["path"].endswith("b_jpeg2000")
+
+    table = read_rows(tmp_path / "c")
+    image = decode_pixels(_batch(table))[0].astype(float)
+    assert table.column("dtype")[0].as_py() == "uint16"
+    assert table.column("view")[0].as_py() is not None  # from ViewPosition
+    # Bone bright, air dark: the mediastinum/spine strip outshines the lung fields.
+    h, w = image.shape
+    centre = image[h // 3 : 2 * h // 3, int(w * 0.45) : int(w * 0.55)].mean()
+    lungs = np.mean(
+        [
+            image[h // 3 : 2 * h // 3, int(w * 0.2) : int(w * 0.3)].mean(),
+            image[h // 3 : 2 * h // 3, int(w * 0.7) : int(w * 0.8)].mean(),
+        ]
+    )
+    assert centre > lungs
+
+
+def test_planted_patient_data_never_reaches_corpus_or_logs(tmp_path, caplog, capsys):
+    import pydicom
+
+    ds = pydicom.dcmread(_dicom_file("RG1_UNCR.dcm"))
+    for keyword, value in PHI.items():
+        setattr(ds, keyword, value)
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "planted.dcm")
+    broken = pydicom.dcmread(_dicom_file("RG1_UNCR.dcm"))
+    for keyword, value in PHI.items():
+        setattr(broken, keyword, value)
+    broken.PhotometricInterpretation = "RGB"  # quarantined: its reason must not leak either
+    broken.save_as(src / "broken.dcm")
+    out = tmp_path / "corpus"
+
+    with caplog.at_level(logging.DEBUG):
+        summary = ingest_images(
+            [src], out, size=128, salt="s3cret", write_source_map=True, progress=True
+        )
+    assert summary.ingested == 1 and summary.quarantined == 1
+
+    captured = capsys.readouterr()
+    logs = caplog.text + captured.out + captured.err
+    needles = [v.encode() for v in PHI.values()] + [b"Doe", b"Jane", b"314159", b"s3cret"]
+    for needle in needles:
+        assert needle.decode() not in logs
+        for path in out.rglob("*"):
+            if path.is_file() and path.name != "source_map.csv":
+                assert needle not in path.read_bytes(), f"{needle!r} leaked into {path.name}"
+    # The id -> file mapping exists only because it was asked for, in its own file.
+    rows = list(csv.DictReader((out / "source_map.csv").open()))
+    assert rows == [{"image_id": read_rows(out).column("image_id")[0].as_py(),
+                     "path": str(src / "planted.dcm")}]  # fmt: skip
+
+
+def test_file_list_metadata_and_joined_reports(tmp_path, hannover_png):
+    from raydiology.data.reports import ReportRecord
+
+    images = sorted(hannover_png.glob("*.png"))[:3]
+    listing = tmp_path / "list.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "view", "label_effusion"])
+        for i, image in enumerate(images):
+            writer.writerow([str(image), "PA" if i else "AP", i % 2])
+    record = ReportRecord(
+        study_id="s1",
+        image_keys=(images[0].stem,),
+        report="Heart normal.. Lungs clear.",
+        findings=None,
+        impression=None,
+        split="train",
+    )
+    reports = report_columns([record], clean="iu")
+    summary = ingest_images([listing], tmp_path / "c", size=64, reports=reports, progress=False)
+    assert summary.ingested == 3
+    table = read_rows(tmp_path / "c").to_pylist()
+    assert [r["view"] for r in table] == ["AP", "PA", "PA"]
+    assert [r["label_effusion"] for r in table] == [0, 1, 0]
+    assert table[0]["report"] == "heart normal . lungs clear ." and table[0]["split"] == "train"
+    assert table[1]["report"] is None
+
+
+def test_file_list_with_an_unknown_column_names_it(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,colour\nx.png,red\n")
+    with pytest.raises(ValueError, match="colour"):
+        find_sources([listing])
+
+
+def test_shortest_side_storage_keeps_aspect(tmp_path, hannover_png):
+    image = sorted(hannover_png.glob("*.png"))[0]
+    width, height = Image.open(image).size
+    ingest_images([image], tmp_path / "c", size=64, resize="shortest", progress=False)
+    row = read_rows(tmp_path / "c").to_pylist()[0]
+    assert min(row["height"], row["width"]) == 64
+    assert row["width"] / row["height"] == pytest.approx(width / height, rel=0.05)
