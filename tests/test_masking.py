@@ -154,7 +154,7 @@ def test_per_image_boxes_from_the_corpus_reach_the_masking():
 
     from raydiology.config import DataConfig
     from raydiology.config_base import to_dict
-    from raydiology.data.pipeline import preprocess_batch
+    from raydiology.data.pipeline import preprocess_batch, to_model_input
     from raydiology.models.hd_mae import HDMAEConfig, build_hd_mae
     from raydiology.objectives.mae import MAEObjective, MAEObjectiveConfig
     from raydiology.objectives.masking import boxes_to_grid, region_to_grid
@@ -187,7 +187,9 @@ def test_per_image_boxes_from_the_corpus_reach_the_masking():
     objective = MAEObjective(
         cfg, build_hd_mae(HDMAEConfig(flavor="tiny"), image_size=64, in_chans=1)
     )
-    images = torch.from_numpy(out["image"])
+    images = to_model_input(
+        torch.from_numpy(out["image"]), DataConfig(resolution=64), dtype=torch.float32
+    )
     from_boxes = objective(
         {"image": images, "region": torch.from_numpy(out["region"])},
         generator=torch.Generator().manual_seed(0),

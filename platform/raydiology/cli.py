@@ -91,37 +91,101 @@ def model_params(experiment: Path, profile: Profile = None, set_: Sets = None) -
     )
 
 
+REPORT_KINDS = ("openi", "r2gen-iu", "r2gen-mimic", "chexpert-plus", "mimic")
+
+
 @app.command()
 def ingest(
-    sources: Annotated[list[Path], typer.Argument(help="folders of PNG/JPEG images")],
+    sources: Annotated[
+        list[Path], typer.Argument(help="folders (DICOM/PNG/JPEG), image files or CSV file lists")
+    ],
     out: Annotated[Path, typer.Option("--out", help="corpus folder to write")],
-    size: Annotated[int, typer.Option(help="stored square side, pixels")] = 1024,
-    resize: Annotated[str, typer.Option(help="pad (keep aspect, zero-pad) or stretch")] = "pad",
+    size: Annotated[
+        int, typer.Option(help="stored side (shortest side with --resize shortest)")
+    ] = 1024,
+    resize: Annotated[str, typer.Option(help="pad | stretch | shortest")] = "pad",
     bit_depth: Annotated[int, typer.Option(help="8 or 16")] = 8,
+    near_dup_distance: Annotated[
+        int, typer.Option(help="perceptual-hash bits for near duplicates; -1 = exact only")
+    ] = 6,
+    reports: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"report corpus KIND:PATH to join by file name; KIND in {REPORT_KINDS}; "
+            "'openi' alone reads the copy inside torchxrayvision"
+        ),
+    ] = None,
+    clean_reports: Annotated[str | None, typer.Option(help="R2Gen cleaning: iu | mimic")] = None,
+    salt_env: Annotated[
+        str,
+        typer.Option(help="environment variable holding the id salt (kept out of shell history)"),
+    ] = "RAYDIOLOGY_INGEST_SALT",
+    source_map: Annotated[
+        bool,
+        typer.Option(help="also write source_map.csv (image id -> file; may identify patients)"),
+    ] = False,
     attribution: Annotated[
         str | None, typer.Option(help="credit the images' licence requires; shown under pictures")
     ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster; default: a local Ray")] = None,
 ) -> None:
-    """Turn folders of radiographs into a corpus (Parquet shards + manifest.json)."""
-    from raydiology.data.ingest import ingest_images
+    """Turn hospital exports into a clean corpus: decode, de-identify, deduplicate, shard."""
+    import os
 
-    if resize not in ("pad", "stretch") or bit_depth not in (8, 16):
-        err.print("[red]--resize must be pad or stretch, --bit-depth 8 or 16[/]")
+    from raydiology.data.ingest import ingest_images, report_columns
+    from raydiology.train.launch import connect_ray
+
+    if resize not in ("pad", "stretch", "shortest") or bit_depth not in (8, 16):
+        err.print("[red]--resize must be pad, stretch or shortest; --bit-depth 8 or 16[/]")
         raise typer.Exit(2)
+    if clean_reports not in (None, "iu", "mimic"):
+        err.print(f"[red]--clean-reports {clean_reports!r}: expected iu or mimic[/]")
+        raise typer.Exit(2)
+    joined = report_columns(_read_reports(reports or []), clean=clean_reports) if reports else None  # type: ignore[arg-type]
+    connect_ray(address, dashboard_host="127.0.0.1", console=err)
     summary = ingest_images(
         list(sources),
         out,
         size=size,
         resize=resize,  # type: ignore[arg-type]  # checked just above
         bit_depth=bit_depth,  # type: ignore[arg-type]
+        salt=os.environ.get(salt_env, ""),
         attribution=attribution,
+        near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
+        reports=joined,
+        write_source_map=source_map,
+        parallel=True,
     )
+    if summary.skipped_chunks == -1:
+        console.print(f"{out} already holds this ingest; nothing to do")
     console.print(
         f"found {summary.found}: ingested {summary.ingested}, quarantined {summary.quarantined}, "
         f"duplicates {summary.duplicates} -> {out}"
     )
+    for reason, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
+        console.print(f"  quarantined: {count} x {reason}")
     if summary.quarantine_file:
         console.print(f"quarantine list: {summary.quarantine_file}")
+
+
+def _read_reports(specs: list[str]):
+    from raydiology.data import reports as corpora
+
+    records = []
+    for spec in specs:
+        kind, _, path = spec.partition(":")
+        if kind not in REPORT_KINDS or (not path and kind != "openi"):
+            err.print(f"[red]--reports {spec!r}: expected KIND:PATH with KIND in {REPORT_KINDS}[/]")
+            raise typer.Exit(2)
+        if kind == "openi":
+            records += corpora.read_openi(path or None)
+        elif kind.startswith("r2gen-"):
+            records += corpora.read_r2gen_annotation(path, dataset=kind.split("-")[1])  # type: ignore[arg-type]
+        elif kind == "chexpert-plus":
+            records += corpora.read_chexpert_plus(path)
+        else:
+            records += corpora.read_mimic_reports(path)
+    return records
 
 
 @corpus_app.command("phantom")
@@ -141,26 +205,23 @@ def corpus_phantom(
 
 @bench_app.command("data")
 def bench_data(
-    resolution: Annotated[int, typer.Option(help="model input side")] = 1280,
+    resolution: Annotated[
+        list[int] | None, typer.Option(help="model input side; repeat for several")
+    ] = None,
     images: Annotated[int, typer.Option(help="images to time per method")] = 256,
     corpus: Annotated[
-        Path | None, typer.Option(help="corpus to read; default: a phantom corpus")
+        Path | None, typer.Option(help="corpus to read; default: phantoms at the largest side")
     ] = None,
     batch_size: int = 16,
+    workers: Annotated[int, typer.Option(help="training workers consuming the split")] = 1,
     cpus: Annotated[int | None, typer.Option(help="cores for each method; default: all")] = None,
 ) -> None:
-    """Images/s into a training worker's batches vs a DataLoader+PIL baseline and the ceiling."""
+    """Images/s into training batches vs a DataLoader+PIL baseline and the bare-decode ceiling."""
     from raydiology.bench.data import run_data_benchmark
 
-    result = run_data_benchmark(
-        resolution=resolution,
-        images=images,
-        corpus=corpus,
-        batch_size=batch_size,
-        cpus=cpus,
-        console=err,
-    )
-    print(json.dumps(result, indent=2))
+    results = run_data_benchmark(resolutions=resolution or [1280], images=images, corpus=corpus,
+                                 batch_size=batch_size, cpus=cpus, workers=workers, console=err)  # fmt: skip
+    print(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
 
 
 def main() -> None:  # pragma: no cover

@@ -26,13 +26,15 @@ from raydiology.config import DataConfig
 
 def run_data_benchmark(
     *,
-    resolution: int,
+    resolutions: list[int],
     images: int,
     corpus: Path | None,
     batch_size: int,
     cpus: int | None,
+    workers: int = 1,
     console: Console,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """One result per resolution; all methods read the same images on the same cores."""
     import ray
 
     from raydiology.data.corpus import read_manifest, read_rows
@@ -43,49 +45,51 @@ def run_data_benchmark(
         from raydiology.data.phantom import write_phantom_corpus
 
         corpus = work / "corpus"
-        console.print(f"making {images} phantom images at {resolution}px")
-        write_phantom_corpus(corpus, n=images, size=resolution, seed=0, progress=False)
+        stored = max(resolutions)
+        console.print(f"making {images} phantom images at {stored}px")
+        write_phantom_corpus(corpus, n=images, size=stored, seed=0, progress=False)
     manifest = read_manifest(corpus)
     n = min(images, manifest.rows)
-
     png_dir = work / "png"
-    _write_pngs(
-        read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype"]), png_dir, n
-    )
-    data = DataConfig(
-        corpus=str(corpus), resolution=resolution, shuffle_seed=None, decode_batch_size=batch_size
-    )
+    columns = ["image_id", "pixels", "height", "width", "dtype"]
+    _write_pngs(read_rows(corpus, columns=columns), png_dir, n)
 
-    with _PeakMemory() as memory:
-        ceiling = _ceiling(corpus, n)
-        console.print(f"ceiling (bare decode, 1 core): {ceiling:.1f} img/s")
-        loader = _dataloader(png_dir, data, batch_size, cpus)
-        console.print(f"DataLoader + PIL ({cpus} workers): {loader:.1f} img/s")
-        started_ray = not ray.is_initialized()
+    results = []
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ceiling = _ceiling(corpus, n)  # independent of the output resolution
+        console.print(f"ceiling (bare decode of the stored format, 1 core): {ceiling:.1f} img/s")
+        for resolution in resolutions:
+            data = DataConfig(corpus=str(corpus), resolution=resolution, shuffle_seed=None,
+                              decode_batch_size=batch_size)  # fmt: skip
+            with _PeakMemory() as memory:
+                loader = _dataloader(png_dir, data, batch_size, cpus)
+                pipeline = _ray_pipeline(data, str(corpus), batch_size, workers)
+            console.print(f"{resolution}px: DataLoader+PIL {loader:.1f} img/s, "
+                          f"Ray Data {pipeline:.1f} img/s ({cpus} CPUs)")  # fmt: skip
+            per_core, loader_per_core = pipeline / cpus, loader / cpus
+            results.append({
+                "resolution": resolution,
+                "stored_size": manifest.image_size,
+                "images": n,
+                "cpus": cpus,
+                "workers": workers,
+                "batch_size": batch_size,
+                "images_per_s": round(pipeline, 2),
+                "images_per_s_per_core": round(per_core, 2),
+                "dataloader_images_per_s_per_core": round(loader_per_core, 2),
+                "ceiling_images_per_s_per_core": round(ceiling, 2),
+                "ratio_vs_dataloader": round(per_core / loader_per_core, 3),
+                "ratio_vs_ceiling": round(per_core / ceiling, 3),
+                "peak_memory_mb": round(memory.peak / 2**20, 1),
+            })  # fmt: skip
+    finally:
         if started_ray:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        try:
-            pipeline = _ray_pipeline(data, str(corpus), batch_size, n)
-        finally:
-            if started_ray:
-                ray.shutdown()
-        console.print(f"Ray Data pipeline ({cpus} CPUs): {pipeline:.1f} img/s")
-
-    per_core = pipeline / cpus
-    loader_per_core = loader / cpus
-    return {
-        "resolution": resolution,
-        "images": n,
-        "cpus": cpus,
-        "batch_size": batch_size,
-        "images_per_s": round(pipeline, 2),
-        "images_per_s_per_core": round(per_core, 2),
-        "dataloader_images_per_s_per_core": round(loader_per_core, 2),
-        "ceiling_images_per_s_per_core": round(ceiling, 2),
-        "ratio_vs_dataloader": round(per_core / loader_per_core, 3),
-        "ratio_vs_ceiling": round(per_core / ceiling, 3),
-        "peak_memory_mb": round(memory.peak / 2**20, 1),
-    }
+            ray.shutdown()
+    return results
 
 
 def _write_pngs(table, folder: Path, n: int) -> None:
@@ -131,38 +135,53 @@ class _PngDataset(torch.utils.data.Dataset):
 
         from raydiology.data.pipeline import augment_and_resize
 
-        pixels = np.asarray(Image.open(self.paths[i]).convert("L"), dtype=np.float32) / 255.0
-        image = augment_and_resize(
-            torch.from_numpy(pixels)[None, None], self.data, np.random.default_rng()
-        )
-        return ((image[0] - self.data.mean[0]) / self.data.std[0]).contiguous()
+        # The same work as the Ray path: decode, resize, integers out (the training worker
+        # normalises on its device either way).
+        pixels = np.asarray(Image.open(self.paths[i]).convert("L"))
+        if pixels.shape == (self.data.resolution, self.data.resolution):
+            return torch.from_numpy(pixels.copy())[None]
+        unit = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None, None]
+        image = augment_and_resize(unit, self.data, np.random.default_rng())
+        return image[0].mul(255).round_().to(torch.uint8)
+
+
+# Each method reads the images twice and is timed on the second pass: the first starts
+# worker processes and imports (torch in every Ray worker takes seconds), which at a few
+# hundred images would swamp the steady-state rate that a long pretraining run sees.
 
 
 def _dataloader(folder: Path, data: DataConfig, batch_size: int, cpus: int) -> float:
     loader = torch.utils.data.DataLoader(
-        _PngDataset(folder, data), batch_size=batch_size, num_workers=cpus, persistent_workers=False
+        _PngDataset(folder, data), batch_size=batch_size, num_workers=cpus, persistent_workers=True
     )
-    return _time_batches(iter(loader), lambda b: b.shape[0])
+    for _ in loader:  # warm-up pass
+        pass
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        done += batch.shape[0]
+    return done / (time.perf_counter() - start)
 
 
-def _ray_pipeline(data: DataConfig, corpus: str, batch_size: int, n: int) -> float:
+def _ray_pipeline(data: DataConfig, corpus: str, batch_size: int, workers: int) -> float:
+    """Images/s summed over `workers` consumers of a streaming split, as Ray Train has."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from raydiology.data.pipeline import build_dataset
 
-    ds = build_dataset(data, corpus)
-    (shard,) = ds.streaming_split(1)  # what Ray Train hands one worker
-    batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
-    return _time_batches(iter(batches), lambda b: b["image"].shape[0])
+    splits = build_dataset(data, corpus).streaming_split(workers, equal=True)
 
+    def consume(split) -> tuple[int, float, float]:
+        for _ in split.iter_torch_batches(batch_size=batch_size):  # warm-up pass
+            pass
+        start, done = time.perf_counter(), 0
+        for batch in split.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
+            done += batch["image"].shape[0]
+        return done, start, time.perf_counter()
 
-def _time_batches(batches, count) -> float:
-    """Images/s after the first batch (start-up is not throughput)."""
-    first = next(batches)
-    assert count(first) > 0
-    start, done = time.perf_counter(), 0
-    for batch in batches:
-        done += count(batch)
-    elapsed = time.perf_counter() - start
-    return done / elapsed if elapsed > 0 else float("nan")
+    with ThreadPoolExecutor(workers) as pool:
+        runs = list(pool.map(consume, splits))
+    elapsed = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
+    return sum(done for done, _, _ in runs) / elapsed
 
 
 class _PeakMemory:

@@ -40,7 +40,7 @@ def build_dataset(
     import ray.data
     from ray.data.expressions import col
 
-    from raydiology.data.corpus import shard_paths
+    from raydiology.data.corpus import read_manifest, shard_paths
 
     columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values()]
     if data.anatomy_weights:
@@ -50,7 +50,10 @@ def build_dataset(
     )
     if data.splits:
         columns.append("split")
-    ds = ray.data.read_parquet(shard_paths(corpus_dir), columns=columns, shuffle=shuffle)
+    # select_columns is pushed down into the Parquet reader: other columns are never read.
+    ds = ray.data.read_parquet(shard_paths(corpus_dir), shuffle=shuffle).select_columns(columns)
+    # One output dtype for the whole corpus (a mixed 8/16-bit corpus travels as 16-bit).
+    out_dtype = read_manifest(corpus_dir).dtype or "uint16"
     if data.splits:
         ds = ds.filter(expr=col("split").is_in(list(data.splits)))
     return ds.map_batches(
@@ -59,6 +62,7 @@ def build_dataset(
             "data": to_dict(data),
             "label_columns": list(label_columns),
             "extra_columns": extra_columns,
+            "out_dtype": out_dtype,
         },
         batch_size=data.decode_batch_size,
         batch_format="numpy",
@@ -72,8 +76,15 @@ def preprocess_batch(
     data: dict[str, Any],
     label_columns: list[str],
     extra_columns: dict[str, str] | None = None,
+    out_dtype: str = "uint8",
 ) -> dict[str, np.ndarray]:
-    """Raw stored pixels -> float32 [B, C, R, R] normalised images (+ label/extra columns)."""
+    """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns).
+
+    Images stay integers (uint8/uint16, `out_dtype`) on their way to the training worker:
+    float32 at 1280x1280 is 6.5 MB an image, and moving that through the object store made
+    the pipeline ~20x slower than moving the integers (docs/corpus_format.md). The worker
+    scales and normalises on its device with `to_model_input`.
+    """
     from raydiology.config_base import from_dict
     from raydiology.data.corpus import decode_pixels
 
@@ -81,28 +92,45 @@ def preprocess_batch(
     rng = np.random.default_rng()  # fresh augmentation and sampling every epoch
     if cfg.anatomy_weights:
         batch = _sample_by_anatomy(batch, cfg.anatomy_weights, rng)
+    size = (cfg.resolution, cfg.resolution)
+    augment = cfg.augment.hflip or cfg.augment.crop_scale is not None
     if _uniform_size(batch):
         pixels = decode_pixels(batch)  # [B, H, W] uint8 / uint16, one frombuffer
-        images = _to_unit_float(pixels).unsqueeze(1)
+        if pixels.shape[1:] == size and not augment and pixels.dtype == out_dtype:
+            images = np.array(pixels[:, None])  # the fast path: stored at the model's size
+        else:
+            resized = augment_and_resize(_to_unit_float(pixels).unsqueeze(1), cfg, rng)
+            images = _to_integer(resized, out_dtype)
     else:  # e.g. a corpus stored at "shortest side N": pad each to square first (XR-0)
-        images = torch.cat(
-            [_pad_resize(_to_unit_float(p), cfg.resolution) for p in _each_image(batch)]
-        )
-    images = augment_and_resize(images, cfg, rng)
-    if cfg.channels == 3:
-        images = images.expand(-1, 3, -1, -1)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
-    out = {
-        "image": ((images - mean) / std).contiguous().numpy(),
-        "row_key": row_keys(batch["image_id"]),
-    }
+        squares = [_pad_resize(_to_unit_float(p), cfg.resolution) for p in _each_image(batch)]
+        images = _to_integer(augment_and_resize(torch.cat(squares), cfg, rng), out_dtype)
+    out = {"image": images, "row_key": row_keys(batch["image_id"])}
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
     for key, column in (extra_columns or {}).items():
         # list columns arrive as an object array of per-row arrays
         out[key] = np.stack([np.asarray(v, dtype=np.float32) for v in batch[column]])
     return out
+
+
+def to_model_input(images: torch.Tensor, data: DataConfig, *, dtype: torch.dtype) -> torch.Tensor:
+    """Integer [B, 1, R, R] images -> normalised float [B, channels, R, R], on their device.
+
+    One pass on the accelerator instead of four on a CPU: (x / max - mean) / std, with the
+    grayscale channel repeated where a model takes 3 (ImageNet-style weights).
+    """
+    scale = 255.0 if images.dtype == torch.uint8 else 65535.0
+    mean = torch.tensor(data.mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    x = images.to(torch.float32)
+    if data.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    return ((x / scale - mean) / std).to(dtype)
+
+
+def _to_integer(images: torch.Tensor, dtype: str) -> np.ndarray:
+    top = 255.0 if dtype == "uint8" else 65535.0
+    return images.mul(top).round_().clamp_(0, top).numpy().astype(dtype)
 
 
 def row_keys(image_ids: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from raydiology.config import Experiment, experiment_from_dict
+from raydiology.data.pipeline import to_model_input
 from raydiology.registry import build_model, build_objective
 from raydiology.train.deepspeed_config import deepspeed_config
 from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
@@ -90,7 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window.data_wait += time.perf_counter() - waited_since
             seen.append(batch.pop("row_key").numpy())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batch["image"] = batch["image"].to(param_dtype)
+            batch["image"] = to_model_input(batch["image"], exp.data, dtype=param_dtype)
             if picture_batch is None:
                 picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
 
