@@ -110,7 +110,7 @@ def _planted(n: int, max_distance: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize(
     ("max_distance", "bands"),
-    [(6, None), (6, 7), (6, 1), (3, None), (10, None), (1, None), (0, None)],
+    [(6, None), (6, 7), (6, 3), (3, None), (10, None), (1, None), (0, None)],
 )
 def test_banded_index_equals_brute_force(max_distance, bands):
     hashes = _planted(1000, max_distance, seed=max_distance)
@@ -133,11 +133,23 @@ def test_max_distance_zero_matches_only_equal_hashes():
     assert len(index) == 4
 
 
+@pytest.mark.parametrize("max_distance", [0, 6, 20, 40, 63])
+def test_default_bands_keep_lookups_bounded(max_distance):
+    index = NearDuplicateIndex(max_distance=max_distance)
+    assert 1 <= index.bands <= max_distance + 1
+    assert index.radius == max_distance // index.bands
+    h = (1 << 64) - 1
+    assert index.add("a", h) is None
+    assert index.add("b", h ^ ((1 << max_distance) - 1)) == "a"  # exactly max_distance bits
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="max_distance"):
         NearDuplicateIndex(max_distance=64)
     with pytest.raises(ValueError, match="bands"):
         NearDuplicateIndex(max_distance=2, bands=4)
+    with pytest.raises(ValueError, match="more bands"):
+        NearDuplicateIndex(max_distance=6, bands=1)
     with pytest.raises(ValueError, match="64-bit"):
         NearDuplicateIndex().add("x", 1 << 64)
     with pytest.raises(ValueError, match="2-D"):

@@ -203,6 +203,25 @@ def corpus_phantom(
     console.print(f"{manifest.rows} phantom images ({size}px) -> {out}")
 
 
+@corpus_app.command("stats")
+def corpus_stats(
+    corpus: Annotated[Path, typer.Argument(help="corpus folder")],
+    sheet: Annotated[
+        Path | None, typer.Option(help="contact sheet PNG; default CORPUS/contact_sheet.png")
+    ] = None,
+    n: Annotated[int, typer.Option(help="images on the contact sheet")] = 64,
+    seed: int = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Counts by view / anatomy / sex / split / bit depth, and a contact sheet of a sample."""
+    from raydiology.data import stats
+
+    counts = stats.corpus_stats(corpus)
+    print(json.dumps(counts, indent=2) if json_out else stats.format_stats(counts))
+    path = stats.contact_sheet(corpus, sheet or Path(corpus) / "contact_sheet.png", n=n, seed=seed)
+    err.print(f"contact sheet: {path}")
+
+
 @bench_app.command("data")
 def bench_data(
     resolution: Annotated[

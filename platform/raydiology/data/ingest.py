@@ -246,7 +246,7 @@ def decode_chunk(
         rows["content_sha256"].append(
             hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
         )
-        rows["phash"].append(perceptual_hash(stored))
+        rows["phash"].append(perceptual_hash(pixels))  # the source, before resizing
         rows["metadata"].append(json.dumps({**metadata, **source.metadata}, sort_keys=True))
     table = pa.table(rows, schema=_STAGING_SCHEMA)
     parquet = Path(staging) / f"chunk-{chunk:05d}.parquet"
