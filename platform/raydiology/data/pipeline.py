@@ -50,8 +50,9 @@ def build_dataset(
     )
     if data.splits:
         columns.append("split")
-    # select_columns is pushed down into the Parquet reader: other columns are never read.
-    ds = ray.data.read_parquet(shard_paths(corpus_dir), shuffle=shuffle).select_columns(columns)
+    # `columns=` is deprecated in Ray 2.60 in favour of select_columns(), which measured
+    # about half as fast here at 1280 px; keep the reader-level projection for now.
+    ds = ray.data.read_parquet(shard_paths(corpus_dir), columns=columns, shuffle=shuffle)
     # One output dtype for the whole corpus (a mixed 8/16-bit corpus travels as 16-bit).
     out_dtype = read_manifest(corpus_dir).dtype or "uint16"
     if data.splits:

@@ -315,14 +315,23 @@ def _checkpoint(
                 seed=exp.train.seed,
                 caption=loop_config.get("attribution"),
             )
+            # Under ZeRO-3 every rank holds a slice of each weight: gather them (all ranks
+            # take part) before rank 0 writes; for stages 0-2 this is a no-op.
+            import deepspeed
+
+            encoder_params = list(engine.module.encoder.parameters())
+            with deepspeed.zero.GatheredParameters(
+                encoder_params, enabled=exp.train.zero_stage == 3
+            ):
+                if rank == 0:
+                    export_encoder(
+                        engine.module,
+                        Path(folder) / EXPORT_DIR,
+                        exp=exp,
+                        corpus_sha256=loop_config.get("corpus_sha256"),
+                        step=state.step,
+                    )
             if rank == 0:
-                export_encoder(
-                    engine.module,
-                    Path(folder) / EXPORT_DIR,
-                    exp=exp,
-                    corpus_sha256=loop_config.get("corpus_sha256"),
-                    step=state.step,
-                )
                 metrics = {**metrics, "picture": PICTURE if picture else None}
         if rank == 0:
             (Path(folder) / "train_state.json").write_text(json.dumps(asdict(state)))
