@@ -97,9 +97,10 @@ def _version() -> str:
 
 
 class CorpusWriter:
-    """Streams rows into shards of `shard_rows`, each written in row groups of
-    `row_group_rows` so that at most one row group of pixels is held in memory and Ray Data
-    can read a shard piecewise.
+    """Streams rows into shards of `shard_rows`, each written in row groups of at most
+    `row_group_rows` rows and about `row_group_bytes` of pixels, so that at most one row group
+    is held in memory and the pipeline, which reads one row group per task, gets units of
+    work that are neither tiny (256 px) nor hundreds of megabytes (1280 px).
 
     Use as a context manager: a clean exit calls `close()`; an exception leaves no manifest,
     so a half-written corpus can never pass `read_manifest`.
@@ -112,6 +113,7 @@ class CorpusWriter:
         made_by: dict,
         shard_rows: int = 1024,
         row_group_rows: int = 128,
+        row_group_bytes: int = 32 << 20,
     ) -> None:
         if shard_rows < 1 or row_group_rows < 1:
             raise ValueError("shard_rows and row_group_rows must be >= 1")
@@ -130,6 +132,8 @@ class CorpusWriter:
         }
         self.shard_rows = shard_rows
         self.row_group_rows = row_group_rows
+        self.row_group_bytes = row_group_bytes
+        self._buffered_bytes = 0
         self._schema: pa.Schema | None = None
         self._label_columns: tuple[str, ...] = ()
         self._region_columns: tuple[str, ...] = ()
@@ -219,8 +223,11 @@ class CorpusWriter:
         self._sizes.add((height, width))
         self._dtypes.add(dtype)
         self._buffer.append(out)
+        self._buffered_bytes += len(out["pixels"])
         room = self.shard_rows - self._shard_written
-        if len(self._buffer) >= min(self.row_group_rows, room):
+        if len(self._buffer) >= min(self.row_group_rows, room) or (
+            self._buffered_bytes >= self.row_group_bytes
+        ):
             self._flush()
 
     def close(self) -> Manifest:
@@ -275,9 +282,10 @@ class CorpusWriter:
                 write_statistics=[f.name for f in self._schema if f.name != "pixels"],
             )
         table = pa.Table.from_pylist(self._buffer, schema=self._schema)
-        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self._writer.write_table(table, row_group_size=len(self._buffer))
         self._shard_written += len(self._buffer)
         self._buffer = []
+        self._buffered_bytes = 0
         if self._shard_written >= self.shard_rows:
             self._finish_shard()
 
@@ -439,14 +447,16 @@ def read_rows(corpus_dir: str | os.PathLike, columns: list[str] | None = None) -
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
 
 
-def progress_iter(items: Iterable[T], *, enabled: bool, description: str) -> Iterator[T]:
+def progress_iter(
+    items: Iterable[T], *, enabled: bool, description: str, total: int | None = None
+) -> Iterator[T]:
     """Iterate with a rich progress bar when `enabled`, silently otherwise (tests, workers)."""
     if not enabled:
         yield from items
         return
     from rich.progress import track
 
-    yield from track(items, description=description)
+    yield from track(items, description=description, total=total)
 
 
 def _check_box(value: object, where: str) -> list[float] | None:

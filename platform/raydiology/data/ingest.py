@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -278,35 +278,15 @@ def _run_chunks(
     pending = [
         task.remote(i, files, first, options, salt, str(staging)) for i, files, first in chunks
     ]
-    results = []
-    with _Bar(len(pending), "decoding", enabled=progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(ready[0]))
-            bar.advance()
-    return sorted(results, key=lambda r: r["chunk"])
 
+    def completed() -> Iterator[dict[str, Any]]:
+        remaining = pending
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            yield ray.get(ready[0])
 
-class _Bar:
-    def __init__(self, total: int, description: str, *, enabled: bool) -> None:
-        self.total, self.description, self.enabled = total, description, enabled
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.progress import Progress
-
-            self.progress = Progress()
-            self.task = self.progress.add_task(self.description, total=self.total)
-            self.progress.start()
-        return self
-
-    def advance(self) -> None:
-        if self.enabled:
-            self.progress.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
+    done = progress_iter(completed(), enabled=progress, description="decoding", total=len(pending))
+    return sorted(done, key=lambda r: r["chunk"])
 
 
 # ----------------------------------------------------------------------------- stages 2, 3

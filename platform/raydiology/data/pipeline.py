@@ -1,19 +1,22 @@
-"""Ray Data pipeline: corpus shards -> decoded, resized, normalised training batches.
+"""Ray Data pipeline: corpus shards -> decoded, resized training batches.
 
-    read_parquet(shards) -> map_batches(preprocess_batch) -> Ray Train's streaming_split
-    -> worker: get_dataset_shard("train").iter_torch_batches()
+    row groups of the shards (shuffled per epoch) -> map_batches(read_row_group: read +
+    decode + resize + augment) -> Ray Train's streaming_split
+    -> worker: get_dataset_shard("train").iter_torch_batches() -> to_model_input on device
 
-All per-image work (decode, crop, resize, flip, normalise) happens here, in Ray Data tasks
-scheduled anywhere on the cluster, batched with torch ops; the training worker only moves
-ready tensors to its device.
+All per-image work (decode, crop, resize, flip) happens here, in Ray Data tasks scheduled
+anywhere on the cluster, batched with torch ops; the training worker moves integer images
+to its device and normalises them there.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -33,42 +36,68 @@ def build_dataset(
 ):
     """The training dataset for one experiment; lazy until Ray Train iterates it.
 
-    `extra_columns` maps batch keys to numeric corpus columns an objective needs (e.g. the
-    per-image masking region); they pass through as float32 arrays.
+    One Ray Data row per Parquet row group; each task reads its row group and decodes it in
+    the same process (`read_row_group`). Measured against `read_parquet -> map_batches`,
+    which moves every image through the object store between the read and the decode, this
+    delivered about twice the images/s at 1280 px. Row-group order is shuffled per epoch,
+    deterministically from `data.shuffle_seed`. `extra_columns` maps batch keys to numeric
+    corpus columns an objective needs (e.g. the per-image masking region).
     """
-    extra_columns = extra_columns or {}
+    import pyarrow.parquet as pq
     import ray.data
-    from ray.data.expressions import col
 
     from raydiology.data.corpus import read_manifest, shard_paths
 
+    extra_columns = extra_columns or {}
     columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values()]
     if data.anatomy_weights:
         columns.append("anatomy")
-    shuffle = (
-        None if data.shuffle_seed is None else ray.data.FileShuffleConfig(seed=data.shuffle_seed)
-    )
     if data.splits:
         columns.append("split")
-    # `columns=` is deprecated in Ray 2.60 in favour of select_columns(), which measured
-    # about half as fast here at 1280 px; keep the reader-level projection for now.
-    ds = ray.data.read_parquet(shard_paths(corpus_dir), columns=columns, shuffle=shuffle)
-    # One output dtype for the whole corpus (a mixed 8/16-bit corpus travels as 16-bit).
-    out_dtype = read_manifest(corpus_dir).dtype or "uint16"
-    if data.splits:
-        ds = ds.filter(expr=col("split").is_in(list(data.splits)))
+    units = [
+        {"path": path, "row_group": group}
+        for path in shard_paths(corpus_dir)
+        for group in range(pq.ParquetFile(path).metadata.num_row_groups)
+    ]
+    ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=len(units))
+    if data.shuffle_seed is not None:
+        # reseeded on every execution: a different, reproducible order each epoch
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=data.shuffle_seed))
     return ds.map_batches(
-        preprocess_batch,  # type: ignore[arg-type]  # Ray's stub misses keyword-only fn_kwargs
+        read_row_group,  # type: ignore[arg-type]  # Ray's stub misses keyword-only fn_kwargs
         fn_kwargs={
+            "columns": columns,
             "data": to_dict(data),
             "label_columns": list(label_columns),
             "extra_columns": extra_columns,
-            "out_dtype": out_dtype,
+            # one dtype for the whole corpus (a mixed 8/16-bit corpus travels as 16-bit)
+            "out_dtype": read_manifest(corpus_dir).dtype or "uint16",
         },
-        batch_size=data.decode_batch_size,
+        batch_size=1,
         batch_format="numpy",
         concurrency=data.decode_concurrency,
     )
+
+
+def read_row_group(
+    unit: dict[str, np.ndarray], *, columns: list[str], data: dict[str, Any], **preprocess: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read one row group of a shard and yield preprocessed batches of `decode_batch_size`."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path, group = str(unit["path"][0]), int(unit["row_group"][0])
+    table = pq.ParquetFile(path).read_row_group(group, columns=columns)
+    splits = data.get("splits")
+    if splits:
+        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
+    step = int(data.get("decode_batch_size") or 16)
+    for start in range(0, table.num_rows, step):
+        chunk = table.slice(start, step)
+        batch = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in columns}
+        out = preprocess_batch(batch, data=data, **preprocess)
+        if len(out["row_key"]):
+            yield out
 
 
 def preprocess_batch(
