@@ -86,16 +86,18 @@ def read_row_group(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from raydiology.config_base import from_dict
+
+    cfg = from_dict(DataConfig, data, "data")  # once per row group, not once per batch
     path, group = str(unit["path"][0]), int(unit["row_group"][0])
     table = pq.ParquetFile(path).read_row_group(group, columns=columns)
-    splits = data.get("splits")
-    if splits:
-        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
-    step = int(data.get("decode_batch_size") or 16)
+    if cfg.splits:
+        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(cfg.splits))))
+    step = cfg.decode_batch_size
     for start in range(0, table.num_rows, step):
         chunk = table.slice(start, step)
         batch = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in columns}
-        out = preprocess_batch(batch, data=data, **preprocess)
+        out = preprocess_batch(batch, data=cfg, **preprocess)
         if len(out["row_key"]):
             yield out
 
@@ -103,7 +105,7 @@ def read_row_group(
 def preprocess_batch(
     batch: dict[str, np.ndarray],
     *,
-    data: dict[str, Any],
+    data: DataConfig | dict[str, Any],
     label_columns: list[str],
     extra_columns: dict[str, str] | None = None,
     out_dtype: str = "uint8",
