@@ -56,10 +56,21 @@ def run(
     dashboard_host: Annotated[
         str, typer.Option(help="embedded Ray's dashboard bind address")
     ] = "127.0.0.1",
+    cluster: Annotated[
+        str | None, typer.Option(help="overlay ray_configs/NAME.yaml's scaling (a800, a100)")
+    ] = None,
 ) -> None:
     """Train an experiment on Ray Train + DeepSpeed; rerun with the same name to resume."""
     from raydiology.train.launch import run_experiment
 
+    if cluster:  # the preset's scaling goes first, so an explicit --set still wins
+        from raydiology.cluster.presets import load_preset
+
+        try:
+            set_ = [*load_preset(cluster).scaling_overrides(), *(set_ or [])]
+        except ConfigError as e:
+            err.print(f"[red]invalid cluster preset {cluster}[/]: {e}")
+            raise typer.Exit(2) from None
     exp = _load(experiment, profile, set_)
     run_experiment(exp, address=address, dashboard_host=dashboard_host, console=console)
 
@@ -241,6 +252,605 @@ def bench_data(
     results = run_data_benchmark(resolutions=resolution or [1280], images=images, corpus=corpus,
                                  batch_size=batch_size, cpus=cpus, workers=workers, console=err)  # fmt: skip
     print(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
+
+
+@bench_app.command("memory")
+def bench_memory(
+    images: Annotated[
+        list[int] | None, typer.Option(help="corpus size; repeat for several (default 10k, 100k)")
+    ] = None,
+    resolution: int = 256,
+    epochs: int = 2,
+    object_store_mb: Annotated[int, typer.Option(help="Ray object store size")] = 256,
+    cpus: Annotated[int | None, typer.Option(help="cores for Ray; default: all")] = None,
+) -> None:
+    """Peak memory per epoch while streaming corpora of growing size (should stay flat)."""
+    import os
+
+    from raydiology.bench.memory import run_memory_benchmark
+
+    results = run_memory_benchmark(sizes=images or [10_000, 100_000], resolution=resolution,
+                                   epochs=epochs, object_store_mb=object_store_mb,
+                                   cpus=cpus or os.cpu_count() or 1, console=err)  # fmt: skip
+    print(json.dumps({"runs": results}, indent=2))
+
+
+@bench_app.command("step")
+def bench_step(
+    experiment: Annotated[Path, typer.Argument(help="experiment YAML file")],
+    profile: Profile = None,
+    set_: Sets = None,
+    steps: Annotated[int, typer.Option(help="timed optimizer steps")] = 10,
+    warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
+    engine: Annotated[str, typer.Option(help="auto | deepspeed | torch")] = "auto",
+    torch_adam: Annotated[bool, typer.Option(help="torch AdamW, no FusedAdam JIT build")] = False,
+) -> None:
+    """A few training steps of the experiment on one device: step time, images/s, memory."""
+    from raydiology.bench.step import run_step_benchmark
+
+    exp = _load(experiment, profile, set_)
+    result = run_step_benchmark(
+        exp, steps=steps, warmup=warmup, engine=engine, torch_adam=torch_adam
+    )
+    print(json.dumps(result, indent=2))
+
+
+# --- evaluate ---
+evaluate_app = typer.Typer(
+    help="Frozen-encoder yardstick: probes and retrieval (JSON + markdown table).",
+    no_args_is_help=True,
+)
+app.add_typer(evaluate_app, name="evaluate")
+
+Encoders = Annotated[
+    list[str], typer.Argument(help="exported encoder folders (or NAME=FOLDER), one table row each")
+]
+EvalCorpus = Annotated[Path, typer.Option("--corpus", help="labelled corpus folder")]
+EvalLabels = Annotated[
+    list[str], typer.Option("--label", help="label column or glob, e.g. 'label_*' (repeatable)")
+]
+EvalPool = Annotated[str, typer.Option("--pool", help="cls (first prefix token) or mean (patches)")]
+EvalOut = Annotated[Path, typer.Option("--out", help="folder for JSON, markdown, feature cache")]
+EvalCache = Annotated[
+    Path | None, typer.Option("--cache", help="feature cache folder; default OUT/features")
+]
+EvalDevice = Annotated[str, typer.Option(help="encoder device: auto, cpu, cuda, cuda:1 ...")]
+EvalBatch = Annotated[int, typer.Option("--batch-size", help="images per encoder forward")]
+
+
+def _eval_features(
+    encoders: list[str],
+    corpus: Path,
+    labels: list[str],
+    pool: str,
+    cache: Path,
+    device: str,
+    batch_size: int,
+):
+    """Feature sets of every encoder (cached) and the resolved label columns."""
+    import torch
+
+    from raydiology.data.corpus import CorpusError, read_manifest
+    from raydiology.evaluation.features import (
+        POOLINGS,
+        load_features,
+        parse_encoder_arg,
+        resolve_labels,
+    )
+
+    if pool not in POOLINGS:
+        err.print(f"[red]--pool {pool!r}: expected one of {', '.join(POOLINGS)}[/]")
+        raise typer.Exit(2)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        columns = resolve_labels(labels, read_manifest(corpus).label_columns)
+    except (CorpusError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    sets = []
+    for arg in encoders:
+        name, path = parse_encoder_arg(arg)
+        try:
+            fs = load_features(
+                path, corpus, pooling=pool, cache_dir=cache, name=name, batch_size=batch_size,
+                device=device, progress=True, log=lambda m: err.print(m),
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as e:
+            err.print(f"[red]{e}[/]")
+            raise typer.Exit(2) from None
+        sets.append(fs)
+    return sets, columns
+
+
+@evaluate_app.command("probe")
+def evaluate_probe(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    label: EvalLabels,
+    pool: EvalPool = "cls",
+    out: EvalOut = Path("runs/evaluate"),
+    cache: EvalCache = None,
+    fractions: Annotated[
+        list[str] | None,
+        typer.Option("--fractions", help="train fractions, e.g. 1% or 0.01 (repeatable)"),
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="probe seeds per fraction")] = 5,
+    max_epochs: Annotated[int, typer.Option(help="epoch cap (early stop: 10 flat epochs)")] = 200,
+    task: Annotated[str, typer.Option(help="auto, multilabel (BCE) or multiclass (CE)")] = "auto",
+    device: EvalDevice = "auto",
+    batch_size: EvalBatch = 64,
+) -> None:
+    """MLP probe on frozen features: AUROC and MCC per train fraction, mean ± std over seeds."""
+    from raydiology.evaluation.probe import ProbeConfig, probe_features
+    from raydiology.evaluation.tables import write_results
+
+    try:
+        fracs = tuple(
+            float(f[:-1]) / 100 if f.endswith("%") else float(f)
+            for f in (fractions or ["0.01", "0.1", "1"])
+        )
+        cfg = ProbeConfig(fractions=fracs, seeds=seeds, max_epochs=max_epochs, task=task)  # type: ignore[arg-type]
+        cfg.validate("probe")
+    except ValueError as e:  # ConfigError is a ValueError
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    sets, columns = _eval_features(
+        encoders, corpus, label, pool, cache or out / "features", device, batch_size
+    )
+    results = []
+    for fs in sets:
+        err.print(f"probe: {fs.encoder} on {len(columns)} label(s)")
+        try:
+            results.append(probe_features(fs, columns, cfg, progress=True))
+        except ValueError as e:
+            err.print(f"[red]{fs.encoder}: {e}[/]")
+            raise typer.Exit(2) from None
+    json_path, md_path, table = write_results(results, out, "probe", corpus=str(corpus))
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("retrieval")
+def evaluate_retrieval(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    label: EvalLabels,
+    pool: EvalPool = "cls",
+    out: EvalOut = Path("runs/evaluate"),
+    cache: EvalCache = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="Precision@k (repeatable)")] = None,
+    match: Annotated[
+        str, typer.Option(help="exact (same label vector) or any (a shared positive label)")
+    ] = "exact",
+    device: EvalDevice = "auto",
+    batch_size: EvalBatch = 64,
+) -> None:
+    """Cosine retrieval, test queries against the train gallery: Precision@5/10/100."""
+    from raydiology.evaluation.retrieval import DEFAULT_KS, MATCHES, retrieve_features
+    from raydiology.evaluation.tables import write_results
+
+    ks = tuple(k or DEFAULT_KS)
+    if match not in MATCHES or not all(v >= 1 for v in ks):
+        err.print(f"[red]--match one of {', '.join(MATCHES)}; --k positive integers[/]")
+        raise typer.Exit(2)
+    sets, columns = _eval_features(
+        encoders, corpus, label, pool, cache or out / "features", device, batch_size
+    )
+    try:
+        results = [retrieve_features(fs, columns, ks=ks, match=match) for fs in sets]
+    except ValueError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    json_path, md_path, table = write_results(results, out, "retrieval", corpus=str(corpus))
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+# --- cluster ---
+kube_app = typer.Typer(help="KubeRay manifests for the GPU clusters.", no_args_is_help=True)
+app.add_typer(kube_app, name="kube")
+
+Address = Annotated[
+    str,
+    typer.Option(
+        envvar="RAY_API_SERVER_ADDRESS", help="the cluster's dashboard, e.g. http://HEAD:8265"
+    ),
+]
+ClusterName = Annotated[str, typer.Option("--cluster", help="preset in ray_configs/ (a800, a100)")]
+
+
+def _cluster_call(fn):
+    """Run fn(); token and connection problems end the command with one clear line."""
+    from raydiology.cluster.jobs import AuthTokenError
+
+    try:
+        return fn()
+    except AuthTokenError as e:
+        err.print(f"[red]auth[/]: {e}")
+        raise typer.Exit(3) from None
+    except ConnectionError as e:
+        err.print(f"[red]connection[/]: {e}")
+        raise typer.Exit(3) from None
+    except ConfigError as e:
+        err.print(f"[red]invalid[/]: {e}")
+        raise typer.Exit(2) from None
+
+
+def _write_or_print(text: str, out: Path | None) -> None:
+    if out is None:
+        print(text, end="")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    err.print(f"wrote {out}")
+
+
+@kube_app.command("cluster")
+def kube_cluster(
+    cluster: ClusterName,
+    out: Annotated[Path | None, typer.Option(help="file to write; default: stdout")] = None,
+) -> None:
+    """Render the RayCluster for a preset (kube/raycluster-NAME.yaml is this, checked in)."""
+    from raydiology.cluster import manifests
+    from raydiology.cluster.presets import load_preset
+
+    preset = _cluster_call(lambda: load_preset(cluster))
+    doc = manifests.raycluster(preset)
+    _write_or_print(manifests.dump(doc, manifests.HEADER.format(name=preset.name)), out)
+
+
+@kube_app.command("render")
+def kube_render(
+    experiment: Annotated[Path, typer.Argument(help="experiment or sweep YAML file")],
+    cluster: ClusterName,
+    profile: Profile = None,
+    set_: Sets = None,
+    out: Annotated[Path | None, typer.Option(help="file to write; default: stdout")] = None,
+    existing: Annotated[
+        bool, typer.Option(help="run on the long-running raydiology-NAME cluster instead")
+    ] = False,
+    ttl: Annotated[int, typer.Option(help="seconds the finished job stays visible")] = 3600,
+    deadline: Annotated[int, typer.Option(help="activeDeadlineSeconds")] = 14 * 24 * 3600,
+    backoff: Annotated[int, typer.Option(help="retries; a retry resumes the run")] = 2,
+    root: Annotated[
+        Path, typer.Option(help="repository root: paths are taken relative to it")
+    ] = Path("."),
+) -> None:
+    """Write a RayJob that runs EXPERIMENT_OR_SWEEP from the image's copy of this repository."""
+    from raydiology.cluster import manifests
+    from raydiology.cluster.presets import load_preset, load_versions
+    from raydiology.cluster.workload import load_workload
+
+    preset = _cluster_call(lambda: load_preset(cluster))
+    versions = load_versions()
+    work = _cluster_call(
+        lambda: load_workload(
+            experiment,
+            root=root,
+            profile=profile,
+            sets=set_,
+            cluster=cluster,
+            extra=["--address", "auto"],
+            output_root=manifests.RUNS_MOUNT,  # runs on the shared volume
+        )
+    )
+    import shlex
+
+    entrypoint = f"cd {shlex.quote(versions.workdir)} && " + manifests.job_entrypoint(work.args)
+    doc = manifests.rayjob(
+        preset=preset,
+        name=f"{work.run}-{preset.name}",
+        entrypoint=entrypoint,
+        labels={
+            "raydiology.io/experiment": manifests.label_value(work.name),
+            "raydiology.io/run": manifests.label_value(work.run),
+        },
+        runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+        existing_cluster=existing,
+        ttl_s=ttl,
+        deadline_s=deadline,
+        backoff_limit=backoff,
+        versions=versions,
+    )
+    header = f"# Rendered by `raydiology kube render {experiment} --cluster {cluster}`.\n"
+    _write_or_print(manifests.dump(doc, header), out)
+
+
+@kube_app.command("validate")
+def kube_validate(
+    files: Annotated[list[Path], typer.Argument(help="RayCluster / RayJob YAML files")],
+    crds: Annotated[
+        Path | None, typer.Option(help="folder with the KubeRay CRDs (ray.io_rayclusters.yaml...)")
+    ] = None,
+) -> None:
+    """Check manifests against the KubeRay v1 CRD schemas, unknown fields included."""
+    from raydiology.cluster import manifests
+
+    crd_dir = crds or manifests.default_crd_dir()
+    if not (crd_dir / manifests.CRD_FILES["RayCluster"]).is_file():
+        err.print(f"[red]no KubeRay CRDs in {crd_dir}[/]: pass --crds DIR")
+        raise typer.Exit(2)
+    bad = 0
+    for path in files:
+        try:
+            n = manifests.validate_file(path, crd_dir)
+            console.print(f"[green]ok[/] {path} ({n} document{'s' * (n != 1)})")
+        except manifests.ManifestError as e:
+            bad += 1
+            err.print(f"[red]{e}[/]")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    experiment: Annotated[Path, typer.Argument(help="experiment or sweep YAML file")],
+    address: Address = "http://127.0.0.1:8265",
+    profile: Profile = None,
+    set_: Sets = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="overlay ray_configs/NAME.yaml's scaling")
+    ] = None,
+    working_dir: Annotated[
+        Path, typer.Option(help="folder uploaded as the job's working dir")
+    ] = Path("."),
+    pip: Annotated[
+        list[str] | None, typer.Option(help="extra pip requirement for the job (repeatable)")
+    ] = None,
+) -> None:
+    """Submit an experiment (or sweep) as a Ray job over the Jobs API, with Ray's token."""
+    from raydiology.cluster.jobs import JobsClient, job_id_for
+    from raydiology.cluster.manifests import job_entrypoint
+    from raydiology.cluster.workload import load_workload
+
+    work = _cluster_call(
+        lambda: load_workload(
+            experiment,
+            root=working_dir,
+            profile=profile,
+            sets=set_,
+            cluster=cluster,
+            extra=["--address", "auto"],
+        )
+    )
+    if work.output_dir and not Path(work.output_dir).is_absolute():
+        err.print(
+            f"[yellow]warning[/]: output.dir {work.output_dir!r} is relative: the run directory "
+            "lands in the job's temporary copy of the working dir. Use shared storage, e.g. "
+            "--set output.dir=/mnt/runs (a sweep: its file's output.dir)"
+        )
+    client = _cluster_call(lambda: JobsClient(address))
+    job = _cluster_call(
+        lambda: client.submit(
+            entrypoint=job_entrypoint(work.args),
+            job_id=job_id_for(work.run),
+            working_dir=working_dir,
+            metadata={"job_name": work.run, "experiment": work.name, "run": work.run},
+            pip=pip,
+        )
+    )
+    # plain print: rich would fold the long id and link at the terminal's width
+    print(f"job {job.job_id}  ({work.kind} {work.name}, run {work.run})")
+    print(f"dashboard {job.job_url}")
+    print(f"follow: raydiology logs {job.job_id} --address {client.address} --follow")
+
+
+@app.command()
+def status(job_id: str, address: Address = "http://127.0.0.1:8265") -> None:
+    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and message."""
+    from raydiology.cluster.jobs import JobsClient
+
+    info = _cluster_call(lambda: JobsClient(address).info(job_id))
+    print(f"{info.status.value}  {info.message or ''}".rstrip())
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: Address = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until it ends")] = False,
+) -> None:
+    """A job's driver output (what `raydiology run` printed on the cluster)."""
+    from raydiology.cluster.jobs import JobsClient
+
+    client = _cluster_call(lambda: JobsClient(address))
+    if not follow:
+        print(_cluster_call(lambda: client.logs(job_id)), end="")
+        return
+    for chunk in client.follow(job_id):
+        print(chunk, end="", flush=True)
+
+
+@app.command()
+def stop(job_id: str, address: Address = "http://127.0.0.1:8265") -> None:
+    """Ask a running job to stop (its workers and its driver)."""
+    from raydiology.cluster.jobs import JobsClient
+
+    stopped = _cluster_call(lambda: JobsClient(address).stop(job_id))
+    print(f"{job_id}: {'stopping' if stopped else 'was not running'}")
+
+
+@app.command("list")
+def list_jobs(address: Address = "http://127.0.0.1:8265") -> None:
+    """Jobs on the cluster, newest first."""
+    from raydiology.cluster.jobs import JobsClient
+
+    jobs = _cluster_call(lambda: JobsClient(address).list())
+    for job in jobs:
+        meta = job.metadata or {}
+        print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{meta.get('experiment', '')}"
+              f"\t{meta.get('run', '')}\t{job.entrypoint}")  # fmt: skip
+
+
+# --- sweep ---
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML file (experiments/sweeps/)")],
+    profile: Profile = None,
+    set_: Sets = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: start a local Ray")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="resume a sweep: its folder, or its name under the sweep's output.dir"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="sweeps folder; default: the sweep's output.dir")
+    ] = None,
+) -> None:
+    """Hyperparameter sweep on Ray Tune: one Ray Train run per trial, ASHA, table + plots."""
+    import time as _time
+
+    from raydiology.tune.runner import find_sweep, run_sweep
+    from raydiology.tune.spec import Plan, load_sweep, make_plan
+
+    try:
+        if resume:
+            folder = out or Path(load_sweep(sweep_file).output.dir).expanduser()
+            plan = Plan.load(find_sweep(resume, folder))
+        else:
+            stamp = _time.strftime("%Y%m%d-%H%M%S")
+            cfg = load_sweep(sweep_file)
+            sweep_dir = (out / (cfg.output.name or f"{cfg.name}-{stamp}")) if out else None
+            plan = make_plan(
+                sweep_file, profile=profile, sets=set_ or [], sweep_dir=sweep_dir, stamp=stamp
+            )
+        run_sweep(plan, address=address, resume=bool(resume), console=console)
+    except ConfigError as e:
+        err.print(f"[red]invalid sweep {sweep_file}[/]: {e}")
+        raise typer.Exit(2) from None
+
+
+# --- report evaluation ---
+
+
+@app.command("eval")
+def eval_reports(
+    predictions: Annotated[Path, typer.Argument(help="JSONL: one {id, reference, prediction}")],
+    ptb: Annotated[
+        bool, typer.Option("--ptb/--no-ptb", help="PTB-tokenize first (COCO) or not (R2Gen)")
+    ] = False,
+    uncertain_as: Annotated[
+        str, typer.Option(help="CE: count uncertain labels as negative (R2Gen) or positive")
+    ] = "negative",
+    out: Annotated[
+        Path | None, typer.Option(help="metrics JSON; default PREDICTIONS.metrics.json")
+    ] = None,
+) -> None:
+    """NLG (BLEU, METEOR, ROUGE-L, CIDEr) and clinical-efficacy metrics of generated reports."""
+    from raydiology.evaluation.clinical import UNCERTAIN_AS
+    from raydiology.evaluation.report_eval import evaluate_predictions, metrics_path
+
+    if uncertain_as not in UNCERTAIN_AS:
+        err.print(f"[red]--uncertain-as {uncertain_as!r}: expected one of {UNCERTAIN_AS}[/]")
+        raise typer.Exit(2)
+    try:
+        result = evaluate_predictions(predictions, ptb=ptb, uncertain_as=uncertain_as, out=out)  # type: ignore[arg-type]
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    print(json.dumps(result, indent=2))
+    err.print(f"metrics: {out or metrics_path(predictions)}")
+
+
+@app.command("label")
+def label_reports_file(
+    reports: Annotated[
+        Path, typer.Argument(help="CSV/JSONL with id and report columns, or headerless CSV")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="labels CSV (CheXpert labeler layout)")],
+) -> None:
+    """Label reports for the 14 CheXpert observations: 1 / 0 / -1 (uncertain) / blank."""
+    from raydiology.evaluation.labeler import label_reports, read_reports_file, write_labels_csv
+
+    try:
+        first_column, ids, texts = read_reports_file(reports)
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    write_labels_csv(out, first_column, ids, label_reports(texts))
+    console.print(f"{len(texts)} reports labeled -> {out}")
+
+
+@bench_app.command("labeler")
+def bench_labeler(
+    n: Annotated[
+        int, typer.Option("--n", help="reports per pass (Open-I repeated if fewer)")
+    ] = 4000,
+    repeats: Annotated[int, typer.Option(help="timed passes; the median is quoted")] = 5,
+) -> None:
+    """Report labeler speed: reports/s on one core (Open-I reports, else phantom reports)."""
+    import numpy as np
+
+    from raydiology.evaluation.labeler import benchmark
+
+    try:
+        from raydiology.data.reports import read_openi
+
+        texts, source = [r.report for r in read_openi() if r.report], "openi"
+    except FileNotFoundError:
+        from raydiology.data.phantom import make_phantom
+
+        texts = [make_phantom(np.random.default_rng([0, i]), size=16).report for i in range(500)]
+        source = "phantom"
+    texts = (texts * (n // len(texts) + 1))[:n]
+    print(json.dumps({"source": source, **benchmark(texts, repeats=repeats)}, indent=2))
+
+
+@app.command("leaderboard")
+def leaderboard(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (<run>/eval/metrics.json)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the table and picture")] = Path(
+        "leaderboard"
+    ),
+    examples: Annotated[int, typer.Option(help="example studies in the picture; 0: none")] = 4,
+) -> None:
+    """CXPMRG-Bench-style table (markdown + HTML) and a picture of example reports."""
+    from raydiology.evaluation.leaderboard import build_leaderboard
+
+    try:
+        written = build_leaderboard(list(runs), out, examples=examples)
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    print(written["markdown"].read_text(), end="")
+    for kind, path in written.items():
+        err.print(f"{kind}: {path}")
+
+
+# --- report generation ---
+
+
+@app.command("generate")
+def generate_reports_command(
+    run: Annotated[Path, typer.Argument(help="a report-generation run folder (or its export/)")],
+    corpus: Annotated[Path, typer.Argument(help="corpus folder with images and reports")],
+    split: Annotated[
+        str, typer.Option(help="corpus split to report on; 'all' for every row")
+    ] = "test",
+    limit: Annotated[int | None, typer.Option(help="at most this many images")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="JSONL to write; default RUN/eval/predictions.jsonl")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+) -> None:
+    """Reports for a corpus split from a trained report generator, with the run's beam search;
+    writes the predictions `raydiology eval` scores and the run description for the leaderboard."""
+    from raydiology.evaluation.generate import generate_reports
+
+    try:
+        rows = generate_reports(
+            run, corpus, None if split == "all" else split, out=out, limit=limit, device=device
+        )
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    target = out or run / "eval" / "predictions.jsonl"
+    err.print(f"{len(rows)} reports -> {target}  (score them: raydiology eval {target})")
 
 
 def main() -> None:  # pragma: no cover

@@ -198,13 +198,18 @@ class _PeakMemory:
         self._stop = threading.Event()
         me = psutil.Process()
 
+        def measure() -> None:
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a process may just have exited
+                    total += getattr(p.memory_full_info(), "pss", 0) or p.memory_info().rss
+            self.peak = max(self.peak, total)
+
         def sample() -> None:
+            measure()
             while not self._stop.wait(0.2):
-                total = 0
-                for p in [me, *me.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):  # a process may just have exited
-                        total += getattr(p.memory_full_info(), "pss", 0) or p.memory_info().rss
-                self.peak = max(self.peak, total)
+                measure()
+            measure()  # a run shorter than the interval still gets a figure
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()

@@ -140,9 +140,26 @@ def preprocess_batch(
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
     for key, column in (extra_columns or {}).items():
-        # list columns arrive as an object array of per-row arrays
-        out[key] = np.stack([np.asarray(v, dtype=np.float32) for v in batch[column]])
+        out[key] = _extra_column(batch[column])
     return out
+
+
+def _extra_column(values: np.ndarray) -> np.ndarray:
+    """A corpus column as the batch carries it: text stays text (reports, for objectives
+    that tokenize on the worker), list columns become float32 [B, ...], scalars float32 [B]."""
+    if len(values) and all(v is None or isinstance(v, str) for v in values):
+        return np.array(["" if v is None else v for v in values], dtype=object)
+    # list columns arrive as an object array of per-row arrays
+    return np.stack([np.asarray(v, dtype=np.float32) for v in values]) if len(values) else values
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | list[str]]:
+    """iter_torch_batches' collate_fn: numeric columns -> tensors, text columns -> list[str]
+    (torch has no string tensors; an objective that reads text tokenizes it itself)."""
+    return {
+        k: list(v) if v.dtype == object or v.dtype.kind in "US" else torch.from_numpy(v)
+        for k, v in batch.items()
+    }
 
 
 def to_model_input(images: torch.Tensor, data: DataConfig, *, dtype: torch.dtype) -> torch.Tensor:

@@ -207,6 +207,10 @@ class ViTEncoder(nn.Module):
         return self._in_chans
 
     @property
+    def num_prefix_tokens(self) -> int:
+        return 1  # CLS
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return self._image_size
 

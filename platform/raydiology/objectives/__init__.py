@@ -6,4 +6,15 @@ An objective turns a batch into ``{"loss": scalar, <detached logs>...}``; its bu
 
 from __future__ import annotations
 
-from raydiology.objectives import mae, masking  # noqa: F401  (imported to register)
+# Imported to register: mae (HD-MAE), mfm (EVA-X), arg (MambaXray-VL stage 1),
+# dino (DINOv2 / XR-0), report_sft (LLM-decoder report generation).
+from raydiology.objectives import (  # noqa: F401
+    arg,
+    clip,
+    dino,
+    mae,
+    masking,
+    medvill,
+    mfm,
+    report_sft,
+)

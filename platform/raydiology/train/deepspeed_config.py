@@ -7,7 +7,10 @@ from typing import Any
 from raydiology.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(
+    train: TrainConfig, *, world_size: int, on_gpu: bool, torch_adam: bool | None = None
+) -> dict[str, Any]:
+    """`torch_adam` None: FusedAdam on GPUs (JIT-built with nvcc), torch's AdamW elsewhere."""
     opt = train.optimizer
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -23,7 +26,7 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool) -> di
                 "eps": opt.eps,
                 "weight_decay": opt.weight_decay,
                 # FusedAdam needs a CUDA build; torch's AdamW runs everywhere.
-                "torch_adam": not on_gpu,
+                "torch_adam": (not on_gpu) if torch_adam is None else torch_adam,
             },
         },
         "bf16": {"enabled": train.precision == "bf16"},

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ def run_experiment(
     address: str | None = None,
     dashboard_host: str = "127.0.0.1",
     console: Console | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
+    """`callbacks`: extra Ray Train callbacks, e.g. Tune's report callback in a sweep trial."""
     console = console or Console()
     run_dir = Path(exp.output.dir).expanduser().resolve() / exp.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,9 @@ def run_experiment(
 
     # The driver shows one progress bar (below); Ray Data's per-operator bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer = _build_trainer(exp, corpus_dir, run_dir, embedded=address is None, console=console)
+    trainer = _build_trainer(
+        exp, corpus_dir, run_dir, embedded=address is None, console=console, callbacks=callbacks
+    )
     with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
         result = trainer.fit()
     return _summarise(result, run_dir, console)
@@ -92,12 +97,19 @@ def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -
     """
     import ray
 
+    exposed = dashboard_host not in ("127.0.0.1", "localhost", "::1")
+    if exposed and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise RuntimeError(
+            f"--dashboard-host {dashboard_host} exposes the Jobs API (remote code execution, "
+            "CVE-2023-48022): it needs Ray's token authentication; unset RAY_AUTH_MODE="
+            f"{os.environ['RAY_AUTH_MODE']} or keep the dashboard on 127.0.0.1"
+        )
     if ray.is_initialized():  # e.g. a test session's cluster
         return _dashboard_url()
     if address:
         ray.init(address=address, log_to_driver=True)
         return _dashboard_url()
-    if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+    if exposed:
         console.print(
             f"[yellow]warning[/]: the dashboard and Jobs API will listen on {dashboard_host}; "
             "anyone who reaches it with the token can run code on this machine"
@@ -120,7 +132,13 @@ def _dashboard_url() -> str | None:
 
 
 def _build_trainer(
-    exp: Experiment, corpus_dir: str, run_dir: Path, *, embedded: bool, console: Console
+    exp: Experiment,
+    corpus_dir: str,
+    run_dir: Path,
+    *,
+    embedded: bool,
+    console: Console,
+    callbacks: Sequence[Any] = (),
 ):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -160,7 +178,7 @@ def _build_trainer(
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MetricsLog(str(run_dir / METRICS_FILE))],  # type: ignore[list-item]  # V2 UserCallback
+            callbacks=[MetricsLog(str(run_dir / METRICS_FILE)), *callbacks],  # type: ignore[list-item]  # V2 UserCallback
             worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]  # V2 field
         ),
         datasets={"train": build_dataset(exp.data, corpus_dir, extra_columns=_corpus_columns(exp))},

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydiology.cluster.metrics import TrainMetrics
 from raydiology.config import Experiment, experiment_from_dict
-from raydiology.data.pipeline import to_model_input
+from raydiology.data.pipeline import collate, to_model_input
 from raydiology.registry import build_model, build_objective
 from raydiology.train.deepspeed_config import deepspeed_config
 from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
@@ -77,6 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device)
     picture_batch: torch.Tensor | None = None
     window = _Window()
+    telemetry = TrainMetrics.for_worker(exp, rank=rank, model=model)  # Prometheus, per worker
 
     while state.step < train.max_steps:
         seen: list[np.ndarray] = []  # row keys this rank trained on in this epoch
@@ -90,7 +92,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             assert batch is not None
             window.data_wait += time.perf_counter() - waited_since
             seen.append(batch.pop("row_key").numpy())
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {  # text columns (e.g. reports) stay lists of str
+                k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()
+            }
             batch["image"] = to_model_input(batch["image"], exp.data, dtype=param_dtype)
             if picture_batch is None:
                 picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
@@ -110,10 +115,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 waited_since = time.perf_counter()
                 continue
             state.step += 1
+            # e.g. an EMA teacher's update or a temperature schedule (DINOv2)
+            after_step = getattr(engine.module, "after_step", None)
+            if after_step is not None:
+                after_step(state.step, train.max_steps)
             last = state.step >= train.max_steps
             save = state.step % train.checkpoint_every == 0 or last
             if save or state.step % train.log_every == 0:
                 metrics = window.report(engine, state, world)
+                telemetry.record(metrics, world=world, images=window.images, device=device)
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
                 if save:
@@ -145,7 +155,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         consumed = np.zeros(0, dtype=np.int64)
 
 
-def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+Batch = dict[str, Any]  # column -> tensor [B, ...] or list[str] of B texts
+
+
+def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[Batch]:
     """One epoch of exact micro-batches from this worker's shard, on the CPU.
 
     Rows whose key is in `skip` (seen before a resume in this epoch) are dropped and the
@@ -157,25 +170,38 @@ def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[dict[str, torc
         prefetch_batches=train.prefetch_batches,
         local_shuffle_buffer_size=train.local_shuffle_buffer or None,
         local_shuffle_seed=train.seed if train.local_shuffle_buffer else None,
+        collate_fn=collate,
     )
     if not len(skip):
         yield from batches
         return
-    pending: list[dict[str, torch.Tensor]] = []
+    pending: list[Batch] = []
     have = 0
     for batch in batches:
-        keep = torch.from_numpy(~np.isin(batch["row_key"].numpy(), skip))
+        keep = ~np.isin(batch["row_key"].numpy(), skip)
         if not keep.any():
             continue
-        pending.append({k: v[keep] for k, v in batch.items()})
+        pending.append({k: _rows(v, keep) for k, v in batch.items()})
         have += int(keep.sum())
         while have >= train.micro_batch_size:
-            merged = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+            merged = {k: _concat([p[k] for p in pending]) for k in pending[0]}
             size = train.micro_batch_size
             yield {k: v[:size] for k, v in merged.items()}
             rest = {k: v[size:] for k, v in merged.items()}
             have -= size
             pending = [rest] if have else []
+
+
+def _rows(column: torch.Tensor | list[str], keep: np.ndarray) -> torch.Tensor | list[str]:
+    if isinstance(column, torch.Tensor):
+        return column[torch.from_numpy(keep)]
+    return [text for text, kept in zip(column, keep, strict=True) if kept]
+
+
+def _concat(parts: list[Any]) -> torch.Tensor | list[str]:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [text for part in parts for text in part]
 
 
 def _every_rank(flag: bool) -> bool:
@@ -242,6 +268,9 @@ class _Window:
             "images_per_s": self.images * world / elapsed,
             "data_wait_s_per_step": self.data_wait / max(1, self.count),
         }
+        grad_norm = engine.get_global_grad_norm()  # cached by DeepSpeed at the last step
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         for key, value in self.sums.items():
             if key != "loss":
                 metrics[key] = value / max(1, self.count)
@@ -331,6 +360,13 @@ def _checkpoint(
                         corpus_sha256=loop_config.get("corpus_sha256"),
                         step=state.step,
                     )
+            # An objective's own export beside the encoder (a report generator's projector,
+            # adapters and tokenizer); every rank calls it, as ZeRO-3 gathers need them all.
+            export_extra = getattr(engine.module, "export_extra", None)
+            if export_extra is not None:
+                export_extra(
+                    Path(folder) / EXPORT_DIR, write=rank == 0, gather=exp.train.zero_stage == 3
+                )
             if rank == 0:
                 metrics = {**metrics, "picture": PICTURE if picture else None}
         if rank == 0:

@@ -34,7 +34,12 @@ def param_groups(module, weight_decay: float) -> list[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(("token", "pos_embed")) or ".bias" in name:
+        if (
+            p.ndim <= 1
+            or name.endswith(("token", "pos_embed"))
+            or ".bias" in name
+            or getattr(p, "_no_weight_decay", False)  # e.g. Mamba's A_log and D
+        ):
             no_decay.append(p)
         else:
             decay.append(p)

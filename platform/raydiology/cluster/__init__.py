@@ -1,0 +1,2 @@
+"""Clusters: KubeRay manifests (presets, rendering, CRD validation), Ray job submission, and
+the training loop's Prometheus metrics."""

@@ -1,0 +1,174 @@
+"""Per-cluster presets (`ray_configs/NAME.yaml`) and the pinned image (`ray_configs/versions.yaml`).
+
+One preset feeds three things: the RayCluster manifest in `kube/`, the RayJob that
+`raydiology kube render` writes, and the scaling that `raydiology run --cluster NAME` overlays
+onto an experiment. Keeping them in one file keeps the three from drifting apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydiology.config_base import ConfigError, check, from_dict
+
+QUANTITY_HINT = "a Kubernetes quantity such as '64Gi'"
+
+
+@dataclass(kw_only=True)
+class NodeGroup:
+    """One kind of pod: its CPU/memory/GPU limits, /dev/shm and replica bounds."""
+
+    cpus: int
+    memory: str
+    gpus: int = 0
+    shm: str = "8Gi"
+    object_store: str | None = None  # Ray object store size; null = Ray's default share
+    replicas: int = 0
+    min_replicas: int = 0
+    max_replicas: int = 1
+
+    def validate(self, key: str) -> None:
+        check(self.cpus >= 1, f"{key}.cpus", self.cpus, "at least 1")
+        check(self.gpus >= 0, f"{key}.gpus", self.gpus, ">= 0")
+        for name in ("memory", "shm", "object_store"):
+            value = getattr(self, name)
+            if value is not None:
+                check(_bytes(value) > 0, f"{key}.{name}", value, QUANTITY_HINT)
+        check(
+            0 <= self.min_replicas <= self.replicas <= self.max_replicas,
+            f"{key}.replicas",
+            (self.min_replicas, self.replicas, self.max_replicas),
+            "0 <= min_replicas <= replicas <= max_replicas",
+        )
+
+
+@dataclass(kw_only=True)
+class HeadGroup:
+    cpus: int = 8
+    memory: str = "32Gi"
+
+    def validate(self, key: str) -> None:
+        check(self.cpus >= 1, f"{key}.cpus", self.cpus, "at least 1")
+        check(_bytes(self.memory) > 0, f"{key}.memory", self.memory, QUANTITY_HINT)
+
+
+@dataclass(kw_only=True)
+class RedisConfig:
+    address: str
+    password_secret: str  # a Secret with key `password`
+
+
+@dataclass(kw_only=True)
+class ClusterPreset:
+    name: str
+    accelerator_type: (
+        str  # Ray's name: resource accelerator_type:<it>, label ray.io/accelerator-type
+    )
+    gpu_product: str  # node label nvidia.com/gpu.product
+    scaling: dict[str, Any] = field(default_factory=dict)  # overlay onto `scaling:`
+    gpu_nodes: NodeGroup
+    cpu_nodes: NodeGroup
+    head: HeadGroup = field(default_factory=HeadGroup)
+    redis: RedisConfig
+    runs_claim: str = "raydiology-runs"
+    idle_timeout_s: int = 600
+    image: str | None = None  # only for a cluster that needs another build than versions.yaml
+
+    def validate(self, key: str) -> None:
+        from raydiology.config import ScalingSection
+
+        check(self.gpu_nodes.gpus >= 1, "gpu_nodes.gpus", self.gpu_nodes.gpus, ">= 1")
+        check(self.cpu_nodes.gpus == 0, "cpu_nodes.gpus", self.cpu_nodes.gpus, "0")
+        scaling = from_dict(ScalingSection, self.scaling, "scaling")  # names the bad key
+        per_node = self.gpu_nodes.gpus / max(scaling.gpus_per_worker, 1e-9)
+        check(
+            not scaling.use_gpu
+            or scaling.cpus_per_worker * min(per_node, scaling.num_workers) <= self.gpu_nodes.cpus,
+            "scaling.cpus_per_worker",
+            scaling.cpus_per_worker,
+            f"at most gpu_nodes.cpus / workers per node ({self.gpu_nodes.cpus} CPUs per node)",
+        )
+
+    def scaling_overrides(self) -> list[str]:
+        """The preset's scaling as `--set` items, so an explicit --set given later still wins."""
+        scaling = {"accelerator_type": self.accelerator_type, **self.scaling}
+        return [f"scaling.{k}={_yaml_scalar(v)}" for k, v in scaling.items()]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Versions:
+    ray_version: str
+    raydiology_version: str
+    image: str
+    workdir: str = "/opt/raydiology"
+
+
+def ray_configs_dir() -> Path:
+    """`$RAYDIOLOGY_RAY_CONFIGS`, else ./ray_configs, else the repository's (editable installs,
+    and the image, which holds the repository in its workdir)."""
+    env = os.environ.get("RAYDIOLOGY_RAY_CONFIGS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd() / "ray_configs", Path(__file__).resolve().parents[3] / "ray_configs"]
+    for folder in candidates:
+        if (folder / "versions.yaml").is_file():
+            return folder
+    raise ConfigError("--cluster", None, f"a ray_configs/ folder with versions.yaml ({candidates})")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in ray_configs_dir().glob("*.yaml") if p.stem != "versions")
+
+
+def load_preset(name_or_path: str | Path) -> ClusterPreset:
+    """A preset by name (`a800`) or by the path of its YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = ray_configs_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError("--cluster", str(name_or_path), f"one of {preset_names()}")
+    raw = yaml.safe_load(path.read_text())
+    return from_dict(ClusterPreset, raw, "")
+
+
+def load_versions(folder: Path | None = None) -> Versions:
+    raw = yaml.safe_load(((folder or ray_configs_dir()) / "versions.yaml").read_text())
+    return Versions(**{k: str(v) for k, v in raw.items()})
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+_UNITS = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "K": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+}
+
+
+def _bytes(quantity: str) -> int:
+    """Bytes in a Kubernetes quantity ('64Gi' -> 68719476736); 0 when it is not one."""
+    text = str(quantity).strip()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            return int(float(number) * _UNITS[unit]) if _is_number(number) else 0
+    return int(float(text)) if _is_number(text) else 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,85 @@
+"""Yardstick results as JSON and as a markdown table, one row per encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(stats: dict[str, float | None]) -> str:
+    if stats["mean"] is None:
+        return "-"
+    return f"{_num(stats['mean'])} ± {_num(stats['std'])}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def probe_table(results: list[dict[str, Any]]) -> str:
+    """Columns per training fraction: mean AUROC ± std over seeds, and MCC ± std."""
+    fractions: list[str] = []
+    for r in results:
+        fractions += [f for f in r["fractions"] if f not in fractions]
+    header = ["encoder", "pool"]
+    for f in fractions:
+        header += [f"AUROC {f}", f"MCC {f}"]
+    rows = []
+    for r in results:
+        row = [r["encoder"], r["pooling"]]
+        for f in fractions:
+            cell = r["fractions"].get(f)
+            row += [_pm(cell["auroc_mean"]), _pm(cell["mcc"])] if cell else ["-", "-"]
+        rows.append(row)
+    first = results[0] if results else {}
+    seeds = first.get("config", {}).get("seeds", "?")
+    caption = (
+        f"Probe ({first.get('task', '?')}, {seeds} seeds, mean ± std) on "
+        f"{', '.join(first.get('labels', []))}; test n = {first.get('n', {}).get('test', '?')}."
+    )
+    return caption + "\n\n" + _table(header, rows) + "\n"
+
+
+def retrieval_table(results: list[dict[str, Any]]) -> str:
+    """Columns: Precision@k for each k, and the precision of a random ranking."""
+    ks: list[str] = []
+    for r in results:
+        ks += [k for k in r["precision"] if k not in ks]
+    header = ["encoder", "pool", *(f"P@{k}" for k in ks), "chance"]
+    rows = [
+        [r["encoder"], r["pooling"], *(_num(r["precision"].get(k)) for k in ks), _num(r["chance"])]
+        for r in results
+    ]
+    first = results[0] if results else {}
+    caption = (
+        f"Retrieval (cosine; queries = {first.get('queries', 'test')} "
+        f"n = {first.get('n_queries', '?')}, gallery = {first.get('gallery', 'train')} "
+        f"n = {first.get('n_gallery', '?')}; relevant = {first.get('match', '?')} label match) "
+        f"on {', '.join(first.get('labels', []))}."
+    )
+    return caption + "\n\n" + _table(header, rows) + "\n"
+
+
+def write_results(
+    results: list[dict[str, Any]], out_dir: str | os.PathLike, kind: str, *, corpus: str
+) -> tuple[Path, Path, str]:
+    """Write `<kind>.json` and `<kind>.md` into `out_dir`; returns both paths and the table."""
+    tables = {"probe": probe_table, "retrieval": retrieval_table}
+    if kind not in tables:
+        raise ValueError(f"kind {kind!r} is not one of {sorted(tables)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = tables[kind](results)
+    json_path, md_path = out / f"{kind}.json", out / f"{kind}.md"
+    payload = {"kind": kind, "corpus": corpus, "results": results}
+    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    md_path.write_text(f"# {kind} — {corpus}\n\n{table}")
+    return json_path, md_path, table

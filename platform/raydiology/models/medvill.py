@@ -1,0 +1,419 @@
+"""MedViLL (Moon et al., 2022): one BERT over visual features and report tokens, whose
+attention mask decides what it is good at (understanding vs generation).
+
+    image [B, C, 512, 512] -> ResNet-50 trunk (timm) -> 16x16x2048 -> 256 positions
+        (pretraining: a random 180 kept, in grid order) -> Linear(2048 -> 768)
+        + BERT position embedding of the grid position + token type 0
+    sequence  [CLS] v_1 .. v_n [SEP] w_1 .. w_m [SEP] pad     (text: token type 1)
+
+Position ids: [CLS] 0, visual token at grid index g -> 1 + g, the image [SEP] 1 + G, text
+from 2 + G on; with G = 256 and 253 text tokens the sequence fills BERT's 512 positions.
+
+Attention masks (`attention_mask`), True = the row's token may attend to the column's:
+  bi        every non-pad token attends to every non-pad token;
+  s2s       image block ([CLS] V [SEP]) attends to the image block only; text attends to the
+            image block and causally to text (itself and earlier);
+  bar       as s2s, but image rows attend to every non-pad column (the paper's proposal);
+  noncross  image block <-> image block and text <-> text only (the text block then starts
+            with its own [CLS]);
+  mixed     per sample bi (probability `bi_prob`, 0.25) or s2s.
+Pad rows attend to every non-pad column in every scheme: their outputs are never used, and a
+row with nothing to attend to would give NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from raydiology.config_base import ConfigError, check
+from raydiology.data.tokenizers import TokenizerConfig
+from raydiology.registry import MODELS
+
+MaskScheme = Literal["bi", "s2s", "bar", "noncross", "mixed"]
+MASK_SCHEMES: tuple[str, ...] = ("bi", "s2s", "bar", "noncross", "mixed")
+IMAGE, TEXT, PAD = 0, 1, -1  # segment ids
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _valid_columns(segments: Tensor) -> Tensor:
+    """segments [B, L] -> [B, L, L]: every row may see every non-pad column."""
+    b, length = segments.shape
+    return (segments != PAD)[:, None, :].expand(b, length, length)
+
+
+def _with_pad_rows(mask: Tensor, segments: Tensor) -> Tensor:
+    pad_rows = (segments == PAD)[:, :, None]
+    return torch.where(pad_rows, _valid_columns(segments), mask)
+
+
+def bi_mask(segments: Tensor) -> Tensor:
+    """segments [B, L] (0 image block, 1 text, -1 pad) -> bool [B, L, L]."""
+    return _valid_columns(segments).clone()
+
+
+def s2s_mask(segments: Tensor) -> Tensor:
+    length = segments.shape[1]
+    img_col = (segments == IMAGE)[:, None, :]
+    txt_col = (segments == TEXT)[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    text_rows = img_col | (txt_col & causal)
+    mask = torch.where((segments == TEXT)[:, :, None], text_rows, img_col.expand_as(text_rows))
+    return _with_pad_rows(mask, segments)
+
+
+def bar_mask(segments: Tensor) -> Tensor:
+    mask = s2s_mask(segments)
+    return torch.where((segments == IMAGE)[:, :, None], _valid_columns(segments), mask)
+
+
+def noncross_mask(segments: Tensor) -> Tensor:
+    same = segments[:, :, None] == segments[:, None, :]
+    return _with_pad_rows(same & (segments != PAD)[:, None, :], segments)
+
+
+def mixed_mask(
+    segments: Tensor, *, bi_prob: float = 0.25, generator: torch.Generator | None = None
+) -> Tensor:
+    """Per sample: bi with probability `bi_prob`, else s2s."""
+    device = generator.device if generator is not None else None
+    draw = torch.rand(segments.shape[0], generator=generator, device=device)
+    use_bi = (draw < bi_prob).to(segments.device)[:, None, None]
+    return torch.where(use_bi, bi_mask(segments), s2s_mask(segments))
+
+
+def attention_mask(
+    scheme: str,
+    segments: Tensor,
+    *,
+    bi_prob: float = 0.25,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The scheme's bool [B, L, L] mask (True = may attend) for segments [B, L]."""
+    if scheme == "mixed":
+        return mixed_mask(segments, bi_prob=bi_prob, generator=generator)
+    makers = {"bi": bi_mask, "s2s": s2s_mask, "bar": bar_mask, "noncross": noncross_mask}
+    if scheme not in makers:
+        raise ValueError(f"unknown attention mask {scheme!r}; one of {MASK_SCHEMES}")
+    return makers[scheme](segments)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, kw_only=True)
+class MedViLLArgs:
+    trunk: str  # timm CNN name
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int | None  # None = the tokenizer's size
+
+
+MEDVILL_FLAVORS: dict[str, MedViLLArgs] = {
+    # CPU tests: resnet10t trunk (512 channels), a 2-layer 64-wide BERT.
+    "tiny": MedViLLArgs(trunk="resnet10t", hidden_size=64, num_layers=2, num_heads=4,
+                        intermediate_size=128, vocab_size=None),
+    # The paper: ResNet-50 (2048 channels) and bert-base-uncased (vocab 30,522).
+    "paper": MedViLLArgs(trunk="resnet50", hidden_size=768, num_layers=12, num_heads=12,
+                         intermediate_size=3072, vocab_size=30522),
+}  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class MedViLLConfig:
+    """The `model` section for ``name: medvill``."""
+
+    flavor: str = "tiny"
+    trunk: str | None = None  # override the flavor's timm CNN
+    trunk_checkpoint: str | None = None  # local weights (e.g. ImageNet ResNet-50); null = random
+    vocab_size: int | None = None
+    bert_path: str | None = None  # a local save_pretrained BERT folder (weights + tokenizer)
+    # null = the folder's tokenizer (bert_path), else WordPiece trained on the phantom reports
+    tokenizer: TokenizerConfig | None = None
+    max_text_tokens: int = 253  # 1 + 256 + 1 + 253 + 1 = BERT's 512 positions
+    visual_keep: float = 180 / 256  # share of grid positions kept in pretraining (180 of 256)
+    attention: MaskScheme = "bar"
+    bi_prob: float = 0.25  # `mixed`: bi for this share of samples, s2s for the rest
+    dropout: float = 0.1
+
+    def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        check(self.flavor in MEDVILL_FLAVORS, f"{k}flavor", self.flavor,
+              "one of " + ", ".join(MEDVILL_FLAVORS))  # fmt: skip
+        check(self.attention in MASK_SCHEMES, f"{k}attention", self.attention,
+              "one of " + ", ".join(MASK_SCHEMES))  # fmt: skip
+        check(0 < self.visual_keep <= 1, f"{k}visual_keep", self.visual_keep, "0 < share <= 1")
+        check(0 <= self.bi_prob <= 1, f"{k}bi_prob", self.bi_prob, "a probability")
+        check(self.max_text_tokens >= 1, f"{k}max_text_tokens", self.max_text_tokens, ">= 1")
+        if self.tokenizer is not None:
+            self.tokenizer.validate(f"{k}tokenizer")
+
+    def args(self) -> MedViLLArgs:
+        base = MEDVILL_FLAVORS[self.flavor]
+        return MedViLLArgs(
+            trunk=self.trunk or base.trunk,
+            hidden_size=base.hidden_size,
+            num_layers=base.num_layers,
+            num_heads=base.num_heads,
+            intermediate_size=base.intermediate_size,
+            vocab_size=self.vocab_size or base.vocab_size,
+        )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class JointTokenizer:
+    """Report text -> ids, with [CLS]/[SEP]/[PAD]/[MASK] ids for the joint sequence."""
+
+    def __init__(self, hf: Any, *, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
+                 prepare: Any) -> None:  # fmt: skip
+        self.hf, self.cls_id, self.sep_id, self.pad_id, self.mask_id = (
+            hf, cls_id, sep_id, pad_id, mask_id,
+        )  # fmt: skip
+        self._prepare = prepare
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {self.cls_id, self.sep_id, self.pad_id, self.mask_id}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(self._prepare(text), add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.hf.decode(ids, skip_special_tokens=True)).strip()
+
+
+def build_joint_tokenizer(cfg: MedViLLConfig) -> JointTokenizer:
+    from pathlib import Path
+
+    if cfg.tokenizer is None and cfg.bert_path is not None:
+        from transformers import AutoTokenizer
+
+        if not Path(cfg.bert_path).is_dir():
+            raise ConfigError("model.bert_path", cfg.bert_path, "a local save_pretrained folder")
+        hf = AutoTokenizer.from_pretrained(cfg.bert_path, local_files_only=True)
+        ids = (hf.cls_token_id, hf.sep_token_id, hf.pad_token_id, hf.mask_token_id)
+        if any(i is None for i in ids):
+            raise ConfigError(
+                "model.bert_path", cfg.bert_path, "a BERT tokenizer (CLS/SEP/PAD/MASK)"
+            )
+        return JointTokenizer(hf, cls_id=ids[0], sep_id=ids[1], pad_id=ids[2], mask_id=ids[3],
+                              prepare=str)  # fmt: skip
+    from raydiology.data.tokenizers import build_tokenizer
+
+    tcfg = cfg.tokenizer or TokenizerConfig(
+        kind="wordpiece", train_reports="phantom", vocab_size=8000, min_freq=1, clean=None
+    )
+    rt = build_tokenizer(tcfg)
+    hf = rt.hf
+    hf.add_special_tokens({"mask_token": "[MASK]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
+    return JointTokenizer(hf, cls_id=hf.cls_token_id, sep_id=hf.sep_token_id, pad_id=rt.pad_id,
+                          mask_id=hf.mask_token_id, prepare=rt.prepare)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class CNNGrid(nn.Module):
+    """A timm CNN as an encoder: images -> grid tokens [B, h*w, C] (raster order)."""
+
+    body: Any
+
+    def __init__(self, name: str, *, in_chans: int, checkpoint: str | None) -> None:
+        super().__init__()
+        import timm
+
+        self.body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        if checkpoint is not None and torch.empty(0).device.type != "meta":
+            from raydiology.train.safe_load import weights_only_load
+
+            state = weights_only_load(checkpoint)
+            self.body.load_state_dict(state.get("model", state), strict=False)
+        self.embed_dim = int(self.body.num_features)
+        self.in_chans, self.patch_size, self.num_prefix_tokens = in_chans, 32, 0
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.body.forward_features(images).flatten(2).transpose(1, 2)
+
+
+class MedViLL(nn.Module):
+    """The joint encoder plus its pretraining heads (MLM, image-report matching)."""
+
+    bert: Any
+
+    def __init__(self, encoder: CNNGrid, bert: Any, tokenizer: JointTokenizer, *,
+                 grid: int, cfg: MedViLLConfig) -> None:  # fmt: skip
+        super().__init__()
+        hidden = int(bert.config.hidden_size)
+        self.encoder = encoder
+        self.visual_proj = nn.Linear(encoder.embed_dim, hidden)
+        self.bert = bert
+        self.mlm_transform = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12)
+        )
+        self.mlm_bias = nn.Parameter(torch.zeros(bert.config.vocab_size))
+        self.pooler = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+        self.itm_head = nn.Linear(hidden, 2)
+        self.tokenizer = tokenizer
+        self.grid, self.cfg = grid, cfg
+
+    # -- sequence -----------------------------------------------------------------------
+
+    def visual_tokens(
+        self, images: Tensor, *, keep: float = 1.0, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """images -> (features [B, n, 2048], grid positions [B, n]); n = round(keep x G),
+        a random subset per image in grid order."""
+        feats = self.encoder(images)  # [B, G, C]
+        b, g = feats.shape[:2]
+        n = max(1, round(keep * g))
+        if n == g:
+            pos = torch.arange(g, device=feats.device).expand(b, g)
+        else:
+            device = generator.device if generator is not None else None
+            noise = torch.rand(b, g, generator=generator, device=device).to(feats.device)
+            pos = noise.argsort(dim=1)[:, :n].sort(dim=1).values
+        return feats.gather(1, pos[..., None].expand(-1, -1, feats.shape[-1])), pos
+
+    def assemble(
+        self, feats: Tensor, grid_pos: Tensor, texts: list[list[int]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> input embeddings [B, L, H], segments [B, L], token ids [B, L] (-1 on visuals).
+
+        Text rows are ``w_1 .. w_m [SEP]`` (with a leading text [CLS] for `noncross`).
+        """
+        tok, device = self.tokenizer, feats.device
+        b, n = grid_pos.shape
+        lead = [tok.cls_id] if self.cfg.attention == "noncross" else []
+        rows = [[*lead, *t[: self.cfg.max_text_tokens], tok.sep_id] for t in texts]
+        width = max(len(r) for r in rows)
+        length = n + 2 + width
+        ids = torch.full((b, length), tok.pad_id, dtype=torch.long, device=device)
+        ids[:, 0], ids[:, n + 1] = tok.cls_id, tok.sep_id
+        ids[:, 1 : n + 1] = -1
+        segments = torch.full((b, length), PAD, dtype=torch.long, device=device)
+        segments[:, : n + 2] = IMAGE
+        positions = torch.zeros((b, length), dtype=torch.long, device=device)
+        positions[:, 1 : n + 1] = grid_pos + 1
+        positions[:, n + 1] = self.grid + 1
+        for i, row in enumerate(rows):
+            ids[i, n + 2 : n + 2 + len(row)] = torch.tensor(row, device=device)
+            segments[i, n + 2 : n + 2 + len(row)] = TEXT
+            positions[i, n + 2 : n + 2 + len(row)] = torch.arange(len(row), device=device)
+            positions[i, n + 2 :] += self.grid + 2
+        positions[:, n + 2 :] = positions[:, n + 2 :].clamp(
+            max=self.bert.config.max_position_embeddings - 1
+        )
+        emb = self.bert.embeddings
+        words = emb.word_embeddings(ids.clamp(min=0))
+        words[:, 1 : n + 1] = self.visual_proj(feats).to(words.dtype)
+        types = (segments == TEXT).long()
+        x = words + emb.position_embeddings(positions) + emb.token_type_embeddings(types)
+        return emb.dropout(emb.LayerNorm(x)), segments, ids
+
+    def encode(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """embeds [B, L, H], bool mask [B, L, L] -> hidden states [B, L, H]."""
+        additive = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
+        additive = additive.masked_fill(~mask, torch.finfo(embeds.dtype).min)[:, None]
+        return self.bert.encoder(embeds, attention_mask=additive).last_hidden_state
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """[..., H] -> [..., vocab], the decoder tied to the word embeddings."""
+        h = self.mlm_transform(hidden)
+        return h @ self.bert.embeddings.word_embeddings.weight.t() + self.mlm_bias
+
+    def pooled(self, hidden: Tensor, segments: Tensor) -> Tensor:
+        """The pooled [CLS] [B, H]; with `noncross`, the sum of the image and text [CLS]."""
+        cls = hidden[:, 0]
+        if self.cfg.attention == "noncross":
+            first_text = (segments == TEXT).long().argmax(dim=1)
+            cls = cls + hidden[torch.arange(len(hidden), device=hidden.device), first_text]
+        return self.pooler(cls)
+
+    def forward(self, images: Tensor, texts: list[list[int]], *, keep: float = 1.0,
+                scheme: str | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """-> hidden [B, L, H], segments [B, L], token ids [B, L]."""
+        feats, pos = self.visual_tokens(images, keep=keep, generator=generator)
+        return self.joint(feats, pos, texts, scheme=scheme, generator=generator)
+
+    def joint(self, feats: Tensor, grid_pos: Tensor, texts: list[list[int]], *,
+              scheme: str | None = None,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Visual features [B, n, C] at grid positions [B, n] + token ids -> as `forward`."""
+        embeds, segments, ids = self.assemble(feats, grid_pos, texts)
+        mask = attention_mask(scheme or self.cfg.attention, segments, bi_prob=self.cfg.bi_prob,
+                              generator=generator)  # fmt: skip
+        return self.encode(embeds, mask), segments, ids
+
+
+def build_bert(cfg: MedViLLConfig, tokenizer: JointTokenizer) -> Any:
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    if cfg.bert_path is not None:
+        if torch.empty(0).device.type == "meta":
+            return AutoModel.from_config(
+                AutoConfig.from_pretrained(cfg.bert_path, local_files_only=True),
+                add_pooling_layer=False,
+            )
+        return AutoModel.from_pretrained(
+            cfg.bert_path, local_files_only=True, add_pooling_layer=False
+        )
+    a = cfg.args()
+    vocab = a.vocab_size if a.vocab_size is not None else tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size", vocab, f"at least {tokenizer.vocab_size}")
+    return BertModel(
+        BertConfig(vocab_size=vocab, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+                   num_attention_heads=a.num_heads, intermediate_size=a.intermediate_size,
+                   max_position_embeddings=512, type_vocab_size=2, pad_token_id=tokenizer.pad_id,
+                   hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout),
+        add_pooling_layer=False,
+    )  # fmt: skip
+
+
+@MODELS.register("medvill", MedViLLConfig)
+def build_medvill(cfg: MedViLLConfig, *, image_size: int, in_chans: int) -> MedViLL:
+    cfg.validate("model")
+    if image_size % 32:
+        raise ConfigError("data.resolution", image_size, "a multiple of 32 (the CNN stride)")
+    grid = (image_size // 32) ** 2
+    if grid + cfg.max_text_tokens + 3 > 512:  # [CLS] V [SEP] W [SEP]
+        raise ConfigError("data.resolution", image_size,
+                          f"at most 512 positions: {grid} visual + {cfg.max_text_tokens} text + 3")  # fmt: skip
+    encoder = CNNGrid(cfg.args().trunk, in_chans=in_chans, checkpoint=cfg.trunk_checkpoint)
+    tokenizer = build_joint_tokenizer(cfg)
+    return MedViLL(encoder, build_bert(cfg, tokenizer), tokenizer, grid=grid, cfg=cfg)
+
+
+@torch.no_grad()
+def matching_scores(model: MedViLL, images: Tensor, reports: list[str], *,
+                    chunk: int = 64) -> Tensor:  # fmt: skip
+    """images [N, C, R, R] x M reports -> P(match) [N, M] from the matching head, every pair
+    through the joint encoder (all grid positions, the model's attention mask)."""
+    texts = [model.tokenizer.encode(r)[: model.cfg.max_text_tokens] for r in reports]
+    feats, pos = model.visual_tokens(images)
+    rows = []
+    for i in range(len(images)):
+        scores = []
+        for start in range(0, len(texts), chunk):
+            part = texts[start : start + chunk]
+            f = feats[i : i + 1].expand(len(part), -1, -1)
+            p = pos[i : i + 1].expand(len(part), -1)
+            hidden, segments, _ = model.joint(f, p, part)
+            logits = model.itm_head(model.pooled(hidden, segments))
+            scores.append(logits.softmax(dim=-1)[:, 1])
+        rows.append(torch.cat(scores))
+    return torch.stack(rows)

@@ -1,0 +1,168 @@
+"""MedViLL pretraining: masked language modelling + image-report matching on one sequence.
+
+Per batch: half the samples (on average) get a negative report, taken from another sample of
+the batch whose diagnosis labels differ (a sample with no such partner keeps its own report);
+180 of the 256 visual positions are kept; the report tokens are masked BERT-style (15%, at
+least one per report; of those 80% [MASK], 10% a random token, 10% unchanged). MLM is scored
+on matched pairs only (a report does not describe a mismatched image), matching on all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydiology.config_base import check
+from raydiology.data.phantom import LABEL_COLUMNS
+from raydiology.models.medvill import MedViLL
+from raydiology.registry import OBJECTIVES
+
+
+@dataclass(kw_only=True)
+class MedViLLObjectiveConfig:
+    """The `objective` section for ``name: medvill``."""
+
+    report_column: str = "report"
+    # diagnosis label columns: negatives come from reports whose labels differ
+    label_columns: tuple[str, ...] = LABEL_COLUMNS
+    mask_prob: float = 0.15
+    negative_prob: float = 0.5
+    mlm_weight: float = 1.0
+    itm_weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        check(0 < self.mask_prob < 1, f"{k}mask_prob", self.mask_prob, "0 < p < 1")
+        check(
+            0 <= self.negative_prob <= 1, f"{k}negative_prob", self.negative_prob, "a probability"
+        )
+
+    def corpus_columns(self) -> dict[str, str]:
+        return {"report": self.report_column, **{f"label:{c}": c for c in self.label_columns}}
+
+
+def _uniform(*shape: int, generator: torch.Generator | None) -> Tensor:
+    """U(0, 1) draws on the CPU, taken from `generator` on whatever device it lives."""
+    device = generator.device if generator is not None else None
+    return torch.rand(*shape, generator=generator, device=device).cpu()
+
+
+def choose_negatives(
+    labels: Tensor, *, prob: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """labels [B, K] -> (partner [B], matched bool [B]).
+
+    Each sample is a negative with probability `prob`; its partner is a random other sample
+    whose label vector differs. Without such a sample it stays matched (partner = itself).
+    """
+    b = labels.shape[0]
+    labels = labels.cpu()
+    differs = (labels[:, None, :] != labels[None, :, :]).any(dim=-1)  # [B, B]
+    want = _uniform(b, generator=generator) < prob
+    scores = _uniform(b, b, generator=generator).masked_fill(~differs, -1.0)
+    best, choice = scores.max(dim=1)
+    negative = want & (best >= 0)
+    partner = torch.where(negative, choice, torch.arange(b))
+    return partner, ~negative
+
+
+def mask_tokens(
+    ids: list[list[int]],
+    *,
+    prob: float,
+    mask_id: int,
+    vocab_size: int,
+    special: set[int],
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """BERT masking -> (inputs, targets); targets are -100 where nothing is predicted.
+
+    Each maskable token (not special) is chosen with probability `prob`, at least one per
+    sequence (the lowest draw when none is); a chosen token becomes [MASK] (80%), a random
+    token (10%) or stays (10%). One draw of [T, 3] uniforms per sequence.
+    """
+    inputs, targets = [], []
+    for row in ids:
+        x, y = list(row), [-100] * len(row)
+        if row:
+            u = _uniform(len(row), 3, generator=generator)
+            maskable = torch.tensor([t not in special for t in row])
+            chosen = maskable & (u[:, 0] < prob)
+            if maskable.any() and not chosen.any():
+                chosen[int(u[:, 0].masked_fill(~maskable, 2.0).argmin())] = True
+            for i in chosen.nonzero().flatten().tolist():
+                y[i] = row[i]
+                if u[i, 1] < 0.8:
+                    x[i] = mask_id
+                elif u[i, 1] < 0.9:
+                    x[i] = min(int(u[i, 2] * vocab_size), vocab_size - 1)
+        inputs.append(x)
+        targets.append(y)
+    return inputs, targets
+
+
+class MedViLLObjective(nn.Module):
+    """batch {"image", "report": list[str], "label:<col>": [B]} -> {"loss", "mlm", "itm", ...}."""
+
+    def __init__(self, cfg: MedViLLObjectiveConfig, model: MedViLL) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def labels(self, batch: dict[str, Any]) -> Tensor:
+        columns = [batch[f"label:{c}"] for c in self.cfg.label_columns]
+        return torch.stack([torch.as_tensor(c).float().cpu() for c in columns], dim=1)
+
+    def forward(
+        self, batch: dict[str, Any], *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        if "report" not in batch:
+            raise KeyError("medvill needs batch['report'] (the corpus's report text)")
+        model, tok = self.model, self.model.tokenizer
+        images = batch["image"]
+        partner, matched = choose_negatives(
+            self.labels(batch), prob=self.cfg.negative_prob, generator=generator
+        )
+        reports = list(batch["report"])
+        texts = [tok.encode(reports[int(j)])[: model.cfg.max_text_tokens] for j in partner]
+        inputs, targets = mask_tokens(texts, prob=self.cfg.mask_prob, mask_id=tok.mask_id,
+                                      vocab_size=tok.vocab_size, special=tok.special_ids,
+                                      generator=generator)  # fmt: skip
+        hidden, segments, ids = model(
+            images, inputs, keep=model.cfg.visual_keep, generator=generator
+        )
+        device = hidden.device
+        # targets sit on the text tokens, after any text [CLS]: place them like the inputs
+        target = torch.full(ids.shape, -100, dtype=torch.long, device=device)
+        lead = 1 if model.cfg.attention == "noncross" else 0
+        start = int((segments[0] == 1).long().argmax())  # the same for every row
+        for i, row in enumerate(targets):
+            target[i, start + lead : start + lead + len(row)] = torch.tensor(row, device=device)
+        target[~matched.to(device)] = -100
+        picked = target != -100
+        if picked.any():
+            mlm = F.cross_entropy(model.mlm_logits(hidden[picked]), target[picked])
+        else:
+            mlm = hidden.sum() * 0.0
+        itm_logits = model.itm_head(model.pooled(hidden, segments))
+        itm = F.cross_entropy(itm_logits, matched.long().to(device))
+        loss = self.cfg.mlm_weight * mlm + self.cfg.itm_weight * itm
+        with torch.no_grad():
+            itm_acc = (itm_logits.argmax(dim=1) == matched.long().to(device)).float().mean()
+        return {"loss": loss, "mlm": mlm.detach(), "itm": itm.detach(), "itm_acc": itm_acc,
+                "negatives": (~matched).float().mean().to(device)}  # fmt: skip
+
+
+@OBJECTIVES.register("medvill", MedViLLObjectiveConfig)
+def build_medvill_objective(cfg: MedViLLObjectiveConfig, *, model: nn.Module) -> MedViLLObjective:
+    if not isinstance(model, MedViLL):
+        raise TypeError(f"objective 'medvill' trains a medvill model, not {type(model).__name__}")
+    return MedViLLObjective(cfg, model)

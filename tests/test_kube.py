@@ -1,0 +1,272 @@
+"""KubeRay manifests: the checked-in RayClusters and rendered RayJobs validate against the CRD
+schemas (unknown fields included), stay in sync with their presets, and pin one image."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from raydiology.cli import app
+from raydiology.cluster import manifests
+from raydiology.cluster.metrics import METRIC_NAMES
+from raydiology.cluster.presets import load_preset, load_versions, preset_names
+from raydiology.cluster.workload import load_workload
+from raydiology.config import load_experiment
+from raydiology.config_base import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+KUBE = REPO / "kube"
+EXPERIMENT = REPO / "experiments" / "hd_mae_cam.yaml"
+CLUSTERS = ["a800", "a100"]
+
+
+@pytest.fixture(scope="module")
+def crds() -> Path:
+    folder = manifests.default_crd_dir()
+    if not (folder / manifests.CRD_FILES["RayCluster"]).is_file():
+        pytest.skip(f"KubeRay CRDs not found at {folder} (../shared is absent)")
+    return folder
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def render_job(cluster: str, *extra: str) -> dict:
+    return yaml.safe_load(
+        cli("kube", "render", str(EXPERIMENT), "--cluster", cluster, "--root", str(REPO), *extra)
+    )
+
+
+def test_presets_are_the_two_clusters():
+    assert preset_names() == sorted(CLUSTERS)
+
+
+@pytest.mark.parametrize("path", sorted(KUBE.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_kube_manifest_validates(path, crds):
+    assert manifests.validate_file(path, crds) >= 1
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_checked_in_raycluster_is_what_the_preset_renders(cluster):
+    rendered = cli("kube", "cluster", "--cluster", cluster)
+    assert (KUBE / f"raycluster-{cluster}.yaml").read_text() == rendered, (
+        f"kube/raycluster-{cluster}.yaml is stale: "
+        f"raydiology kube cluster --cluster {cluster} --out kube/raycluster-{cluster}.yaml"
+    )
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_raycluster_shape(cluster):
+    doc = yaml.safe_load((KUBE / f"raycluster-{cluster}.yaml").read_text())
+    spec = doc["spec"]
+    preset = load_preset(cluster)
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["gcsFaultToleranceOptions"]["redisAddress"] == preset.redis.address
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_limits
+    gpu, cpu = spec["workerGroupSpecs"]
+    pod = gpu["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": preset.gpu_product}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    accelerator = cluster.upper()
+    assert gpu["labels"] == {"ray.io/accelerator-type": accelerator}
+    assert gpu["resources"] == {f"accelerator_type:{accelerator}": "1"}
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": preset.gpu_nodes.shm}
+    # the CPU-only group decodes for Ray Data: no GPU, no GPU node selector
+    cpu_pod = cpu["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in cpu_pod
+
+
+def test_image_and_versions_pinned_in_one_place():
+    versions = load_versions()
+    import ray
+
+    assert versions.ray_version == ray.__version__
+    assert versions.raydiology_version == importlib.metadata.version("raydiology")
+    for cluster in CLUSTERS:
+        assert load_preset(cluster).image is None  # no preset overrides the pinned image
+        text = (KUBE / f"raycluster-{cluster}.yaml").read_text()
+        assert text.count(f"image: {versions.image}") == 3  # head, GPU and CPU groups
+        assert f"rayVersion: {versions.ray_version}" in text
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_rendered_rayjob_validates_and_runs_the_platform_cli(cluster, crds):
+    doc = render_job(cluster)
+    manifests.validate(doc, crds, source=f"RayJob for {cluster}")
+    spec = doc["spec"]
+    assert doc["metadata"]["name"] == f"hd-mae-cam-{cluster}"
+    assert spec["entrypoint"] == (
+        "cd /opt/raydiology && raydiology run experiments/hd_mae_cam.yaml "
+        f"--cluster {cluster} --set output.dir=/mnt/runs --address auto"
+    )
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+    assert spec["backoffLimit"] == 2
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    raycluster = yaml.safe_load((KUBE / f"raycluster-{cluster}.yaml").read_text())
+    assert spec["rayClusterSpec"] == raycluster["spec"]  # one template for both
+
+
+def test_rendered_rayjob_for_an_existing_cluster_and_overrides(crds):
+    doc = render_job("a800", "--existing", "--profile", "smoke", "--set", "train.max_steps=7")
+    manifests.validate(doc, crds)
+    assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": "raydiology-a800"}
+    assert "rayClusterSpec" not in doc["spec"]
+    assert "--profile smoke" in doc["spec"]["entrypoint"]
+    assert "--set train.max_steps=7" in doc["spec"]["entrypoint"]
+
+
+def test_kube_validate_command(crds, tmp_path):
+    assert "ok" in cli("kube", "validate", *map(str, KUBE.glob("*.yaml")), "--crds", str(crds))
+    doc = yaml.safe_load((KUBE / "raycluster-a800.yaml").read_text())
+    doc["spec"]["headGroupSpec"]["rayStartParam"] = doc["spec"]["headGroupSpec"].pop(
+        "rayStartParams"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["kube", "validate", str(bad), "--crds", str(crds)])
+    assert result.exit_code == 1 and "rayStartParam" in result.output
+
+
+@pytest.mark.parametrize(
+    "where, typo",
+    [
+        (["spec", "workerGroupSpecs", 0], ("minReplicas", "minReplica")),
+        (["spec"], ("enableInTreeAutoscaling", "enableIntreeAutoscaling")),
+        (["spec", "authOptions"], ("mode", "mod")),
+        (["spec", "workerGroupSpecs", 0, "template", "spec"], ("nodeSelector", "nodeSelecter")),
+        (
+            ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources"],
+            ("limits", "limit"),
+        ),
+    ],
+)
+def test_a_typo_in_a_field_name_fails(crds, where, typo):
+    doc = yaml.safe_load((KUBE / "raycluster-a800.yaml").read_text())
+    manifests.validate(copy.deepcopy(doc), crds)  # the original is fine
+    node = doc
+    for key in where:
+        node = node[key]
+    right, wrong = typo
+    node[wrong] = node.pop(right)
+    with pytest.raises(manifests.ManifestError) as caught:
+        manifests.validate(doc, crds)
+    assert wrong in str(caught.value)
+
+
+def test_a_wrong_value_fails(crds):
+    doc = yaml.safe_load((KUBE / "raycluster-a800.yaml").read_text())
+    doc["spec"]["authOptions"]["mode"] = "password"
+    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(manifests.ManifestError) as caught:
+        manifests.validate(doc, crds)
+    assert len(caught.value.errors) == 2
+
+
+def test_strict_schema_leaves_preserve_unknown_fields_open():
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"x": {"type": "string"}}},
+            "b": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"y": {"type": "string"}},
+            },
+            "c": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+    strict = manifests.strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in strict["properties"]["b"]
+    assert strict["properties"]["c"]["additionalProperties"] == {"type": "string"}
+    assert "additionalProperties" not in schema  # the input is left alone
+
+
+def test_cluster_preset_overlays_scaling_and_set_still_wins():
+    preset = load_preset("a800")
+    exp = load_experiment(EXPERIMENT, profile="smoke", overrides=preset.scaling_overrides())
+    assert exp.scaling.accelerator_type == "A800"
+    assert (exp.scaling.num_workers, exp.scaling.use_gpu, exp.scaling.cpus_per_worker) == (
+        8,
+        True,
+        8,
+    )
+    work = load_workload(
+        EXPERIMENT, root=REPO, cluster="a100", sets=["scaling.num_workers=2"], profile="smoke"
+    )
+    assert work.args == [
+        "run", "experiments/hd_mae_cam.yaml", "--profile", "smoke", "--cluster", "a100",
+        "--set", "scaling.num_workers=2",
+    ]  # fmt: skip
+
+
+def test_bad_preset_names_the_key(tmp_path):
+    raw = yaml.safe_load((REPO / "ray_configs" / "a800.yaml").read_text())
+    raw["scaling"]["num_worker"] = 4
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"scaling\.num_worker"):
+        load_preset(path)
+    with pytest.raises(ConfigError, match="a800"):
+        load_preset("h100")
+
+
+def test_sweep_files_run_as_raydiology_sweep(crds):
+    sweep = REPO / "experiments" / "sweeps" / "mask_ratio.yaml"
+    work = load_workload(sweep, root=REPO, profile="smoke", cluster="a100")
+    assert work.kind == "sweep" and work.name == "mask_ratio"
+    # the preset says where trials run; the sweep's resources keep the workers per trial
+    assert work.args == [
+        "sweep", "experiments/sweeps/mask_ratio.yaml", "--profile", "smoke",
+        "--set", "scaling.accelerator_type=A100", "--set", "scaling.use_gpu=true",
+        "--set", "scaling.gpus_per_worker=1", "--set", "scaling.cpus_per_worker=8",
+    ]  # fmt: skip
+    doc = yaml.safe_load(
+        cli("kube", "render", str(sweep), "--cluster", "a100", "--root", str(REPO))
+    )
+    manifests.validate(doc, crds)
+    assert doc["metadata"]["name"] == "mask-ratio-a100"
+    assert " raydiology sweep experiments/sweeps/mask_ratio.yaml " in doc["spec"]["entrypoint"]
+
+
+def test_experiment_outside_the_root_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="inside"):
+        load_workload(EXPERIMENT, root=tmp_path)
+
+
+def test_exposed_dashboard_requires_token_auth(monkeypatch):
+    from rich.console import Console
+
+    from raydiology.train.launch import connect_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(RuntimeError, match="token authentication"):
+        connect_ray(None, dashboard_host="0.0.0.0", console=Console())
+
+
+def test_grafana_dashboard_plots_every_metric():
+    dash = json.loads((KUBE / "grafana" / "raydiology-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for name in METRIC_NAMES:
+        assert f"ray_{name}" in exprs, name
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"experiment", "run"} <= variables

@@ -1,0 +1,271 @@
+"""MedViLL: the five attention masks cell by cell, the joint sequence (positions, token
+types, kept visual positions), BERT masking rules, negatives with differing labels, the paper
+shape on the meta device, and a smoke pretraining on phantoms (2 DeepSpeed workers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydiology.config import load_experiment
+from raydiology.config_base import ConfigError, from_dict
+from raydiology.data.phantom import LABEL_COLUMNS
+from raydiology.models.medvill import (
+    IMAGE,
+    MedViLLConfig,
+    attention_mask,
+    build_medvill,
+)
+from raydiology.objectives.medvill import (
+    MedViLLObjectiveConfig,
+    build_medvill_objective,
+    choose_negatives,
+    mask_tokens,
+)
+from raydiology.registry import build_model
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "medvill.yaml"
+
+# [CLS] v [SEP] w1 w2 [SEP] pad: image block 0-2, text 3-5, pad 6
+SEGMENTS = torch.tensor([[0, 0, 0, 1, 1, 1, -1]])
+ALL = [1, 1, 1, 1, 1, 1, 0]  # every non-pad column (also what pad rows get)
+EXPECTED = {
+    "bi": [ALL] * 7,
+    "s2s": [
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+        ALL,
+    ],
+    "bar": [
+        ALL,
+        ALL,
+        ALL,
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+        ALL,
+    ],
+    "noncross": [
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1, 0],
+        ALL,
+    ],
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(EXPECTED))
+def test_mask_scheme_cell_by_cell(scheme):
+    mask = attention_mask(scheme, SEGMENTS)
+    assert mask.dtype == torch.bool and mask.shape == (1, 7, 7)
+    assert mask[0].int().tolist() == EXPECTED[scheme]
+
+
+def test_mixed_mask_is_bi_or_s2s_per_sample_at_the_given_rate():
+    segments = SEGMENTS.expand(4000, -1)
+    mask = attention_mask(
+        "mixed", segments, bi_prob=0.25, generator=torch.Generator().manual_seed(0)
+    )
+    bi = torch.tensor(EXPECTED["bi"], dtype=torch.bool)
+    s2s = torch.tensor(EXPECTED["s2s"], dtype=torch.bool)
+    is_bi = (mask == bi).flatten(1).all(dim=1)
+    is_s2s = (mask == s2s).flatten(1).all(dim=1)
+    assert bool((is_bi | is_s2s).all())
+    assert is_bi.float().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+def tiny(**section):
+    cfg = from_dict(MedViLLConfig, {"flavor": "tiny", "max_text_tokens": 32, **section}, "model")
+    torch.manual_seed(0)
+    return build_medvill(cfg, image_size=128, in_chans=1)
+
+
+def test_sequence_positions_token_types_and_kept_visual_positions():
+    model = tiny().eval()
+    tok = model.tokenizer
+    text = tok.encode("The heart is enlarged.")
+    feats, pos = model.visual_tokens(torch.randn(2, 1, 128, 128))
+    assert feats.shape == (2, 16, 512) and pos[0].tolist() == list(range(16))  # 4x4 grid
+    kept_feats, kept = model.visual_tokens(
+        torch.randn(2, 1, 128, 128), keep=180 / 256, generator=torch.Generator().manual_seed(0)
+    )
+    assert kept.shape == (2, 11) and (kept.diff(dim=1) > 0).all()  # a subset, in grid order
+    embeds, segments, ids = model.assemble(kept_feats, kept, [text, text[:2]])
+    n = 11
+    assert ids[0, 0] == tok.cls_id and ids[0, n + 1] == tok.sep_id
+    assert ids[0, n + 2 : n + 2 + len(text)].tolist() == text
+    assert ids[0, n + 2 + len(text)] == tok.sep_id and ids[1, -1] == tok.pad_id
+    assert (segments[:, : n + 2] == IMAGE).all() and segments[1, -1] == -1
+    # the embedding is word/visual + position (grid position for visuals) + type, normalised
+    emb = model.bert.embeddings
+    positions = torch.cat([torch.tensor([0]), kept[0] + 1, torch.tensor([17])])
+    visual = torch.cat([emb.word_embeddings.weight[tok.cls_id][None],
+                        model.visual_proj(kept_feats[0]),
+                        emb.word_embeddings.weight[tok.sep_id][None]])  # fmt: skip
+    expected = emb.LayerNorm(
+        visual + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
+    )
+    assert torch.allclose(embeds[0, : n + 2], expected, atol=1e-5)
+    text_pos = torch.arange(len(text) + 1) + 18
+    words = emb.word_embeddings(ids[0, n + 2 : n + 3 + len(text)])
+    expected_text = emb.LayerNorm(
+        words + emb.position_embeddings(text_pos) + emb.token_type_embeddings.weight[1]
+    )
+    assert torch.allclose(embeds[0, n + 2 : n + 3 + len(text)], expected_text, atol=1e-5)
+
+
+def test_mask_reaches_the_encoder_text_cannot_see_later_text_under_s2s():
+    model = tiny(attention="s2s").eval()
+    text = model.tokenizer.encode("The heart is enlarged. No pneumothorax.")
+    images = torch.randn(1, 1, 128, 128)
+    changed = [*text[:-1], model.tokenizer.encode("effusion")[0]]
+    with torch.no_grad():
+        a, seg, _ = model(images, [text])
+        b, _, _ = model(images, [changed])
+    last = int((seg[0] == 1).nonzero()[-2])  # the last word (before [SEP]) differs
+    assert torch.allclose(a[0, :last], b[0, :last], atol=1e-5)  # nothing earlier sees it
+    assert not torch.allclose(a[0, last], b[0, last])
+    bar = tiny(attention="bar").eval()
+    with torch.no_grad():
+        a, _, _ = bar(images, [text])
+        b, _, _ = bar(images, [changed])
+    assert not torch.allclose(a[0, 0], b[0, 0])  # BAR: the image rows read the whole text
+
+
+def test_mlm_masking_rules():
+    g = torch.Generator().manual_seed(0)
+    special = {0, 1, 2, 3}
+    rows = [[2, *range(10, 60), 3] for _ in range(200)]
+    inputs, targets = mask_tokens(rows, prob=0.15, mask_id=4, vocab_size=100, special=special,
+                                  generator=g)  # fmt: skip
+    chosen = mask_kept = mask_random = mask_token = 0
+    for row, x, y in zip(rows, inputs, targets, strict=True):
+        assert y[0] == -100 and y[-1] == -100 and x[0] == 2 and x[-1] == 3  # specials untouched
+        for t, xi, yi in zip(row, x, y, strict=True):
+            if yi == -100:
+                assert xi == t
+                continue
+            chosen += 1
+            assert yi == t
+            mask_token += xi == 4
+            mask_kept += xi == t
+            mask_random += xi not in (4, t)
+    total = sum(len(r) - 2 for r in rows)
+    assert chosen / total == pytest.approx(0.15, abs=0.01)
+    assert mask_token / chosen == pytest.approx(0.8, abs=0.03)
+    assert (mask_kept + mask_random) / chosen == pytest.approx(0.2, abs=0.03)
+    assert mask_random / chosen == pytest.approx(0.1 * 99 / 100, abs=0.025)
+    # at least one per sequence, even when the draw picks none
+    short = [[2, 10, 3]] * 50
+    _, targets = mask_tokens(short, prob=0.01, mask_id=4, vocab_size=100, special=special,
+                             generator=g)  # fmt: skip
+    assert all(sum(t != -100 for t in y) == 1 for y in targets)
+
+
+def test_negatives_come_from_reports_with_different_labels():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]] * 250, dtype=torch.float32)
+    partner, matched = choose_negatives(labels, prob=0.5, generator=g)
+    negatives = ~matched
+    assert negatives.float().mean().item() == pytest.approx(0.5, abs=0.04)
+    assert (partner[matched] == torch.arange(1000)[matched]).all()
+    assert (labels[partner[negatives]] != labels[negatives]).any(dim=1).all()
+    same = torch.ones(6, 3)
+    partner, matched = choose_negatives(same, prob=1.0, generator=g)
+    assert matched.all() and partner.tolist() == list(range(6))  # no partner with other labels
+
+
+def test_objective_losses_and_gradients():
+    model = tiny()
+    objective = build_medvill_objective(MedViLLObjectiveConfig(), model=model)
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "There is a small left pleural effusion."]  # fmt: skip
+    batch = {"image": torch.randn(4, 1, 128, 128), "report": reports}
+    for i, c in enumerate(LABEL_COLUMNS):
+        batch[f"label:{c}"] = torch.tensor([float((i + j) % 2) for j in range(4)])
+    out = objective(batch, generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "mlm", "itm", "itm_acc", "negatives"}
+    assert out["loss"].item() == pytest.approx(out["mlm"].item() + out["itm"].item(), rel=1e-5)
+    out["loss"].backward()
+    for part in (model.encoder, model.visual_proj, model.bert, model.itm_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    with pytest.raises(KeyError, match="report"):
+        objective({"image": batch["image"]})
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError) as err:
+        from_dict(MedViLLConfig, {"attention": "causal"}, "model")
+    assert err.value.key == "model.attention"
+    with pytest.raises(ConfigError) as err:
+        build_medvill(MedViLLConfig(flavor="tiny"), image_size=100, in_chans=1)
+    assert err.value.key == "data.resolution"
+
+
+def test_paper_shape_on_the_meta_device():
+    from raydiology.models import count_parameters
+
+    exp = load_experiment(EXPERIMENT)
+    with torch.device("meta"):
+        model = build_model(exp.model, exp.data)
+    counts = count_parameters(model)
+    assert counts["encoder"] == 23_508_032  # ResNet-50 without its classifier
+    assert counts["bert"] == 108_891_648  # bert-base-uncased without its pooler
+    assert model.grid == 256 and model.visual_proj.in_features == 2048
+    assert round(exp.model.config.visual_keep * 256) == 180
+    assert exp.train.optimizer.lr == 1e-5 and exp.train.schedule.name == "constant"
+    assert exp.train.micro_batch_size == 32
+
+
+@pytest.mark.ray
+def test_smoke_pretraining_on_phantoms_learns_and_matches_held_out_pairs(ray_cluster, tmp_path):
+    import numpy as np
+    from rich.console import Console
+
+    from raydiology.data.corpus import read_rows
+    from raydiology.data.pipeline import preprocess_batch, to_model_input
+    from raydiology.evaluation.clip_retrieval import random_recall_at, retrieval_metrics, same_text
+    from raydiology.models.medvill import matching_scores
+    from raydiology.registry import build_objective
+    from raydiology.train.launch import read_metrics, resolve_corpus, run_experiment
+    from raydiology.train.loop import CHECKPOINT_TAG
+    from raydiology.train.safe_load import weights_only_load
+
+    exp = load_experiment(EXPERIMENT, profile="medvill_smoke", overrides=[f"output.dir={tmp_path}"])
+    result = run_experiment(exp, console=Console(quiet=True))
+    rows = read_metrics(result.run_dir)
+    assert rows[-1]["step"] == exp.train.max_steps
+    for key in ("loss", "mlm"):  # measured: both about 15% down in 40 steps
+        values = [r[key] for r in rows]
+        assert sum(values[-2:]) / 2 < 0.9 * sum(values[:2]) / 2, (key, values)
+
+    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+    states = weights_only_load(
+        str(Path(str(result.checkpoint)) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+    )
+    objective.load_state_dict(states["module"])
+    model = objective.model.eval()
+    corpus = resolve_corpus(exp, console=Console(quiet=True))
+    table = read_rows(corpus)
+    keep = np.isin(table.column("split").to_numpy(zero_copy_only=False), ["val", "test"])
+    batch = {n: table.column(n).to_numpy(zero_copy_only=False)[keep] for n in table.column_names}
+    pixels = preprocess_batch(batch, data=exp.data, label_columns=[])["image"]
+    images = to_model_input(torch.from_numpy(pixels), exp.data, dtype=torch.float32)
+    reports = [str(r) for r in batch["report"]]
+    scores = matching_scores(model, images, reports)
+    positives = same_text(reports, reports)
+    metrics = retrieval_metrics(scores, positives)
+    print("held-out MedViLL matching retrieval:", metrics, "random R@5",
+          random_recall_at(positives, 5))  # fmt: skip
+    # Not asserted: at this budget the matching head is still near chance (itm_acc ~0.5);
+    # retrieval by matching score is printed for the record.
+    assert scores.shape == (len(reports), len(reports)) and len(reports) >= 15

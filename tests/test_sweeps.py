@@ -1,0 +1,244 @@
+"""Sweeps on a real local Ray Tune: a 4-trial ASHA smoke sweep and its results, resume after
+the driver was killed, and refusals before Ray starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydiology.config import load_experiment
+from raydiology.config_base import ConfigError
+from raydiology.train.launch import read_metrics
+from raydiology.tune.runner import TRIAL_FILE, check_resources, run_sweep
+from raydiology.tune.spec import NOT_SET, Plan, grid_points, make_plan, parse_search
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = str(REPO / "experiments" / "hd_mae_cam.yaml")
+# Tiny trials: 6 steps of 2 x 4 images at 64 px on a 32-image phantom corpus.
+TINY = [
+    "train.max_steps=6",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "data.phantom.images=32",
+    "data.phantom.size=64",
+    "data.resolution=64",
+]
+
+
+def write_sweep(folder: Path, search: dict, **extra) -> Path:
+    spec = {"name": "t", "base": BASE, "metric": "loss", "mode": "min", "search": search}
+    spec.update(extra)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+MASK_SEARCH = {
+    "objective.masking.strategy": {"grid": ["random", "context_aware"]},
+    "objective.masking.ratio": {
+        "grid": [0.6, 0.9],
+        "when": {"objective.masking.strategy": "random"},
+    },
+    "objective.masking.inside_ratio": {
+        "grid": [0.6, 0.95],
+        "when": {"objective.masking.strategy": "context_aware"},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_search_space_grid_conditionals_and_follows():
+    params = parse_search(
+        {
+            "data.resolution": [224, 512],
+            "model.patch_size": {"follows": "data.resolution", "values": {224: 16, 512: 32}},
+            "objective.masking.strategy": {"grid": ["random", "context_aware"]},
+            "objective.masking.ratio": {
+                "grid": [0.75, 0.9],
+                "when": {"objective.masking.strategy": "random"},
+            },
+            "train.optimizer.lr": {"loguniform": [1e-4, 1e-3]},
+        }
+    )
+    points = grid_points(params)
+    assert len(points) == 2 * (2 + 1)
+    assert all(p["model.patch_size"] == {224: 16, 512: 32}[p["data.resolution"]] for p in points)
+    cam = [p for p in points if p["objective.masking.strategy"] == "context_aware"]
+    assert cam and all("objective.masking.ratio" not in p for p in cam)
+    with pytest.raises(ConfigError, match=r"search\.a\.b\.when"):
+        parse_search({"a.b": {"grid": [1], "when": {"c.d": 1}}})  # c.d is not an earlier grid
+    with pytest.raises(ConfigError, match=r"search\.x\.y\.uniform"):
+        parse_search({"x.y": {"uniform": [1.0, 0.5]}})
+
+
+def test_unknown_key_and_bad_value_refused_naming_them(tmp_path):
+    bad_key = write_sweep(tmp_path, {"objective.masking.insde_ratio": [0.9]})
+    with pytest.raises(ConfigError) as e:
+        make_plan(bad_key, profile="smoke", sweep_dir=tmp_path / "out")
+    assert e.value.key == "objective.masking.insde_ratio"
+    bad_value = write_sweep(tmp_path, {"objective.masking.inside_ratio": [0.9, 1.5]})
+    with pytest.raises(ConfigError) as e:
+        make_plan(bad_value, profile="smoke", sweep_dir=tmp_path / "out")
+    assert e.value.key == "objective.masking.inside_ratio" and e.value.value == 1.5
+
+
+def test_resources_must_fit_the_cluster(tmp_path):
+    path = write_sweep(tmp_path, MASK_SEARCH, resources={"parallel": 2})
+    plan = make_plan(path, profile="smoke", sets=TINY, sweep_dir=tmp_path / "out")
+    check_resources(plan, {"CPU": 4.0})  # 2 trials x (2 x 0.5 CPU) + 1 for Ray Data
+    with pytest.raises(ConfigError) as e:
+        check_resources(plan, {"CPU": 2.0})
+    assert e.value.key == "resources.parallel" and e.value.value == 2
+    gpu = make_plan(path, sweep_dir=tmp_path / "out2")  # the paper's 8 GPUs a trial
+    with pytest.raises(ConfigError, match="scaling"):
+        check_resources(gpu, {"CPU": 128.0, "GPU": 4.0})
+
+
+def test_invalid_resolution_refused_before_ray_starts(tmp_path):
+    """200 px is not a multiple of the smoke model's 16-px patches: the CLI refuses it, naming
+    the key and value, and Ray is never started (checked in a fresh process)."""
+    path = write_sweep(tmp_path, {"data.resolution": [128, 200]})
+    script = (
+        "import sys, ray\n"
+        "from raydiology.cli import app\n"
+        "try:\n"
+        f"    app(['sweep', {str(path)!r}, '--profile', 'smoke', '--out', {str(tmp_path)!r}])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('RAY_INITIALIZED', ray.is_initialized())\n"
+        "sys.exit(code)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "data.resolution" in text and "200" in text and "patch size" in text, text
+    assert "RAY_INITIALIZED False" in text, text
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob("t-*"))
+
+
+# ----------------------------------------------------------------------------- real Ray
+
+
+@pytest.mark.ray
+def test_smoke_mask_ratio_sweep_with_asha(ray_cluster, tmp_path):
+    path = write_sweep(
+        tmp_path,
+        MASK_SEARCH,
+        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
+    )
+    plan = make_plan(path, profile="smoke", sets=TINY, sweep_dir=tmp_path / "sweep")
+    rows = run_sweep(plan)
+    out = tmp_path / "sweep"
+
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"finished", "stopped"}
+    assert sum(r["status"] == "finished" for r in rows) >= 1
+    assert {
+        (
+            r["objective.masking.strategy"],
+            r["objective.masking.ratio"],
+            r["objective.masking.inside_ratio"],
+        )
+        for r in rows
+    } == {
+        ("random", 0.6, NOT_SET),
+        ("random", 0.9, NOT_SET),
+        ("context_aware", NOT_SET, 0.6),
+        ("context_aware", NOT_SET, 0.95),
+    }
+    for row in rows:  # each trial is a normal run directory, its numbers in the table
+        run_dir = Path(row["run_dir"])
+        assert (run_dir / "config.yaml").is_file()
+        metrics = read_metrics(run_dir)
+        assert row["loss"] == metrics[-1]["loss"] and row["step"] == metrics[-1]["step"]
+        cfg = load_experiment(run_dir / "config.yaml")
+        assert cfg.objective.config.masking.strategy == row["objective.masking.strategy"]
+        assert row["wall_s"] > 0 and row["images_per_s"] > 0
+        assert row["cpu_hours"] == pytest.approx(row["wall_s"] / 3600 * 2 * 0.5)
+        if row["status"] == "finished":
+            assert metrics[-1]["step"] == 6 and (run_dir / "summary.json").is_file()
+            final = json.loads((run_dir / TRIAL_FILE).read_text())["final"]
+            assert final["loss"] == row["loss"]
+    losses = [r["loss"] for r in rows]
+    assert losses == sorted(losses)
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["trial"] for t in table] == [r["trial"] for r in rows]
+    assert [float(t["loss"]) for t in table] == pytest.approx(losses)
+    md = (out / "results.md").read_text()
+    assert all(r["trial"] in md for r in rows) and "images_per_s" in md
+
+    best = min((r for r in rows if r["status"] == "finished"), key=lambda r: r["loss"])
+    assert f"best: trial {best['trial']}" in md
+    best_exp = load_experiment(out / "best.yaml").to_dict()
+    trial_exp = load_experiment(Path(best["run_dir"]) / "config.yaml").to_dict()
+    assert best_exp["name"] == "t_best" and best_exp["output"]["name"] is None
+    for section in ("name", "output"):
+        best_exp.pop(section), trial_exp.pop(section)
+    assert best_exp == trial_exp
+
+    for picture in (
+        "metric_vs_objective_masking_strategy.png",
+        "metric_vs_objective_masking_ratio.png",
+        "metric_vs_objective_masking_inside_ratio.png",
+        "metric_vs_cost.png",
+    ):
+        assert (out / "plots" / picture).stat().st_size > 5_000, picture
+
+
+@pytest.mark.ray
+def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    """The driver runs in its own process on the test's Ray; it is killed once the first trial
+    has finished, then `--resume` completes the sweep without running that trial again."""
+    path = write_sweep(
+        tmp_path,
+        {"objective.masking.strategy": {"grid": ["random", "context_aware"]}},
+        scheduler={"name": "none"},
+    )
+    address = ray_cluster.get_runtime_context().gcs_address
+    sets = [a for s in TINY for a in ("--set", s)]
+    args = ["sweep", str(path), "--profile", "smoke", *sets, "--out", str(tmp_path)]
+    args += ["--address", address]
+    driver = subprocess.Popen(
+        [sys.executable, "-c", f"from raydiology.cli import app; app({args!r})"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 420
+        while not list(tmp_path.glob("t-*/trials/*/summary.json")):
+            assert driver.poll() is None, "the sweep driver exited before a trial finished"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        time.sleep(6)  # Tune saves its state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    (sweep_dir,) = tmp_path.glob("t-*")
+    (first,) = [p.parent for p in sweep_dir.glob("trials/*/summary.json")]
+    first_rows = len(read_metrics(first))
+    first_summary = (first / "summary.json").read_text()
+
+    rows = run_sweep(Plan.load(sweep_dir), resume=True)
+
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), rows
+    assert len(read_metrics(first)) == first_rows  # not trained again
+    assert (first / "summary.json").read_text() == first_summary
+    assert json.loads((first / TRIAL_FILE).read_text())["attempts"] == 1
+    assert (sweep_dir / "results.md").is_file() and (sweep_dir / "best.yaml").is_file()

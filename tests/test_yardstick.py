@@ -1,0 +1,370 @@
+"""The frozen-encoder yardstick: cached features, the MLP probe, retrieval P@k and the CLI,
+on phantom films with tiny HD-MAE exports (random weights)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import raydiology
+from raydiology.cli import app
+from raydiology.data.corpus import decode_pixels, read_rows
+from raydiology.evaluation.features import (
+    effective_pooling,
+    load_features,
+    pool_tokens,
+    resolve_labels,
+)
+from raydiology.evaluation.probe import (
+    ProbeConfig,
+    infer_task,
+    run_probe,
+    train_probe,
+    training_subset,
+)
+from raydiology.evaluation.retrieval import precision_at_k, run_retrieval
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "hd_mae_random.yaml"
+IMAGENET = ["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
+
+
+def _export(folder: Path, seed: int, sets: list[str]) -> Path:
+    from raydiology.config import load_experiment
+    from raydiology.registry import build_model, build_objective
+    from raydiology.train.export import export_encoder
+
+    exp = load_experiment(EXPERIMENT, profile="smoke", overrides=sets)
+    torch.manual_seed(seed)
+    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+    export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny MLPs run ~20x slower with two intra-op threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """200 phantom films at 64 px; a 1-channel encoder at 64 px and a 3-channel one at 48 px
+    (so one reads the stored pixels as they are and one goes through resize + channel repeat)."""
+    from raydiology.data.phantom import write_phantom_corpus
+
+    root = tmp_path_factory.mktemp("yardstick")
+    write_phantom_corpus(root / "corpus", n=200, size=64, progress=False)
+    return {
+        "root": root,
+        "corpus": root / "corpus",
+        "gray": _export(root / "gray", 0, ["data.resolution=64"]),
+        "rgb": _export(root / "rgb", 1, ["data.resolution=48", "data.channels=3", *IMAGENET]),
+    }
+
+
+# --- features -----------------------------------------------------------------------------
+
+
+def test_features_match_the_encoder_and_are_cached(world, tmp_path) -> None:
+    corpus, cache = world["corpus"], tmp_path / "cache"
+    first = load_features(world["gray"], corpus, pooling="cls", cache_dir=cache, progress=False)
+    assert not first.cached and first.pooling == "cls" and first.encoder == "gray"
+    assert first.features.shape == (200, 64) and first.features.dtype == np.float32
+
+    rows = read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype", "split",
+                                      "label_cardiomegaly"])  # fmt: skip
+    assert list(first.image_ids) == rows.column("image_id").to_pylist()
+    assert list(first.split) == rows.column("split").to_pylist()
+    assert set(first.split) == {"train", "val", "test"}
+    assert np.array_equal(
+        first.select(["label_cardiomegaly"])[:, 0], rows.column("label_cardiomegaly").to_numpy()
+    )
+
+    # By hand: 8-bit pixels at the encoder's size -> (x/255 - 0.5)/0.5 -> CLS token.
+    batch = {k: rows.column(k).to_numpy(zero_copy_only=False)[:4] for k in rows.column_names}
+    pixels = torch.from_numpy(decode_pixels(batch).astype(np.float32))[:, None] / 255
+    encoder = raydiology.load_encoder(world["gray"])
+    with torch.no_grad():
+        want = encoder((pixels - 0.5) / 0.5)[:, 0]
+    torch.testing.assert_close(torch.from_numpy(first.features[:4]), want, atol=1e-5, rtol=1e-5)
+
+    # A rerun reads the cache (same bytes, file untouched); another pooling is another entry.
+    (npy,) = cache.glob("*.npy")
+    stamp = npy.stat().st_mtime_ns
+    again = load_features(world["gray"], corpus, pooling="cls", cache_dir=cache, progress=False)
+    assert again.cached and np.array_equal(again.features, first.features)
+    assert npy.stat().st_mtime_ns == stamp
+    renamed = load_features(
+        world["gray"], corpus, pooling="cls", cache_dir=cache, name="other", progress=False
+    )
+    assert renamed.cached and renamed.encoder == "other"
+    mean = load_features(world["gray"], corpus, pooling="mean", cache_dir=cache, progress=False)
+    assert not mean.cached and len(list(cache.glob("*.npy"))) == 2
+    assert not np.allclose(mean.features, first.features)
+
+    # The 3-channel 48-px encoder: antialiased resize, quantised to 8 bits like training
+    # batches, grey repeated, ImageNet mean/std, then the mean of the patch tokens.
+    rgb = load_features(world["rgb"], corpus, pooling="mean", cache_dir=cache, progress=False)
+    small = F.interpolate(pixels, size=(48, 48), mode="bilinear", antialias=True)
+    small = (small * 255).round().clamp(0, 255) / 255
+    mean_t = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std_t = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    encoder = raydiology.load_encoder(world["rgb"])
+    with torch.no_grad():
+        want = encoder((small.expand(-1, 3, -1, -1) - mean_t) / std_t)[:, 1:].mean(1)
+    torch.testing.assert_close(torch.from_numpy(rgb.features[:4]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_and_label_globs() -> None:
+    tokens = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    assert torch.equal(pool_tokens(tokens, 1, "cls"), tokens[:, 0])
+    assert torch.equal(pool_tokens(tokens, 1, "mean"), tokens[:, 1:].mean(1))
+    assert torch.equal(pool_tokens(tokens, 0, "mean"), tokens.mean(1))
+
+    class NoCLS(torch.nn.Module):
+        num_prefix_tokens = 0
+
+    used, notes = effective_pooling(NoCLS(), "cls")
+    assert used == "mean" and "no CLS" in notes[0]
+    assert effective_pooling(NoCLS(), "mean") == ("mean", [])
+    with pytest.raises(ValueError, match="pooling"):
+        effective_pooling(NoCLS(), "max")
+
+    columns = ("label_no_finding", "label_cardiomegaly", "label_pleural_effusion")
+    assert resolve_labels(["label_*"], columns) == list(columns)
+    assert resolve_labels(["label_pleural*", "label_cardiomegaly", "label_pl*"], columns) == [
+        "label_pleural_effusion",
+        "label_cardiomegaly",
+    ]
+    with pytest.raises(ValueError, match="matches no label column"):
+        resolve_labels(["label_fracture"], columns)
+
+
+def test_rows_without_split_get_a_fixed_split_from_their_id(tmp_path) -> None:
+    from raydiology.data.corpus import CorpusWriter
+    from raydiology.evaluation.features import corpus_table, hash_split
+
+    with CorpusWriter(tmp_path / "c", made_by={"command": "test"}) as writer:
+        for i in range(40):
+            split = "test" if i < 5 else None  # only some rows carry a split
+            pixels = np.full((16, 16), i, dtype=np.uint8)
+            writer.add({"image_id": f"x{i}", "pixels": pixels, "split": split, "label_a": i % 2})
+    table = corpus_table(tmp_path / "c")
+    assert table["split_from_hash"] == 35 and table["label_columns"] == ("label_a",)
+    assert list(table["split"][:5]) == ["test"] * 5
+    assert list(table["split"][5:]) == [hash_split(f"x{i}") for i in range(5, 40)]
+    assert set(table["split"][5:]) == {"train", "val", "test"}
+    assert table["labels"][:, 0].tolist() == [i % 2 for i in range(40)]
+
+
+# --- probe --------------------------------------------------------------------------------
+
+
+def _synthetic(n: int = 400, *, seed: int = 0):
+    """Two labels that a probe can read from 16-d features, plus a 80/10/10 split."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 2)) < 0.3).astype(np.float32)
+    features = rng.standard_normal((n, 16)).astype(np.float32)
+    features[:, :2] += 4.0 * labels  # label j shifts feature j
+    split = np.array(["train"] * (n * 8 // 10) + ["val"] * (n // 10) + ["test"] * (n // 10))
+    return features, labels, split
+
+
+def test_training_subsets_are_fixed_nested_and_cover_classes() -> None:
+    _, labels, _ = _synthetic()
+    small = training_subset(labels, 0.01, seed=3, task="multilabel")
+    assert np.array_equal(small, training_subset(labels, 0.01, seed=3, task="multilabel"))
+    assert not np.array_equal(small, training_subset(labels, 0.01, seed=4, task="multilabel"))
+    for j in range(labels.shape[1]):  # a positive and a negative of every label
+        assert set(labels[small, j]) == {0.0, 1.0}
+    assert len(small) <= round(0.01 * len(labels)) + 2 * labels.shape[1]
+    big = training_subset(labels, 0.1, seed=3, task="multilabel")
+    assert len(big) == round(0.1 * len(labels))
+    assert set(big) <= set(range(len(labels)))
+    assert len(training_subset(labels, 1.0, seed=0, task="multilabel")) == len(labels)
+    onehot = np.eye(3, dtype=np.float32)[np.arange(300) % 3]
+    assert set(onehot[training_subset(onehot, 0.001, seed=0, task="multiclass")].argmax(1)) == {
+        0,
+        1,
+        2,
+    }
+
+
+def test_probe_learns_separable_labels_and_reports_the_protocol() -> None:
+    features, labels, split = _synthetic()
+    cfg = ProbeConfig(
+        fractions=(0.05, 1.0), seeds=3, max_epochs=30, hidden_dim=64, batch_size=32, lr=1e-3
+    )
+    columns = ["label_a", "label_b"]
+    out = run_probe(features, labels, split, label_columns=columns, cfg=cfg)
+    assert out["task"] == "multilabel" and out["n"] == {"train": 320, "val": 40, "test": 40}
+    assert list(out["fractions"]) == ["5%", "100%"]
+    for cell in out["fractions"].values():
+        assert len(cell["seeds"]) == 3 and [r["seed"] for r in cell["seeds"]] == [0, 1, 2]
+        assert set(cell["auroc"]) == set(columns)
+        for run in cell["seeds"]:
+            assert set(run["auroc"]) == set(columns)
+            assert all(0.0 <= v <= 1.0 for v in run["auroc"].values())
+            assert -1.0 <= run["mcc"] <= 1.0 and 1 <= run["epochs"] <= 30
+        aurocs = [r["auroc_mean"] for r in cell["seeds"]]
+        assert cell["auroc_mean"]["mean"] == pytest.approx(np.mean(aurocs))
+        assert cell["auroc_mean"]["std"] == pytest.approx(np.std(aurocs, ddof=1))
+    full = out["fractions"]["100%"]
+    assert full["n_train"] == [320, 320, 320]
+    assert full["auroc_mean"]["mean"] > 0.9 and full["mcc"]["mean"] > 0.6
+    assert out["fractions"]["5%"]["auroc_mean"]["std"] > 0  # different subsets per seed
+    json.dumps(out, allow_nan=False)
+
+    # Deterministic given the seed; noise features give chance-level AUROC, not 0.9.
+    again = run_probe(
+        features, labels, split, label_columns=columns, cfg=replace(cfg, fractions=(0.05,))
+    )
+    assert again["fractions"]["5%"] == out["fractions"]["5%"]
+    noise = np.random.default_rng(9).standard_normal(features.shape).astype(np.float32)
+    blind = run_probe(
+        noise, labels, split, label_columns=columns, cfg=replace(cfg, fractions=(1.0,), seeds=2)
+    )
+    assert blind["fractions"]["100%"]["auroc_mean"]["mean"] < 0.75
+
+
+def test_probe_stops_early_and_keeps_its_best_epoch() -> None:
+    """On noise the val loss soon rises: the LR is halved, training stops `patience` epochs
+    after the best one, and the returned weights are the best epoch's."""
+    features, labels, split = _synthetic()
+    noise = np.random.default_rng(3).standard_normal(features.shape).astype(np.float32)
+    cfg = ProbeConfig(lr=1e-3, hidden_dim=64, batch_size=32, max_epochs=300, patience=6)
+    train, val = split == "train", split == "val"
+    model, log = train_probe(
+        noise[train], labels[train], noise[val], labels[val], task="multilabel", cfg=cfg, seed=0
+    )
+    assert log["epochs"] < 300 and log["epochs"] == log["best_epoch"] + cfg.patience
+    assert log["final_lr"] < cfg.lr
+    with torch.no_grad():
+        val_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(torch.from_numpy(noise[val])), torch.from_numpy(labels[val])
+        )
+    assert float(val_loss) == pytest.approx(log["best_val_loss"], rel=1e-5)
+
+
+def test_probe_multiclass_uses_one_hot_columns() -> None:
+    rng = np.random.default_rng(1)
+    cls = rng.integers(0, 3, 300)
+    labels = np.eye(3, dtype=np.float32)[cls]
+    features = rng.standard_normal((300, 8)).astype(np.float32)
+    features[np.arange(300), cls] += 3.0
+    split = np.array(["train"] * 200 + ["val"] * 50 + ["test"] * 50)
+    assert infer_task(labels) == "multiclass" and infer_task(labels[:, :1]) == "multilabel"
+    with pytest.raises(ValueError, match="one-hot"):
+        infer_task(np.ones((4, 2), dtype=np.float32), "multiclass")
+    cfg = ProbeConfig(
+        fractions=(1.0,), seeds=2, max_epochs=30, hidden_dim=64, batch_size=32, lr=1e-3
+    )
+    out = run_probe(features, labels, split, label_columns=["a", "b", "c"], cfg=cfg)
+    assert out["task"] == "multiclass"
+    assert out["fractions"]["100%"]["auroc_mean"]["mean"] > 0.9
+    assert out["fractions"]["100%"]["mcc"]["mean"] > 0.5
+
+
+# --- retrieval ----------------------------------------------------------------------------
+
+
+def _brute_precision(queries, gallery, ql, gl, k, match) -> float:
+    """Python loops: cosine, full stable ranking, label agreement counted by hand."""
+    total = 0.0
+    for q, labels in zip(queries, ql, strict=True):
+        sims = [float(np.dot(q, g) / (np.linalg.norm(q) * np.linalg.norm(g))) for g in gallery]
+        ranked = sorted(range(len(gallery)), key=lambda i: -sims[i])[:k]
+        if match == "exact":
+            hits = sum(all(labels == gl[i]) for i in ranked)
+        else:
+            hits = sum(any((labels == 1) & (gl[i] == 1)) for i in ranked)
+        total += hits / len(ranked)
+    return total / len(queries)
+
+
+@pytest.mark.parametrize("match", ["exact", "any"])
+def test_precision_at_k_matches_brute_force(match: str) -> None:
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((13, 6)).astype(np.float32)
+    gallery = rng.standard_normal((70, 6)).astype(np.float32)
+    ql = (rng.random((13, 3)) < 0.4).astype(np.float32)
+    gl = (rng.random((70, 3)) < 0.4).astype(np.float32)
+    out = precision_at_k(queries, gallery, ql, gl, ks=(1, 5, 10, 100), match=match, chunk=4)
+    assert out["k_used"] == {"1": 1, "5": 5, "10": 10, "100": 70}
+    for k in (1, 5, 10, 100):
+        want = _brute_precision(queries, gallery, ql, gl, min(k, 70), match)
+        assert out["precision"][str(k)] == pytest.approx(want, abs=1e-12)
+    # P@all equals the share of relevant gallery items, which is also the chance level
+    assert out["precision"]["100"] == pytest.approx(out["chance"])
+
+
+def test_retrieval_uses_test_queries_and_train_gallery() -> None:
+    features, labels, split = _synthetic()
+    out = run_retrieval(features, labels, split, label_columns=["a", "b"], ks=(5,))
+    assert (out["n_queries"], out["n_gallery"]) == (40, 320)
+    # labels move the features, so neighbours agree more often than chance
+    assert out["precision"]["5"] > out["chance"] + 0.1
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cli_writes_json_and_a_comparison_table(world) -> None:
+    out, corpus = world["root"] / "eval", str(world["corpus"])
+    encoders = [str(world["gray"]), f"rgb48={world['rgb']}"]
+    labels = ["--label", "label_cardiomegaly", "--label", "label_pleural*"]
+    printed = _cli(
+        "evaluate", "probe", *encoders, "--corpus", corpus, *labels, "--out", str(out),
+        "--fractions", "10%", "--fractions", "1", "--seeds", "2", "--max-epochs", "8",
+    )  # fmt: skip
+    assert "| encoder | pool | AUROC 10% | MCC 10% | AUROC 100% | MCC 100% |" in printed
+    assert "| gray | cls |" in printed and "| rgb48 | cls |" in printed
+    report = json.loads((out / "probe.json").read_text())
+    assert [r["encoder"] for r in report["results"]] == ["gray", "rgb48"]
+    for result in report["results"]:
+        assert result["labels"] == ["label_cardiomegaly", "label_pleural_effusion"]
+        assert list(result["fractions"]) == ["10%", "100%"]
+        for cell in result["fractions"].values():
+            assert len(cell["seeds"]) == 2
+            for run in cell["seeds"]:
+                assert set(run["auroc"]) == set(result["labels"])
+                assert all(0 <= v <= 1 for v in run["auroc"].values())
+        # every encoder is probed on the same training subsets
+    sizes = [[c["n_train"] for c in r["fractions"].values()] for r in report["results"]]
+    assert sizes[0] == sizes[1]
+    assert "| gray | cls |" in (out / "probe.md").read_text()
+
+    # Retrieval reuses the cached features (no new files, none rewritten).
+    cached = {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.npy")}
+    assert len(cached) == 2
+    printed = _cli("evaluate", "retrieval", *encoders, "--corpus", corpus, "--label", "label_*",
+                   "--out", str(out))  # fmt: skip
+    assert "| encoder | pool | P@5 | P@10 | P@100 | chance |" in printed
+    assert {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.npy")} == cached
+    report = json.loads((out / "retrieval.json").read_text())
+    assert [r["encoder"] for r in report["results"]] == ["gray", "rgb48"]
+    for result in report["results"]:
+        assert set(result["precision"]) == {"5", "10", "100"}
+        assert all(0 <= v <= 1 for v in result["precision"].values())
+    assert "| rgb48 | cls |" in (out / "retrieval.md").read_text()
+
+    bad = CliRunner().invoke(app, ["evaluate", "probe", str(world["gray"]), "--corpus", corpus,
+                                   "--label", "label_fracture"])  # fmt: skip
+    assert bad.exit_code == 2
