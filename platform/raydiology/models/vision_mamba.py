@@ -36,6 +36,7 @@ from raydiology.config_base import ConfigError, check
 from raydiology.models.mamba import Mamba, Mamba4D
 from raydiology.models.vit import (
     LinearPatchEmbed,
+    PatchGrid,
     init_mae_weights,
     is_meta,
     patchify,
@@ -257,7 +258,7 @@ class VisionMambaConfig:
 # ----------------------------------------------------------------------------- stage 1
 
 
-class VisionMambaEncoder(nn.Module):
+class VisionMambaEncoder(PatchGrid, nn.Module):
     """The unidirectional encoder: patches + fixed sin-cos positions, scanned cluster by
     cluster through `depth` Mamba blocks; 4 evenly spaced layers are LayerNorm'd as features.
 
@@ -286,7 +287,6 @@ class VisionMambaEncoder(nn.Module):
         self._image_size = (image_size, image_size)
         self._patch_size = patch_size
         self._in_chans = in_chans
-        self._grid_size = (image_size // patch_size, image_size // patch_size)
         self.cluster_size = cluster_size
         self.feature_layers = tuple(feature_layers)
         self.patch_embed = LinearPatchEmbed(
@@ -294,7 +294,7 @@ class VisionMambaEncoder(nn.Module):
         )
         self.register_buffer(
             "pos_embed",
-            sincos_pos_embed_2d(embed_dim, *self._grid_size, cls=False)[None],
+            sincos_pos_embed_2d(embed_dim, *self.grid_size, cls=False)[None],
             persistent=True,
         )
         self.layers = _mixers(
@@ -303,22 +303,6 @@ class VisionMambaEncoder(nn.Module):
         )  # fmt: skip
         self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in feature_layers)
         self.init_weights()
-
-    @property
-    def patch_size(self) -> int:
-        return self._patch_size
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self._grid_size
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._image_size
-
-    @property
-    def in_chans(self) -> int:
-        return self._in_chans
 
     @property
     def embed_dim(self) -> int:
@@ -330,7 +314,7 @@ class VisionMambaEncoder(nn.Module):
 
     @property
     def num_clusters(self) -> int:
-        gh, gw = self._grid_size
+        gh, gw = self.grid_size
         return (gh // self.cluster_size) * (gw // self.cluster_size)
 
     @property
@@ -343,7 +327,7 @@ class VisionMambaEncoder(nn.Module):
             return
         with torch.no_grad():
             self.pos_embed.copy_(
-                sincos_pos_embed_2d(self.embed_dim, *self._grid_size, cls=False)[None]
+                sincos_pos_embed_2d(self.embed_dim, *self.grid_size, cls=False)[None]
             )
         for block in self.layers:
             cast(MambaBlock, block).mixer.reset_parameters()
@@ -357,7 +341,7 @@ class VisionMambaEncoder(nn.Module):
                 f"encoder built for {self._image_size} images, got {tuple(images.shape[-2:])}"
             )
         x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # [B, N, D] raster
-        order = cluster_order(self._grid_size, self.cluster_size, images.device)
+        order = cluster_order(self.grid_size, self.cluster_size, images.device)
         k = self.num_clusters if num_clusters is None else num_clusters
         x = x[:, order[: k * self.tokens_per_cluster]]  # [B, k·T, D] cluster order
         features = []
@@ -370,7 +354,7 @@ class VisionMambaEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """images [B, C, H, W] -> tokens [B, N, D], raster order (the encoder protocol)."""
         x = self.forward_features(images)[-1]  # [B, N, D] cluster order
-        order = cluster_order(self._grid_size, self.cluster_size, images.device)
+        order = cluster_order(self.grid_size, self.cluster_size, images.device)
         return x[:, torch.argsort(order)]
 
 
@@ -585,7 +569,7 @@ def column_order_with_middle_cls(grid: tuple[int, int], device: Any = None) -> T
     return torch.cat([position[:mid], cls, position[mid:]])
 
 
-class BiVisionMambaEncoder(nn.Module):
+class BiVisionMambaEncoder(PatchGrid, nn.Module):
     """The 4-direction Vision Mamba encoder of MambaXray-VL stages 2-3.
 
     The CLS token sits in the middle of the sequence (N//2) while the blocks run, with
@@ -609,8 +593,7 @@ class BiVisionMambaEncoder(nn.Module):
         self._image_size = (image_size, image_size)
         self._patch_size = patch_size
         self._in_chans = in_chans
-        self._grid_size = (image_size // patch_size, image_size // patch_size)
-        n = self._grid_size[0] * self._grid_size[1]
+        n = self.num_patches
         self.patch_embed = LinearPatchEmbed(
             patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
         )
@@ -624,22 +607,6 @@ class BiVisionMambaEncoder(nn.Module):
         self.init_weights()
 
     @property
-    def patch_size(self) -> int:
-        return self._patch_size
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self._grid_size
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._image_size
-
-    @property
-    def in_chans(self) -> int:
-        return self._in_chans
-
-    @property
     def embed_dim(self) -> int:
         return self.cls_token.shape[-1]
 
@@ -650,14 +617,14 @@ class BiVisionMambaEncoder(nn.Module):
     @property
     def cls_index(self) -> int:
         """Where CLS sits inside the sequence the blocks see."""
-        return self._grid_size[0] * self._grid_size[1] // 2
+        return self.num_patches // 2
 
     def init_weights(self) -> None:
         """From scratch: sin-cos positions (CLS slot zero), CLS ~ N(0, 0.02). A no-op on meta."""
         if is_meta(self):
             return
         with torch.no_grad():
-            table = sincos_pos_embed_2d(self.embed_dim, *self._grid_size, cls=False)
+            table = sincos_pos_embed_2d(self.embed_dim, *self.grid_size, cls=False)
             self.pos_embed.copy_(_insert_row(table, self.cls_index)[None])
         trunc_normal_(self.cls_token, std=0.02)
         for block in self.layers:
@@ -674,7 +641,7 @@ class BiVisionMambaEncoder(nn.Module):
         mid = self.cls_index
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1) + self.pos_embed.to(x.dtype)
-        column_order = column_order_with_middle_cls(self._grid_size, images.device)
+        column_order = column_order_with_middle_cls(self.grid_size, images.device)
         for block in self.layers:
             x = block(x, column_order=column_order)
         x = self.norm(x)

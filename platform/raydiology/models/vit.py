@@ -141,7 +141,40 @@ def is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
-class ViTEncoder(nn.Module):
+class PatchGrid:
+    """An encoder's geometry, readable without running it (part of the encoder protocol).
+
+    Mixed into encoders that set `_image_size`, `_patch_size`, `_in_chans` in `__init__`.
+    """
+
+    _image_size: tuple[int, int]
+    _patch_size: int
+    _in_chans: int
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self._image_size
+        return (h // self._patch_size, w // self._patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self._image_size
+
+    @property
+    def in_chans(self) -> int:
+        return self._in_chans
+
+
+class ViTEncoder(PatchGrid, nn.Module):
     """A ViT over a fixed patch grid with a CLS token and fixed sin-cos positions.
 
     `forward(images, ids_keep)` embeds all patches, keeps those named in `ids_keep` (MAE's
@@ -170,14 +203,13 @@ class ViTEncoder(nn.Module):
         self._image_size = (h, w)
         self._patch_size = patch_size
         self._in_chans = in_chans
-        self._grid_size = (h // patch_size, w // patch_size)
 
         self.patch_embed = PATCH_EMBEDS[patch_embed](
             patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(embed_dim, *self._grid_size)[None], persistent=True
+            "pos_embed", sincos_pos_embed_2d(embed_dim, *self.grid_size)[None], persistent=True
         )  # [1, 1+N, D]
         self.blocks = vit_blocks(
             dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio
@@ -185,34 +217,13 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()
 
-    # -- geometry, readable without running the model -------------------------------------
-    @property
-    def patch_size(self) -> int:
-        return self._patch_size
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self._grid_size
-
-    @property
-    def num_patches(self) -> int:
-        return self._grid_size[0] * self._grid_size[1]
-
     @property
     def embed_dim(self) -> int:
         return self.cls_token.shape[-1]
 
     @property
-    def in_chans(self) -> int:
-        return self._in_chans
-
-    @property
     def num_prefix_tokens(self) -> int:
         return 1  # CLS
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._image_size
 
     def init_weights(self) -> None:
         """MAE's init; a no-op on the meta device (call again after `to_empty`)."""
