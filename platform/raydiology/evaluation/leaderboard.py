@@ -2,7 +2,8 @@
 
 Run-results format (what a report-generation run writes, and all this module reads):
 
-    <run>/eval/metrics.json       `raydiology eval` output for the test split (report_eval.py)
+    <run>/eval/metrics.json       `raydiology eval` output for the test split (report_eval.py;
+                                  `predictions.metrics.json`, its default name, also works)
     <run>/eval/predictions.jsonl  one {"id", "reference", "prediction"} per test report, and
                                   optionally "image": the study's image file (absolute, or
                                   relative to this eval/ folder), shown in the examples picture
@@ -49,21 +50,27 @@ class RunResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+# `metrics.json`, or what `raydiology eval eval/predictions.jsonl` writes beside its input
+_METRICS_FILES = ("metrics.json", "predictions.metrics.json")
+
+
 def load_run(path: str | os.PathLike) -> RunResult:
     """A run's results from `<run>`, `<run>/eval` or `<run>/eval/metrics.json`."""
     path = Path(path)
-    if path.is_file():
-        folder = path.parent
-    elif (path / "eval" / "metrics.json").is_file():
-        folder = path / "eval"
-    elif (path / "metrics.json").is_file():
-        folder = path
-    else:
-        raise FileNotFoundError(f"{path}: no metrics.json (expected <run>/eval/metrics.json)")
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    candidates = [path] if path.is_file() else [
+        folder / name for folder in (path / "eval", path) for name in _METRICS_FILES
+    ]  # fmt: skip
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: no metrics (expected <run>/eval/metrics.json or the "
+            "predictions.metrics.json that `raydiology eval` writes)"
+        )
+    folder = found.parent
+    metrics = json.loads(found.read_text(encoding="utf-8"))
     missing = [k for k in _METRIC_KEYS if k not in metrics]
     if missing:
-        raise ValueError(f"{folder / 'metrics.json'}: missing {', '.join(missing)}")
+        raise ValueError(f"{found}: missing {', '.join(missing)}")
     info: dict[str, Any] = {}
     if (folder / "run.json").is_file():
         info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
