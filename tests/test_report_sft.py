@@ -276,7 +276,8 @@ def test_smoke_sft_on_phantoms_learns_and_generates_findings(ray_cluster, tmp_pa
     info = json.loads((eval_dir / "run.json").read_text())
     assert info["trainable_params"] == spec["parameters"]["trainable"] and info["test_time_s"] > 0
     assert (info["encoder"], info["decoder"]) == ("resnet10t", "llama/tiny")
-    assert set(rows[0]) == {"id", "reference", "prediction"}
+    assert set(rows[0]) == {"id", "reference", "prediction", "image"}  # image: a thumbnail
+    assert (eval_dir / rows[0]["image"]).is_file()
     # the same through the command line, first two images only
     from typer.testing import CliRunner
 

@@ -3,7 +3,8 @@ split, decode with the run's beam-search settings, and write the run-results fil
 leaderboard reads (`evaluation/leaderboard.py`):
 
     <run>/eval/predictions.jsonl  one {"id", "reference", "prediction"} per image, the input of
-                                  `raydiology eval`
+                                  `raydiology eval`; the first few rows also name "image",
+                                  a thumbnail under eval/images/ for the leaderboard picture
     <run>/eval/run.json           method, encoder, decoder, trainable parameters, test time
 """
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from raydiology.config_base import from_dict
@@ -113,6 +115,11 @@ def generate_reports(
     if limit is not None:
         table = table.slice(0, limit)
     tokenizer = objective.model.tokenizer
+    export = find_export(export_or_run_dir)
+    run_dir = export.parent if export.name == "export" else export
+    path = Path(out) if out is not None else run_dir / "eval" / "predictions.jsonl"
+    thumbnails = path.parent / "images"  # what the leaderboard's example picture shows
+    thumbnails.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     step = objective.cfg.generation.batch_size
     for start in range(0, table.num_rows, step):
@@ -123,20 +130,32 @@ def generate_reports(
         images = preprocess_batch(batch, data=data, label_columns=[])["image"]
         x = to_model_input(torch.from_numpy(images).to(device), data, dtype=torch.float32)
         predictions = objective.generate(x)
-        for image_id, report, prediction in zip(
-            batch["image_id"], batch[column], predictions, strict=True
+        for image_id, report, prediction, image in zip(
+            batch["image_id"], batch[column], predictions, images, strict=True
         ):
             reference = tokenizer.prepare(str(report or ""))
-            rows.append({"id": str(image_id), "reference": reference, "prediction": prediction})
-    export = find_export(export_or_run_dir)
-    run_dir = export.parent if export.name == "export" else export
-    path = Path(out) if out is not None else run_dir / "eval" / "predictions.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+            row = {"id": str(image_id), "reference": reference, "prediction": prediction}
+            if len(rows) < _THUMBNAILS:
+                row["image"] = _save_thumbnail(image[0], thumbnails / f"{image_id}.png")
+            rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = describe_run(export, spec)
     info["test_time_s"] = round(time.perf_counter() - started, 3)
     (path.parent / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return rows
+
+
+_THUMBNAILS = 16  # images kept for the leaderboard's examples
+
+
+def _save_thumbnail(image: np.ndarray, path: Path) -> str:
+    """The model's view of one study as an 8-bit PNG; returns its path relative to eval/."""
+    from PIL import Image
+
+    if image.dtype != np.uint8:
+        image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)  # 16 -> 8 bit
+    Image.fromarray(image).save(path)
+    return f"{path.parent.name}/{path.name}"
 
 
 def describe_run(export: Path, spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +175,10 @@ def describe_run(export: Path, spec: dict[str, Any]) -> dict[str, Any]:
         Path(llm["path"]).name if llm.get("path") else f"{llm.get('family')}/{model['flavor']}"
     )
     extra = json.loads((export / GENERATOR_SPEC).read_text())
+    method, run = spec.get("experiment"), export.parent.name
     return {
-        "method": spec.get("experiment"),
+        # the run name tells apart runs of one experiment (e.g. shallow vs deep alignment)
+        "method": method if run in (method, "") else f"{method}: {run}",
         "encoder": encoder,
         "decoder": decoder,
         "trainable_params": extra["parameters"]["trainable"],
