@@ -41,3 +41,28 @@ def test_bench_step_module_runs_deepspeed_without_ray() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["engine"] == "deepspeed" and result["zero_stage"] == 2
+
+
+def test_bench_step_bf16_batchnorm_trunk_under_deepspeed() -> None:
+    # DeepSpeed casts parameters to bf16 but keeps BatchNorm statistics fp32; MedViLL's
+    # ResNet trunk failed this way on the GPU check until match_norm_buffers.
+    exp = load_experiment(
+        REPO / "experiments/medvill.yaml",
+        profile="medvill_smoke",
+        overrides=["train.precision=bf16"],
+    )
+    result = run_step_benchmark(exp, steps=1, warmup=1, engine="deepspeed", torch_adam=True)
+    assert result["precision"] == "bf16" and all(x == x for x in result["loss_first_last"])
+
+
+def test_bench_validation_times_one_batch_of_report_decoding() -> None:
+    from raydiology.bench.step import run_validation_benchmark
+
+    exp = load_experiment(
+        REPO / "experiments/r2gengpt.yaml",
+        profile="sft_smoke",
+        overrides=["objective.generation.batch_size=4", "objective.generation.max_new_tokens=8"],
+    )
+    result = run_validation_benchmark(exp, repeats=1)
+    assert result["images"] == 4 and result["batch_time_s_median"] > 0
+    assert 0 < result["words_per_report"] <= 8

@@ -1,6 +1,8 @@
 """Image-report CLIP: the loss against a hand computation, the temperature, retrieval metrics
 against brute force, text towers from a local folder, the paper shape on the meta device,
-and a smoke CLIP run on phantoms (2 DeepSpeed workers) whose held-out retrieval beats random."""
+the export reloaded without the folders it was built from, and one smoke CLIP run on phantoms
+(2 DeepSpeed workers) whose export reloads exactly and whose held-out retrieval, evaluated
+by `raydiology evaluate clip`, beats random."""
 
 from __future__ import annotations
 
@@ -171,46 +173,152 @@ def test_paper_shape_on_the_meta_device():
     assert exp.train.precision == "bf16"
 
 
-@pytest.mark.ray
-def test_smoke_clip_on_phantoms_learns_and_retrieves_held_out_reports(ray_cluster, tmp_path):
+def tiny_clip_experiment(out: Path, *sets: str):
+    """The smoke experiment with a 64-px tiny HD-MAE image tower (no Ray, no training)."""
+    overrides = [f"output.dir={out}", "data.resolution=64", "data.phantom.size=64",
+                 "model.image.timm=null", "model.image.model={name: hd_mae, flavor: tiny}", *sets]  # fmt: skip
+    return load_experiment(EXPERIMENT, profile="clip_smoke", overrides=overrides)
+
+
+def export_untrained(exp, folder: Path):
+    """What the training loop writes at its last checkpoint, for an untrained objective."""
+    from raydiology.registry import build_objective
+    from raydiology.train.export import export_encoder
+
+    torch.manual_seed(0)
+    objective = build_objective(exp.objective, build_model(exp.model, exp.data)).eval()
+    export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
+    objective.export_extra(folder, write=True, gather=False)
+    return objective
+
+
+def same_embeddings(a, b, channels: int, size: int) -> None:
+    images = torch.randn(3, channels, size, size)
+    reports = ["The heart is enlarged.", "No pneumothorax.", "Support devices in place."]
+    with torch.no_grad():
+        assert torch.equal(a.encode_images(images), b.encode_images(images))
+        assert torch.equal(a.encode_reports(reports), b.encode_reports(reports))
+
+
+def test_export_reloads_without_the_folders_it_was_built_from(tmp_path):
+    """A text tower from a local BERT folder, and an image tower taken from another export:
+    `load_clip` needs neither once the CLIP is exported (no pickle, safetensors only)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from raydiology.models.clip import load_clip
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "enlarged", "."]
+    bert = tmp_path / "bert"
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(bert)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64),
+              add_pooling_layer=False).save_pretrained(bert)  # fmt: skip
+    first = tmp_path / "first"
+    exp = tiny_clip_experiment(tmp_path, f"model.text.path={bert}", "model.text.tokenizer=null")
+    a = export_untrained(exp, first)
+    # a second CLIP whose image tower starts from the first one's export
+    second = tmp_path / "second"
+    b = export_untrained(tiny_clip_experiment(tmp_path, f"model.image.path={first}"), second)
+    shutil.rmtree(bert)
+    loaded = load_clip(first)
+    same_embeddings(loaded, a.model, channels=3, size=64)
+    assert loaded.tokenizer(["the heart is enlarged ."], 16)[0][0].tolist() == [2, 5, 6, 7, 8, 9, 3]
+    assert loaded.text.config.hidden_size == 32 and loaded.text_proj.in_features == 32
+    shutil.rmtree(first)
+    loaded = load_clip(second)
+    same_embeddings(loaded, b.model, channels=3, size=64)
+    assert loaded.clip_spec["image"] == {"model": {"name": "hd_mae", "flavor": "tiny"}}
+    assert sorted(p.suffix for p in second.glob("*.*")) == [".json", ".json", ".safetensors",
+                                                            ".safetensors"]  # fmt: skip
+    assert not [f for f in second.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    with pytest.raises(FileNotFoundError, match=r"clip\.json"):
+        load_clip(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_cluster, tmp_path_factory):
+    """One smoke CLIP run on phantoms (2 DeepSpeed workers) shared by the tests below, with
+    its trained objective read back from the DeepSpeed checkpoint."""
     from rich.console import Console
 
-    from raydiology.evaluation.clip_retrieval import evaluate_clip
     from raydiology.registry import build_objective
-    from raydiology.train.launch import read_metrics, resolve_corpus, run_experiment
+    from raydiology.train.launch import run_experiment
     from raydiology.train.loop import CHECKPOINT_TAG
     from raydiology.train.safe_load import weights_only_load
 
-    exp = load_experiment(EXPERIMENT, profile="clip_smoke", overrides=[f"output.dir={tmp_path}"])
+    out = tmp_path_factory.mktemp("clip_smoke")
+    exp = load_experiment(EXPERIMENT, profile="clip_smoke", overrides=[f"output.dir={out}"])
     result = run_experiment(exp, console=Console(quiet=True))
-    rows = read_metrics(result.run_dir)
-    losses = [r["loss"] for r in rows]
-    assert rows[-1]["step"] == exp.train.max_steps
-    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
-
-    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+    # WordPiece training is not deterministic (token ids differ between two trainings), so
+    # the model is rebuilt with the tokenizer the run trained, saved in its export
+    tokenizer = result.run_dir / "export" / "tokenizer"
+    same = load_experiment(EXPERIMENT, profile="clip_smoke",
+                           overrides=[f"output.dir={out}", f"model.text.tokenizer.path={tokenizer}"])  # fmt: skip
+    objective = build_objective(same.objective, build_model(same.model, same.data))
     states = weights_only_load(
         str(Path(str(result.checkpoint)) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
     )
     objective.load_state_dict(states["module"])
-    corpus = resolve_corpus(exp, console=Console(quiet=True))
-    metrics = evaluate_clip(objective.model, corpus, exp.data, split=("val", "test"))
-    print("held-out CLIP retrieval:", metrics)
-    rand = metrics["random"]
-    assert metrics["n"] >= 40
-    # 80 CPU steps from random towers align what is most visible (support devices: tubes and
-    # lines) but not yet the subtler findings, and nearly every held-out report is unique:
-    # retrieval beats random ranking by a modest margin (measured: R@10 1.7-2.0x, MRR
-    # 1.5-1.8x random over three runs). Zero-shot prompts are not asserted at this budget.
-    for metric in ("R@10", "MRR"):
-        both = (metrics["image_to_report"][metric] + metrics["report_to_image"][metric]) / 2
-        assert both > 1.3 * rand[metric], (metric, metrics)
-    auroc = metrics["zero_shot_auroc"]
-    assert set(auroc) == set(DEFAULT_PROMPTS) and all(0 <= v <= 1 for v in auroc.values())
-    # and the exported encoder is the trained image tower
-    import raydiology
+    return exp, result, objective.eval()
 
+
+@pytest.mark.ray
+def test_smoke_clip_learns_and_its_export_reloads_the_whole_model(smoke_run):
+    import raydiology
+    from raydiology.models.clip import load_clip
+    from raydiology.train.launch import read_metrics
+
+    exp, result, objective = smoke_run
+    rows = read_metrics(result.run_dir)
+    losses = [r["loss"] for r in rows]
+    assert rows[-1]["step"] == exp.train.max_steps
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    # the exported encoder is the trained image tower
     encoder = raydiology.load_encoder(result.run_dir / "export")
     images = torch.randn(2, exp.data.channels, 128, 128)
     with torch.no_grad():
-        assert torch.allclose(encoder(images), objective.encoder.eval()(images), atol=1e-5)
+        assert torch.allclose(encoder(images), objective.encoder(images), atol=1e-5)
+    # and the export holds the whole CLIP: text tower, projections, temperature, tokenizer
+    model = load_clip(result.run_dir)
+    same_embeddings(model, objective.model, channels=exp.data.channels, size=128)
+    assert torch.equal(model.logit_scale, objective.model.logit_scale)
+    assert model.tokenizer.report is not None  # the trained WordPiece, read back from disk
+    assert model.clip_spec["image"] == {"timm": "resnet10t"}
+
+
+@pytest.mark.ray
+def test_evaluate_clip_command_on_the_smoke_run_beats_random(smoke_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from raydiology.cli import app
+
+    exp, result, _ = smoke_run
+    cli = CliRunner().invoke(
+        app,
+        ["evaluate", "clip", str(result.run_dir), "--split", "val,test"],
+        catch_exceptions=False,
+    )
+    assert cli.exit_code == 0, cli.output
+    assert "image -> report" in cli.output and "random ranking" in cli.output
+    metrics = json.loads((result.run_dir / "eval" / "clip.json").read_text())
+    picture = result.run_dir / "eval" / "clip_retrieval.png"
+    assert picture.stat().st_size > 10_000 and metrics["picture"] == picture.name
+    assert metrics["corpus"].endswith(f"phantom-n{exp.data.phantom.images}-s128-seed0-p0.5")
+    print("held-out CLIP retrieval:", metrics)
+    rand = metrics["random"]
+    assert metrics["n"] >= 40 and "warning" not in metrics
+    # 80 CPU steps from random towers align what is most visible (support devices: tubes and
+    # lines) but not yet the subtler findings, and nearly every held-out report is unique
+    # (its wording varies beyond what an image shows). With rows shuffled and lr 1e-3 (the
+    # profile) held-out retrieval measured R@10 2.3-3.0x and MRR 2.1-2.3x random over three
+    # seeds; before, 1.2-2.0x and 1.2-1.8x, and a 1.3x bound was flaky. Zero-shot prompts
+    # are not asserted at this budget.
+    for metric in ("R@10", "MRR"):
+        both = (metrics["image_to_report"][metric] + metrics["report_to_image"][metric]) / 2
+        assert both > 1.6 * rand[metric], (metric, metrics)
+    auroc = metrics["zero_shot_auroc"]
+    assert set(auroc) == set(DEFAULT_PROMPTS) and all(0 <= v <= 1 for v in auroc.values())

@@ -16,10 +16,13 @@ from raydiology.data.corpus import (
     CorpusWriter,
     decode_pixels,
     manifest_hash,
+    plan_shards,
     read_manifest,
     read_rows,
     shard_paths,
     verify_corpus,
+    write_manifest,
+    write_shard,
 )
 
 MADE_BY = {"command": "test", "options": {"k": 1}}
@@ -211,3 +214,46 @@ def test_region_columns_round_trip_into_training_batches(tmp_path):
                 "region_chest": (0.9, 0, 0.1, 1),
             }
         )
+
+
+def test_shards_written_apart_equal_the_streamed_corpus(tmp_path):
+    """`plan_shards` + `write_shard` + `write_manifest` (how ingest writes shards in parallel)
+    reproduce CorpusWriter's files byte for byte: same row groups, studies kept whole."""
+    rows = _rows(13)
+    for i, row in enumerate(rows):
+        row["study_id"] = f"s{i // 3}" if i < 9 else None  # studies of 3 views, then singles
+    rows[9]["pixels"] = np.zeros((16, 40), np.uint8)  # a bigger image: the byte limit bites
+    layout = {"shard_rows": 5, "row_group_rows": 2, "row_group_bytes": 600}
+    streamed = _write(tmp_path / "streamed", rows, **layout)
+
+    table = read_rows(tmp_path / "streamed")
+    sizes = [len(b) for b in table.column("pixels").to_pylist()]
+    plan = plan_shards(zip(sizes, table.column("study_id").to_pylist(), strict=True), **layout)
+    schema = pq.read_schema(shard_paths(tmp_path / "streamed")[0])
+    shards, start = [], 0
+    for index, groups in enumerate(plan):
+        pieces = []
+        for n in groups:
+            pieces.append(table.slice(start, n))
+            start += n
+        shards.append(write_shard(tmp_path / "apart", index, pieces, schema=schema))
+    apart = write_manifest(
+        tmp_path / "apart",
+        shards,
+        schema=schema,
+        sizes=[(16, 16), (16, 40)],
+        dtypes=["uint8"],
+        made_by=MADE_BY,
+    )
+
+    assert apart.shards == streamed.shards  # paths, rows and sha256 all equal
+    assert apart.columns == streamed.columns and apart.label_columns == streamed.label_columns
+    assert apart.image_size is None and apart.made_by["options"] == {"k": 1}
+    for path, groups in zip(shard_paths(tmp_path / "apart"), plan, strict=True):
+        meta = pq.ParquetFile(path).metadata
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == groups
+    # Studies of 3 stay whole (over row_group_rows, and shard 0 over shard_rows); the 640-byte
+    # image fills a group alone; a shard's last group is cut to the shard's room.
+    assert plan == [[3, 3], [3, 1, 1], [2]]
+    assert [s.rows for s in streamed.shards] == [6, 5, 2]
+    verify_corpus(tmp_path / "apart")

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydiology.data.corpus import decode_pixels, read_rows, verify_corpus
+from raydiology.data.corpus import (
+    CorpusWriter,
+    decode_pixels,
+    read_manifest,
+    read_rows,
+    verify_corpus,
+)
 from raydiology.data.ingest import (
     STAGING_DIR,
     IngestOptions,
@@ -203,3 +209,92 @@ def test_shortest_side_storage_keeps_aspect(tmp_path, hannover_png):
     row = read_rows(tmp_path / "c").to_pylist()[0]
     assert min(row["height"], row["width"]) == 64
     assert row["width"] / row["height"] == pytest.approx(width / height, rel=0.05)
+
+
+# --- shard writing: resumable, parallel == serial ----------------------------------------
+
+
+@pytest.fixture
+def hannover_24(tmp_path, hannover_png) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted(hannover_png.glob("*.png"))[:24]:
+        shutil.copy(path, src / path.name)
+    return src
+
+
+def _ingest_small(src: Path, out: Path, *, parallel: bool):
+    return ingest_images(
+        [src], out, size=32, chunk_rows=8, shard_rows=4, parallel=parallel, progress=False
+    )
+
+
+def _shard_hashes(out: Path) -> list[str]:
+    return [s.sha256 for s in read_manifest(out).shards]
+
+
+def _block_shard(out: Path, index: int) -> Path:
+    """Make writing shard `index` fail: a folder takes its temp file's name."""
+    blocker = out / "shards" / f"part-{index:05d}.parquet.tmp"
+    blocker.mkdir(parents=True)
+    return blocker
+
+
+def test_interrupted_shard_writing_resumes_to_the_same_corpus(tmp_path, hannover_24):
+    reference = _ingest_small(hannover_24, tmp_path / "reference", parallel=False)
+    shards = len(reference.manifest.shards)
+    assert shards >= 4 and reference.found == 24
+
+    out = tmp_path / "cut"
+    blocker = _block_shard(out, 2)
+    with pytest.raises(OSError, match="part-00002"):
+        _ingest_small(hannover_24, out, parallel=False)
+    assert not (out / "manifest.json").exists()  # an unfinished corpus cannot be read
+    written = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    assert written == ["part-00000.parquet", "part-00001.parquet"]
+    blocker.rmdir()
+    # Shard 1 was damaged after its marker was written: the marker no longer vouches for it.
+    damaged = out / "shards" / "part-00001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+    resumed = _ingest_small(hannover_24, out, parallel=False)
+    assert resumed.skipped_chunks == 3 and resumed.skipped_shards == 1  # only shard 0 kept
+    assert (resumed.found, resumed.ingested, resumed.quarantined, resumed.duplicates) == (
+        reference.found,
+        reference.ingested,
+        reference.quarantined,
+        reference.duplicates,
+    )
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "reference")
+    assert read_rows(out).equals(read_rows(tmp_path / "reference"))  # ids, pixels, metadata
+    verify_corpus(out)
+    assert not (out / STAGING_DIR).exists()
+
+    # The Arrow-native shard writer lays rows out exactly as the streaming CorpusWriter.
+    with CorpusWriter(tmp_path / "streamed", made_by={"command": "test"}, shard_rows=4) as w:
+        for row in read_rows(out).to_pylist():
+            shape = (row["height"], row["width"])
+            w.add({**row, "pixels": np.frombuffer(row["pixels"], row["dtype"]).reshape(shape)})
+    assert _shard_hashes(tmp_path / "streamed") == _shard_hashes(out)
+
+
+@pytest.mark.ray
+def test_parallel_shard_writing_equals_serial_and_resumes(ray_cluster, tmp_path, hannover_24):
+    serial = _ingest_small(hannover_24, tmp_path / "serial", parallel=False)
+    shards = len(serial.manifest.shards)
+
+    out = tmp_path / "parallel"
+    blocker = _block_shard(out, 1)
+    with pytest.raises(Exception, match="part-00001"):
+        _ingest_small(hannover_24, out, parallel=True)
+    # The failed task did not stop the others: every other shard was finished first.
+    written = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    assert written == [f"part-{i:05d}.parquet" for i in range(shards) if i != 1]
+    blocker.rmdir()
+
+    resumed = _ingest_small(hannover_24, out, parallel=True)
+    assert resumed.skipped_chunks == 3 and resumed.skipped_shards == shards - 1
+    assert resumed.found == resumed.ingested + resumed.quarantined + resumed.duplicates
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "serial")
+    assert read_rows(out).equals(read_rows(tmp_path / "serial"))
+    verify_corpus(out)

@@ -1,10 +1,14 @@
-"""Report SFT: sequence assembly, what trains, LLMs from local folders, the 7B shape on the
-meta device, and a smoke SFT on phantoms (2 DeepSpeed workers) whose generated reports
-state the right findings more often than a most-common-report baseline."""
+"""Report SFT: sequence assembly, what trains, LLMs from local folders (also built
+partitioned under ZeRO-3), the 7B shape on the meta device, and a smoke SFT on phantoms
+(2 DeepSpeed workers) that validates while it trains, exports its best checkpoint, and
+whose generated reports state the right findings more often than a most-common-report
+baseline."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from raydiology.models.report_generator import (
     ReportGeneratorConfig,
     build_report_generator,
 )
-from raydiology.objectives.report_sft import ReportSFTConfig, build_report_sft
+from raydiology.objectives.report_sft import ReportSFTConfig, build_report_sft, count_trainable
 from raydiology.registry import build_model, build_objective
 from raydiology.train.schedules import param_groups
 
@@ -155,14 +159,12 @@ def test_config_errors_name_the_key():
 # ----------------------------------------------------------------------------- local LLMs
 
 
-def test_tiny_llm_saved_with_save_pretrained_loads_through_the_experiment_file(tmp_path):
-    """A user's LLM folder (weights + tokenizer, save_pretrained format), named in the
-    experiment file: its weights and its own tokenizer are used, nothing is downloaded."""
+def save_tiny_llama(folder: Path):
+    """A tiny Llama and its BPE tokenizer in save_pretrained format, as a hub folder holds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raydiology.data.tokenizers import TokenizerConfig, report_texts, train_tokenizer
 
-    folder = tmp_path / "tiny-llama"
     tok = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300), report_texts("phantom"))
     tok.hf.save_pretrained(str(folder))  # only the Hugging Face files, as a hub folder has
     torch.manual_seed(1)
@@ -173,6 +175,14 @@ def test_tiny_llm_saved_with_save_pretrained_loads_through_the_experiment_file(t
     )  # fmt: skip
     saved = LlamaForCausalLM(config)
     saved.save_pretrained(str(folder))
+    return saved, tok
+
+
+def test_tiny_llm_saved_with_save_pretrained_loads_through_the_experiment_file(tmp_path):
+    """A user's LLM folder (weights + tokenizer, save_pretrained format), named in the
+    experiment file: its weights and its own tokenizer are used, nothing is downloaded."""
+    folder = tmp_path / "tiny-llama"
+    saved, tok = save_tiny_llama(folder)
 
     exp = load_experiment(
         R2GENGPT,
@@ -189,6 +199,100 @@ def test_tiny_llm_saved_with_save_pretrained_loads_through_the_experiment_file(t
     objective = build_objective(exp.objective, model)
     batch = {"image": torch.randn(2, 3, 128, 128), "report": ["The heart is normal."] * 2}
     assert torch.isfinite(objective(batch)["loss"])
+
+
+def _zero3_worker(folder: str, port: int, export: str, out) -> None:
+    """One DeepSpeed rank (gloo, world 1) building, training, validating and exporting the
+    generator under ZeRO-3; reports what it saw through `out`."""
+    import traceback
+
+    try:
+        import deepspeed
+        import torch.distributed as dist
+
+        from raydiology.train.deepspeed_config import deepspeed_config
+        from raydiology.train.loop import build_for_training
+
+        # what Ray Train's torch backend sets on every worker
+        os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        exp = load_experiment(
+            R2GENGPT,
+            profile="sft_smoke",
+            overrides=[
+                f"model.llm.path={folder}", "model.tokenizer=null", "model.llm.train=lora",
+                "train.zero_stage=3", "objective.generation.max_new_tokens=8",
+            ],
+        )  # fmt: skip
+        ds_config = deepspeed_config(exp.train, world_size=1, on_gpu=False)
+        model, objective, zero3 = build_for_training(exp, ds_config)
+        base = {n: p for n, p in model.llm.named_parameters() if "lora_" not in n}
+        seen = {
+            "zero3": zero3 is not None,
+            # the LLM was partitioned as it was built; the encoder waits for initialize
+            "llm_partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in base.values()),
+            "encoder_whole": not any(hasattr(p, "ds_id") for p in model.encoder.parameters()),
+            "width": model.proj.out_features,
+        }
+        with deepspeed.zero.GatheredParameters(list(base.values())):
+            loaded = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().numpy().copy()
+                      for n, p in base.items()}  # fmt: skip
+        seen["loaded"] = loaded
+        engine, *_ = deepspeed.initialize(
+            model=objective,
+            model_parameters=param_groups(objective, exp.train.optimizer.weight_decay),
+            config=ds_config,
+        )
+        batch = {"image": torch.randn(2, 3, 128, 128), "report": ["The heart is normal."] * 2}
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+        seen["loss"] = float(loss.detach())
+        seen["rows"] = engine.module.validation_rows(batch, synced_gpus=False)
+        engine.module.export_extra(Path(export), write=True, gather=True)
+        out.put(("ok", seen))
+        dist.destroy_process_group()
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+def test_zero3_builds_the_llm_partitioned_and_still_trains_validates_and_exports(tmp_path):
+    """ZeRO-3 on one CPU rank (gloo over two would race): the LLM from a local folder is
+    built inside zero.Init with the run's DeepSpeed config and loaded shard by shard (its
+    weights are the saved ones), and training, validation and export work on it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder = tmp_path / "tiny-llama"
+    saved, _ = save_tiny_llama(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")  # a fresh process: DeepSpeed keeps global state
+    out = context.Queue()
+    export = tmp_path / "export"
+    process = context.Process(target=_zero3_worker, args=(str(folder), port, str(export), out))
+    process.start()
+    status, seen = out.get(timeout=300)
+    process.join(timeout=60)
+    assert status == "ok", seen
+    assert seen["zero3"] and seen["llm_partitioned"] and seen["encoder_whole"]
+    assert seen["width"] == 32
+    for name, p in saved.state_dict().items():
+        assert torch.equal(torch.from_numpy(seen["loaded"][name]), p), name
+    assert math.isfinite(seen["loss"])
+    assert len(seen["rows"]) == 2 and all(
+        set(r) == {"reference", "prediction"} for r in seen["rows"]
+    )
+    spec = json.loads((export / "generator.json").read_text())
+    # full sizes although the rank holds partitions: the same counts as a plain build
+    exp = load_experiment(
+        R2GENGPT,
+        profile="sft_smoke",
+        overrides=[f"model.llm.path={folder}", "model.tokenizer=null", "model.llm.train=lora"],
+    )
+    assert spec["parameters"] == count_trainable(build_model(exp.model, exp.data))
 
 
 # ----------------------------------------------------------------------------- paper sizes
@@ -243,6 +347,7 @@ def _ce_f1(predictions: list[str], references: list[str]) -> float:
 def test_smoke_sft_on_phantoms_learns_and_generates_findings(ray_cluster, tmp_path):
     from rich.console import Console
 
+    from raydiology.data.corpus import read_rows
     from raydiology.evaluation.generate import generate_reports
     from raydiology.train.launch import read_metrics, resolve_corpus, run_experiment
 
@@ -257,18 +362,39 @@ def test_smoke_sft_on_phantoms_learns_and_generates_findings(ray_cluster, tmp_pa
             "train.optimizer.lr=2.0e-3",
             "train.log_every=10",
             "train.checkpoint_every=150",
+            "train.eval_every=50",  # validate (and checkpoint) at steps 50, 100 and 150
         ],
     )
     result = run_experiment(exp, console=Console(quiet=True))
-    losses = [r["loss"] for r in read_metrics(result.run_dir)]
+    metrics = read_metrics(result.run_dir)
+    losses = [r["loss"] for r in metrics]
     assert losses[-1] < 0.6 * losses[0], losses
 
+    # validation: the val split decoded at each validation step, every rank reporting
+    validated = [r for r in metrics if "val_score" in r]
+    assert [r["step"] for r in validated] == [50, 100, 150]
+    assert all("checkpoint" in r for r in validated)  # every validation is checkpointed
+    assert not any("val_BLEU_4" in r for r in metrics if r["step"] % 50)
+    corpus = resolve_corpus(exp, console=Console(quiet=True))
+    val_rows = sum(1 for r in read_rows(corpus).column("split").to_pylist() if r == "val")
+    for r in validated:
+        assert r["val_reports"] == val_rows - val_rows % 2  # split equally over 2 workers
+        assert r["val_score"] == pytest.approx(0.5 * r["val_BLEU_4"] + 0.5 * r["val_CIDEr"])
+    print("validation:", [(r["step"], round(r["val_score"], 4)) for r in validated])
+    assert validated[-1]["val_BLEU_4"] > 0.05, validated  # it learnt to write the reports
+    # the run's export is the best checkpoint's (the later one on a tie, as Ray ranks them)
+    best = max(validated, key=lambda r: (r["val_score"], r["step"]))
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["selected"]["step"] == best["step"]
+    assert summary["selected"]["val_score"] == best["val_score"]
+    assert summary["selected"]["checkpoint"] == best["checkpoint"]
     export = result.run_dir / "export"
+    assert json.loads((export / "encoder.json").read_text())["step"] == best["step"]
+
     spec = json.loads((export / "generator.json").read_text())
     assert spec["parameters"]["trainable"] == spec["parameters"]["total"]  # sft_smoke: all
     assert (export / "tokenizer" / "tokenizer.json").is_file()
 
-    corpus = resolve_corpus(exp, console=Console(quiet=True))
     rows = generate_reports(result.run_dir, corpus, split="test")
     eval_dir = result.run_dir / "eval"
     written = [json.loads(line) for line in (eval_dir / "predictions.jsonl").open()]

@@ -36,6 +36,35 @@ def test_batches_are_integers_normalised_on_the_worker(ray_cluster, phantoms):
     assert x.min() >= -1.0 and x.max() <= 1.0  # (x/255 - 0.5) / 0.5
 
 
+def test_actor_pool_decodes_the_same_epoch_as_tasks(ray_cluster, phantoms):
+    """`decode_pool: actors` moves decoding into long-lived actors; what arrives is unchanged."""
+
+    def epoch(pool: str) -> dict[int, np.ndarray]:
+        data = DataConfig(resolution=48, shuffle_seed=None, decode_pool=pool, decode_concurrency=1)
+        rows = {}
+        for batch in _split(data, phantoms).iter_batches(batch_size=8, batch_format="numpy"):
+            rows.update(zip(batch["row_key"].tolist(), batch["image"], strict=True))
+        return rows
+
+    tasks, actors = epoch("tasks"), epoch("actors")
+    assert len(tasks) == 40 and tasks.keys() == actors.keys()
+    assert all(np.array_equal(tasks[k], actors[k]) for k in tasks)
+
+
+def test_fixed_size_pixels_are_read_without_a_copy(phantoms):
+    """Same-size blobs become a [B, nbytes] view of Arrow's buffer and decode as the bytes do."""
+    import pyarrow.parquet as pq
+
+    from raydiology.data.corpus import decode_pixels, shard_paths
+    from raydiology.data.pipeline import _PIXEL_COLUMNS, column_arrays
+
+    table = pq.read_table(shard_paths(phantoms)[0], columns=_PIXEL_COLUMNS).slice(3, 4)
+    fast = column_arrays(table, _PIXEL_COLUMNS)
+    plain = {n: table.column(n).to_numpy(zero_copy_only=False) for n in _PIXEL_COLUMNS}
+    assert fast["pixels"].shape == (4, 48 * 48) and not fast["pixels"].flags.owndata
+    assert np.array_equal(decode_pixels(fast), decode_pixels(plain))
+
+
 def test_resumed_epoch_neither_repeats_nor_skips(ray_cluster, phantoms):
     data = DataConfig(resolution=32, shuffle_seed=0)
     train = TrainConfig(micro_batch_size=4, prefetch_batches=1)

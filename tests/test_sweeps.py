@@ -203,11 +203,15 @@ def test_smoke_mask_ratio_sweep_with_asha(ray_cluster, tmp_path):
 @pytest.mark.ray
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     """The driver runs in its own process on the test's Ray; it is killed once the first trial
-    has finished, then `--resume` completes the sweep without running that trial again."""
+    has finished, then `--resume` completes the sweep without running that trial again.
+    Trials are ranked by the frozen-encoder yardstick measured after training."""
     path = write_sweep(
         tmp_path,
         {"objective.masking.strategy": {"grid": ["random", "context_aware"]}},
         scheduler={"name": "none"},
+        metric="retrieval_precision",
+        mode="max",
+        probe={"labels": ["label_*"], "seeds": 1, "max_epochs": 5, "retrieval_k": 5},
     )
     address = ray_cluster.get_runtime_context().gcs_address
     sets = [a for s in TINY for a in ("--set", s)]
@@ -222,7 +226,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp
     )
     try:
         deadline = time.monotonic() + 420
-        while not list(tmp_path.glob("t-*/trials/*/summary.json")):
+        while not _finished_trials(tmp_path):
             assert driver.poll() is None, "the sweep driver exited before a trial finished"
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(1)
@@ -231,7 +235,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     (sweep_dir,) = tmp_path.glob("t-*")
-    (first,) = [p.parent for p in sweep_dir.glob("trials/*/summary.json")]
+    (first,) = _finished_trials(tmp_path)
     first_rows = len(read_metrics(first))
     first_summary = (first / "summary.json").read_text()
 
@@ -242,3 +246,22 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp
     assert (first / "summary.json").read_text() == first_summary
     assert json.loads((first / TRIAL_FILE).read_text())["attempts"] == 1
     assert (sweep_dir / "results.md").is_file() and (sweep_dir / "best.yaml").is_file()
+    for row in rows:  # the yardstick's figures, as its own files in the trial's run record them
+        run_dir = Path(row["run_dir"])
+        retrieval = json.loads((run_dir / "retrieval.json").read_text())
+        assert row["retrieval_precision"] == pytest.approx(retrieval["precision"]["5"])
+        assert 0.0 <= row["retrieval_precision"] <= 1.0 and 0.0 <= row["probe_auroc"] <= 1.0
+    values = [r["retrieval_precision"] for r in rows]
+    assert values == sorted(values, reverse=True)  # mode max: best first
+
+
+def _finished_trials(folder: Path) -> list[Path]:
+    """Run directories of trials whose driver wrote its final metrics (after the yardstick)."""
+    done = []
+    for path in folder.glob(f"t-*/trials/*/{TRIAL_FILE}"):
+        try:
+            if "final" in json.loads(path.read_text()):
+                done.append(path.parent)
+        except ValueError:  # caught mid-write
+            pass
+    return done

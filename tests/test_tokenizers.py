@@ -4,6 +4,7 @@ reloads; the experiment-file entry builds, loads and validates."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,171 @@ def test_config_errors_name_the_key():
     assert err.value.key == "model.tokenizer.kind"
     with pytest.raises(FileNotFoundError, match="train_reports"):
         build_tokenizer(TokenizerConfig(train_reports="/no/such/reports.csv"))
+
+
+# ----------------------------------------------------------------------------- SentencePiece
+
+
+def _stage3_tokenizer(folder, tmp_path) -> ReportTokenizer:
+    """The tokenizer the experiment file builds when `model.tokenizer` names `folder`."""
+    from pathlib import Path
+
+    from raydiology.config import load_experiment
+
+    stage3 = Path(__file__).resolve().parents[1] / "experiments/mambaxray_vl/stage3_sft.yaml"
+    section = f"model.tokenizer={{kind: pretrained, path: '{folder}', clean: null}}"
+    exp = load_experiment(stage3, profile="sft_smoke", overrides=[section])  # validates it too
+    return build_tokenizer(exp.model.config.tokenizer)
+
+
+def _write_unigram_model(path, tok: ReportTokenizer) -> None:
+    """A SentencePiece `tokenizer.model` (its protobuf, written without the sentencepiece
+    package) holding a unigram vocabulary that the `tokenizers` library trained."""
+    import json
+
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    pb = import_protobuf()
+    model = pb.ModelProto()
+    kinds = {"<unk>": 2, "<s>": 3, "</s>": 3, "<pad>": 3}  # UNKNOWN, CONTROL; NORMAL = 1
+    for piece, score in json.loads(tok.hf.backend_tokenizer.to_str())["model"]["vocab"]:
+        model.pieces.add(piece=piece, score=score, type=kinds.get(piece, 1))
+    names = [p.piece for p in model.pieces]
+    spec = model.trainer_spec
+    spec.model_type = 1  # UNIGRAM
+    spec.unk_id, spec.bos_id = names.index("<unk>"), names.index("<s>")
+    spec.eos_id, spec.pad_id = names.index("</s>"), names.index("<pad>")
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix = "identity", True
+    norm.remove_extra_whitespaces, norm.escape_whitespaces = True, True
+    path.write_bytes(model.SerializeToString())
+
+
+def test_a_folder_with_only_a_sentencepiece_model_loads(tmp_path):
+    """Llama-2's download carries `tokenizer.model` and no `tokenizer.json`; it converts
+    without the sentencepiece package (the file is parsed with protobuf)."""
+    pytest.importorskip("google.protobuf", reason="tokenizer.model is a protobuf message")
+    texts = report_texts("phantom", limit=100)
+    cfg = TokenizerConfig(kind="unigram", vocab_size=300, clean=None, lowercase=False)
+    source = train_tokenizer(cfg, texts)
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    _write_unigram_model(folder / "tokenizer.model", source)
+    tok = _stage3_tokenizer(folder, tmp_path)
+    assert tok.config.kind == "pretrained" and tok.config.clean is None
+    assert tok.vocab_size == source.vocab_size
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (source.bos_id, source.eos_id, source.pad_id)
+    for text in texts[:20]:
+        ids = tok.encode(text)
+        assert ids == source.encode(text)  # the same pieces as the vocabulary's own tokenizer
+        assert tok.decode(ids) == text  # cased text and its spacing round-trip
+    # special tokens named beside the model win over the model's own
+    (folder / "special_tokens_map.json").write_text('{"pad_token": {"content": "</s>"}}')
+    assert build_tokenizer(tok.config).pad_id == tok.eos_id
+    # saved as a run exports it (tokenizer.json now), it reloads with the same ids
+    again = ReportTokenizer.load(tok.save(tmp_path / "saved"))
+    assert again.encode(texts[0]) == tok.encode(texts[0])
+
+
+def test_llama_style_bpe_sentencepiece_model_with_byte_fallback(tmp_path):
+    """Llama-2's kind of model: BPE pieces scored by merge rank, 256 byte pieces, byte
+    fallback. Written as protobuf from a `tokenizers` BPE, it must split text into the same
+    pieces, and characters it has no piece for travel as bytes and decode back."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    texts = report_texts("phantom", limit=200)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in state["merges"]]
+    pb = import_protobuf()
+    model = pb.ModelProto()
+    for piece, kind in (("<unk>", 2), ("<s>", 3), ("</s>", 3)):
+        model.pieces.add(piece=piece, score=0.0, type=kind)
+    for byte in range(256):
+        model.pieces.add(piece=f"<0x{byte:02X}>", score=0.0, type=6)  # BYTE
+    rank = [a + b for a, b in merges] + [p for p in state["vocab"] if len(p) == 1]
+    for i, piece in enumerate(rank):
+        model.pieces.add(piece=piece, score=-float(i), type=1)
+    spec = model.trainer_spec
+    spec.model_type, spec.byte_fallback = 2, True  # BPE
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    model.normalizer_spec.escape_whitespaces = True
+    model.normalizer_spec.remove_extra_whitespaces = False
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    (folder / "tokenizer_config.json").write_text('{"legacy": false, "bos_token": "<s>"}')
+    tok = _stage3_tokenizer(folder, tmp_path)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2)  # no pad: EOS
+    pieces = [p.piece for p in model.pieces]
+    for text in texts[:30]:
+        ids = tok.encode(text)
+        assert [pieces[i] for i in ids] == bpe.encode(text).tokens
+        assert tok.decode(ids) == text
+    ids = tok.encode("Unseen: × 2!")
+    assert [pieces[i] for i in ids][-5:] == ["<0xC3>", "<0x97>", "▁", "2", "<0x21>"]
+    assert tok.decode(ids) == "Unseen: × 2!"
+
+
+def test_sentencepiece_trained_bpe_model_matches_sentencepiece(tmp_path):
+    """A Llama-style SentencePiece BPE model (byte fallback) trained by SentencePiece itself:
+    only tokenizer.model in the folder; ids equal SentencePieceProcessor's."""
+    spm = pytest.importorskip(
+        "sentencepiece",
+        reason="training a real SentencePiece model needs the sentencepiece package",
+    )
+    texts = report_texts("phantom", limit=300)
+    corpus = tmp_path / "reports.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
+        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+    )  # fmt: skip
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    tok = _stage3_tokenizer(folder, tmp_path)
+    processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert tok.vocab_size == processor.get_piece_size()
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    for text in [*texts[:20], "Unseen words: pneumoperitoneum × 2!"]:
+        ids = tok.encode(text)
+        assert ids == processor.encode(text), text
+        assert tok.decode(ids) == processor.decode(ids) == text
+
+
+def test_a_run_trains_its_tokenizer_once_and_every_build_reads_it(tmp_path):
+    """WordPiece training differs between processes (ties at the vocabulary cut-off), so a
+    run pins its tokenizer in the run directory: a resume or a later load gets the same ids."""
+    from rich.console import Console
+
+    from raydiology.config import load_experiment
+    from raydiology.models.clip import build_text_tokenizer
+    from raydiology.train.launch import pin_tokenizer
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def pinned():
+        exp = load_experiment(
+            repo / "experiments/mambaxray_vl/stage2_clip.yaml", profile="clip_smoke"
+        )
+        pin_tokenizer(exp, tmp_path, console=Console(quiet=True))
+        return exp.model.config.text
+
+    first = pinned()
+    assert first.tokenizer.path == str(tmp_path / "tokenizer")
+    saved = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "tokenizer").iterdir())
+    again = pinned()  # the resumed run: loads, does not train again
+    assert (
+        sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "tokenizer").iterdir()) == saved
+    )
+    vocab = build_text_tokenizer(first).hf.get_vocab()
+    assert build_text_tokenizer(again).hf.get_vocab() == vocab

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -33,6 +33,7 @@ Profile = Annotated[
 Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
+DecodePool = Literal["tasks", "actors"]
 
 
 def _load(experiment: Path, profile: str | None, sets: list[str] | None):
@@ -139,6 +140,8 @@ def ingest(
         str | None, typer.Option(help="credit the images' licence requires; shown under pictures")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster; default: a local Ray")] = None,
+    chunk_rows: Annotated[int, typer.Option(help="files per decode task")] = 256,
+    shard_rows: Annotated[int, typer.Option(help="images per shard (one write task each)")] = 1024,
 ) -> None:
     """Turn hospital exports into a clean corpus: decode, de-identify, deduplicate, shard."""
     import os
@@ -151,6 +154,9 @@ def ingest(
         raise typer.Exit(2)
     if clean_reports not in (None, "iu", "mimic"):
         err.print(f"[red]--clean-reports {clean_reports!r}: expected iu or mimic[/]")
+        raise typer.Exit(2)
+    if chunk_rows < 1 or shard_rows < 1:
+        err.print("[red]--chunk-rows and --shard-rows must be positive[/]")
         raise typer.Exit(2)
     joined = report_columns(_read_reports(reports or []), clean=clean_reports) if reports else None  # type: ignore[arg-type]
     connect_ray(address, dashboard_host="127.0.0.1", console=err)
@@ -165,10 +171,15 @@ def ingest(
         near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
         reports=joined,
         write_source_map=source_map,
+        chunk_rows=chunk_rows,
+        shard_rows=shard_rows,
         parallel=True,
     )
     if summary.skipped_chunks == -1:
         console.print(f"{out} already holds this ingest; nothing to do")
+    elif summary.skipped_chunks or summary.skipped_shards:
+        console.print(f"resumed: {summary.skipped_chunks} decoded chunk(s) and "
+                      f"{summary.skipped_shards} written shard(s) reused")  # fmt: skip
     console.print(
         f"found {summary.found}: ingested {summary.ingested}, quarantined {summary.quarantined}, "
         f"duplicates {summary.duplicates} -> {out}"
@@ -202,16 +213,19 @@ def _read_reports(specs: list[str]):
 @corpus_app.command("phantom")
 def corpus_phantom(
     out: Annotated[Path, typer.Option("--out", help="corpus folder to write")],
-    n: Annotated[int, typer.Option("--n", help="number of images")] = 512,
+    n: Annotated[int, typer.Option("--n", help="number of studies")] = 512,
     size: Annotated[int, typer.Option(help="image side, pixels")] = 256,
     seed: int = 0,
     finding_prob: Annotated[float, typer.Option(help="probability of each finding")] = 0.3,
+    views: Annotated[int, typer.Option(help="films per study: 1 (PA) or 2 (PA + lateral)")] = 1,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
 
-    manifest = write_phantom_corpus(out, n=n, size=size, seed=seed, finding_prob=finding_prob)
-    console.print(f"{manifest.rows} phantom images ({size}px) -> {out}")
+    manifest = write_phantom_corpus(
+        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views
+    )
+    console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
 
 @corpus_app.command("stats")
@@ -245,12 +259,17 @@ def bench_data(
     batch_size: int = 16,
     workers: Annotated[int, typer.Option(help="training workers consuming the split")] = 1,
     cpus: Annotated[int | None, typer.Option(help="cores for each method; default: all")] = None,
+    passes: Annotated[int, typer.Option(help="timed passes per method; the median is quoted")] = 3,
+    decode_pool: Annotated[
+        DecodePool, typer.Option(help="where Ray Data decodes: tasks or an actor pool")
+    ] = "tasks",
 ) -> None:
     """Images/s into training batches vs a DataLoader+PIL baseline and the bare-decode ceiling."""
     from raydiology.bench.data import run_data_benchmark
 
     results = run_data_benchmark(resolutions=resolution or [1280], images=images, corpus=corpus,
-                                 batch_size=batch_size, cpus=cpus, workers=workers, console=err)  # fmt: skip
+                                 batch_size=batch_size, cpus=cpus, workers=workers, passes=passes,
+                                 decode_pool=decode_pool, console=err)  # fmt: skip
     print(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
 
 
@@ -284,11 +303,17 @@ def bench_step(
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
     engine: Annotated[str, typer.Option(help="auto | deepspeed | torch")] = "auto",
     torch_adam: Annotated[bool, typer.Option(help="torch AdamW, no FusedAdam JIT build")] = False,
+    validation: Annotated[
+        bool, typer.Option(help="time one validation batch (report decoding) instead")
+    ] = False,
 ) -> None:
     """A few training steps of the experiment on one device: step time, images/s, memory."""
-    from raydiology.bench.step import run_step_benchmark
+    from raydiology.bench.step import run_step_benchmark, run_validation_benchmark
 
     exp = _load(experiment, profile, set_)
+    if validation:
+        print(json.dumps(run_validation_benchmark(exp), indent=2))
+        return
     result = run_step_benchmark(
         exp, steps=steps, warmup=warmup, engine=engine, torch_adam=torch_adam
     )
@@ -851,6 +876,154 @@ def generate_reports_command(
         raise typer.Exit(2) from None
     target = out or run / "eval" / "predictions.jsonl"
     err.print(f"{len(rows)} reports -> {target}  (score them: raydiology eval {target})")
+
+
+# --- MedViLL downstream heads ---
+
+
+@evaluate_app.command("medvill")
+def evaluate_medvill(
+    run: Annotated[Path, typer.Argument(help="a medvill_diagnosis / medvill_vqa run (or export/)")],
+    task: Annotated[str, typer.Option(help="diagnosis (micro AUROC/F1) or vqa (closed/open)")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="corpus folder with the label columns")],
+    split: Annotated[str, typer.Option(help="corpus split; 'all' for every row")] = "test",
+    out: Annotated[
+        Path | None, typer.Option(help="JSON to write; default RUN/eval/medvill_TASK.json")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward")] = 16,
+) -> None:
+    """A fine-tuned MedViLL head on a corpus split: diagnosis micro AUROC / F1, or VQA closed
+    and open accuracy; prints and writes JSON."""
+    from raydiology.evaluation.medvill_heads import evaluate_medvill_heads
+
+    try:
+        result = evaluate_medvill_heads(
+            run, corpus, task=task, split=None if split == "all" else split, device=device,
+            batch_size=batch_size, out=out,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    print(json.dumps(result, indent=2))
+
+
+# --- clip evaluation ---
+
+
+@evaluate_app.command("clip")
+def evaluate_clip_command(
+    run: Annotated[Path, typer.Argument(help="an image-report CLIP run folder (or its export/)")],
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="corpus folder; default: the run's own")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="split(s), comma-separated (e.g. val,test); 'all' = every row")
+    ] = "test",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="JSON to write; default RUN/eval/clip.json")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+) -> None:
+    """Image<->report retrieval of a trained CLIP (R@1/5/10, MRR against random ranking),
+    reloaded from the run's export; writes JSON and a picture of top-3 retrieved reports."""
+    from rich.table import Table
+
+    from raydiology.evaluation.clip_retrieval import evaluate_clip_run
+
+    splits = None if split == "all" else [s.strip() for s in split.split(",") if s.strip()]
+    try:
+        result = evaluate_clip_run(run, corpus=corpus, split=splits, out=out, device=device)
+    except (OSError, ValueError) as e:  # CorpusError and ConfigError are among these
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    if result.get("warning"):
+        err.print(f"[yellow]warning[/]: {result['warning']}")
+    table = Table(title=f"CLIP retrieval, split {split} ({result['n']} image-report pairs)")
+    table.add_column("direction")
+    metrics = ("R@1", "R@5", "R@10", "MRR")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    rows = (("image -> report", "image_to_report"), ("report -> image", "report_to_image"),
+            ("random ranking", "random"))  # fmt: skip
+    for label, key in rows:
+        table.add_row(label, *(f"{result[key][m]:.3f}" for m in metrics))
+    console.print(table)
+    auroc = result.get("zero_shot_auroc") or {}
+    if auroc:
+        shown = ", ".join(f"{k.removeprefix('label_')} {'-' if v is None else f'{v:.3f}'}"
+                          for k, v in auroc.items())  # fmt: skip
+        console.print(f"zero-shot AUROC (prompt pairs): {shown}")
+    err.print(f"results: {result['json']}, picture: {result['picture']}")
+
+
+# --- medvill evaluation ---
+
+
+@evaluate_app.command("medvill-retrieval")
+def evaluate_medvill_retrieval(
+    run: Annotated[Path, typer.Argument(help="a MedViLL run folder (or its export/)")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="corpus folder with images and reports")],
+    split: Annotated[str, typer.Option(help="corpus split; 'all' for every row")] = "test",
+    candidates: Annotated[
+        int, typer.Option(help="candidates per query (true pair + others)")
+    ] = 100,
+    seed: Annotated[int, typer.Option(help="seed of the candidate draws")] = 0,
+    attention: Annotated[
+        str | None, typer.Option(help="attention mask (bi, s2s, bar, ...); default the model's")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N pairs of the split")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON to write; default RUN/eval/medvill_retrieval.json")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="pairs per forward")] = 64,
+) -> None:
+    """Image<->report retrieval with the MedViLL matching head: each query ranks its true
+    pair among CANDIDATES; MRR, Hit@5, Recall@5, Precision@5 against random ranking."""
+    from raydiology.evaluation.medvill_eval import retrieval_run
+
+    try:
+        result = retrieval_run(
+            run, corpus, split=None if split == "all" else split, out=out, device=device,
+            candidates=candidates, seed=seed, scheme=attention, limit=limit,
+            batch_size=batch_size,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    print(json.dumps(result, indent=2))
+
+
+@evaluate_app.command("medvill-generate")
+def evaluate_medvill_generate(
+    run: Annotated[Path, typer.Argument(help="a MedViLL run folder (or its export/)")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="corpus folder with images and reports")],
+    split: Annotated[str, typer.Option(help="corpus split; 'all' for every row")] = "test",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="JSONL to write; default RUN/eval/medvill_predictions.jsonl"),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="words per report; default the model's max_text_tokens")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many images")] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images decoded together")] = 16,
+) -> None:
+    """Reports by iterative [MASK] decoding under the S2S mask (greedy, no teacher forcing);
+    writes the predictions `raydiology eval` scores."""
+    from raydiology.evaluation.medvill_eval import generate_run
+
+    try:
+        rows, path = generate_run(
+            run, corpus, split=None if split == "all" else split, out=out, device=device,
+            max_tokens=max_tokens, limit=limit, batch_size=batch_size,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    err.print(f"{len(rows)} reports -> {path}  (score them: raydiology eval {path})")
 
 
 def main() -> None:  # pragma: no cover

@@ -30,9 +30,13 @@ class PhantomConfig:
     size: int = 256
     seed: int = 0
     finding_prob: float = 0.3
+    # films per phantom study: 1 = PA only; 2 = PA + LATERAL sharing one report, labels and
+    # split (`images` counts studies, so the corpus holds images x views films)
+    views: int = 1
 
     def validate(self, key: str) -> None:
         check(self.images >= 1, f"{key}.images", self.images, "at least 1")
+        check(self.views in (1, 2), f"{key}.views", self.views, "1 (PA) or 2 (PA + LATERAL)")
         check(16 <= self.size <= 4096, f"{key}.size", self.size, "16..4096 pixels")
         check(0 <= self.finding_prob <= 1, f"{key}.finding_prob", self.finding_prob, "0..1")
 
@@ -64,12 +68,21 @@ class DataConfig:
     shuffle_seed: int | None = 0  # shard order shuffle per epoch; null = manifest order
     decode_batch_size: int = 16  # rows per Ray Data map_batches call
     decode_concurrency: int | None = None  # decode tasks in flight; null = Ray Data decides
+    # Where decoding runs: "tasks" (a task per row group, anywhere on the cluster) or
+    # "actors" (a pool of long-lived decoders, `decode_concurrency` of them, default one per
+    # CPU: no per-task start-up; CPU-only nodes added to the cluster join the pool).
+    decode_pool: Literal["tasks", "actors"] = "tasks"
     # Multi-anatomy mixing (XR-0): relative sampling weight per `anatomy` value, e.g.
     # {chest: 1.0, knee: 0.5}; "default" covers the rest. Null = every image once an epoch.
     anatomy_weights: dict[str, float] | None = None
+    # Multi-view studies: >1 groups the rows of one `study_id` into one sample of up to this
+    # many views (image [V, 1, R, R] + view_mask [V], padded views masked out); 1 = one image
+    # a sample, as single-view models train.
+    study_views: int = 1
 
     def validate(self, key: str) -> None:
         check(self.resolution >= 16, f"{key}.resolution", self.resolution, "at least 16 pixels")
+        check(1 <= self.study_views <= 16, f"{key}.study_views", self.study_views, "1..16 views")
         check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -80,6 +93,18 @@ class DataConfig:
                 f"{self.channels} value(s), one per channel",
             )
         check(all(s > 0 for s in self.std), f"{key}.std", list(self.std), "positive values")
+        check(
+            self.decode_pool in ("tasks", "actors"),
+            f"{key}.decode_pool",
+            self.decode_pool,
+            "'tasks' or 'actors'",
+        )
+        check(
+            self.decode_concurrency is None or self.decode_concurrency >= 1,
+            f"{key}.decode_concurrency",
+            self.decode_concurrency,
+            "null or at least 1",
+        )
         check(
             self.decode_batch_size >= 1,
             f"{key}.decode_batch_size",
@@ -141,6 +166,10 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every: int = 10
     checkpoint_every: int = 500
+    # Validation (objectives that can, e.g. report_sft): 0 = off. On, every checkpoint is
+    # validated and every multiple of eval_every (and the last step) is validated and
+    # checkpointed; the best checkpoint on the objective's selection score is exported.
+    eval_every: int = 0
     seed: int = 0
     prefetch_batches: int = 2
     local_shuffle_buffer: int = 0  # rows; 0 = file-level shuffle only (buffers cost speed)
@@ -169,6 +198,7 @@ class TrainConfig:
             self.checkpoint_every,
             "at least 1",
         )
+        check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, ">= 0 (0 = off)")
 
 
 @dataclass(kw_only=True)
@@ -302,6 +332,12 @@ def _validate_across_sections(exp: Experiment) -> None:
         "train.precision",
         "fp16",
         "fp32 or bf16 on CPU workers (fp16 needs GPUs)",
+    )
+    check(
+        exp.data.study_views == 1 or exp.model.name == "report_generator",
+        "data.study_views",
+        exp.data.study_views,
+        f"1 for a {exp.model.name} model (multi-view studies feed report generators)",
     )
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ def run_data_benchmark(
     batch_size: int,
     cpus: int | None,
     workers: int = 1,
+    passes: int = 3,
+    decode_pool: Literal["tasks", "actors"] = "tasks",
     console: Console,
 ) -> list[dict[str, Any]]:
     """One result per resolution; all methods read the same images on the same cores."""
@@ -60,14 +63,14 @@ def run_data_benchmark(
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ceiling = _ceiling(corpus, n)  # independent of the output resolution
+        ceiling = _ceiling(corpus, n, passes)  # independent of the output resolution
         console.print(f"ceiling (bare decode of the stored format, 1 core): {ceiling:.1f} img/s")
         for resolution in resolutions:
             data = DataConfig(corpus=str(corpus), resolution=resolution, shuffle_seed=None,
-                              decode_batch_size=batch_size)  # fmt: skip
+                              decode_batch_size=batch_size, decode_pool=decode_pool)  # fmt: skip
             with _PeakMemory() as memory:
-                loader = _dataloader(png_dir, data, batch_size, cpus)
-                pipeline = _ray_pipeline(data, str(corpus), batch_size, workers)
+                loader = _dataloader(png_dir, data, batch_size, cpus, passes)
+                pipeline = _ray_pipeline(data, str(corpus), batch_size, workers, passes)
             console.print(f"{resolution}px: DataLoader+PIL {loader:.1f} img/s, "
                           f"Ray Data {pipeline:.1f} img/s ({cpus} CPUs)")  # fmt: skip
             per_core, loader_per_core = pipeline / cpus, loader / cpus
@@ -78,6 +81,8 @@ def run_data_benchmark(
                 "cpus": cpus,
                 "workers": workers,
                 "batch_size": batch_size,
+                "timed_passes": passes,
+                "decode_pool": decode_pool,
                 "images_per_s": round(pipeline, 2),
                 "images_per_s_per_core": round(per_core, 2),
                 "dataloader_images_per_s_per_core": round(loader_per_core, 2),
@@ -104,18 +109,26 @@ def _write_pngs(table, folder: Path, n: int) -> None:
         Image.fromarray(image).save(folder / f"{i:06d}.png")
 
 
-def _ceiling(corpus: Path, n: int) -> float:
-    """Bare decode of the stored format on one core: read shards, np.frombuffer, stop."""
+def _ceiling(corpus: Path, n: int, passes: int) -> float:
+    """Bare decode of the stored format on one core: read shards, np.frombuffer, stop
+    (median of `passes` passes after a warm-up, like the other methods)."""
+    _ceiling_pass(corpus, n)
+    return statistics.median(_ceiling_pass(corpus, n) for _ in range(passes))
+
+
+def _ceiling_pass(corpus: Path, n: int) -> float:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raydiology.data.corpus import decode_pixels, shard_paths
+    from raydiology.data.pipeline import column_arrays
 
     columns = ["image_id", "pixels", "height", "width", "dtype"]
     start, done = time.perf_counter(), 0
     for path in shard_paths(corpus):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=16, columns=columns):
-            cols = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
-            decode_pixels(cols)
+        shard = pq.ParquetFile(path, memory_map=True)  # the pipeline's fastest read
+        for batch in shard.iter_batches(batch_size=16, columns=columns, use_threads=False):
+            decode_pixels(column_arrays(pa.Table.from_batches([batch]), columns))
             done += batch.num_rows
             if done >= n:
                 return done / (time.perf_counter() - start)
@@ -145,24 +158,40 @@ class _PngDataset(torch.utils.data.Dataset):
         return image[0].mul(255).round_().to(torch.uint8)
 
 
-# Each method reads the images twice and is timed on the second pass: the first starts
-# worker processes and imports (torch in every Ray worker takes seconds), which at a few
-# hundred images would swamp the steady-state rate that a long pretraining run sees.
+# Each method makes one warm-up pass (worker processes start, torch imports: seconds that a
+# long pretraining run pays once), then `passes` timed passes; the median is quoted. A pass is
+# timed from its first batch to its last, so what is measured is the streaming rate a
+# million-image epoch sees, not the fraction of a second an epoch of a few hundred images
+# spends starting up.
 
 
-def _dataloader(folder: Path, data: DataConfig, batch_size: int, cpus: int) -> float:
+def _timed_passes(make_batches, passes: int) -> float:
+    """Median images/s over `passes` iterations of `make_batches()` (after one warm-up)."""
+    for _ in make_batches():
+        pass
+    rates = []
+    for _ in range(passes):
+        first = done = 0
+        start = time.perf_counter()
+        for batch in make_batches():
+            images = batch["image"] if isinstance(batch, dict) else batch
+            if not first:
+                first, start = images.shape[0], time.perf_counter()
+            done += images.shape[0]
+        rates.append((done - first) / max(time.perf_counter() - start, 1e-9))
+    return statistics.median(rates)
+
+
+def _dataloader(folder: Path, data: DataConfig, batch_size: int, cpus: int, passes: int) -> float:
     loader = torch.utils.data.DataLoader(
         _PngDataset(folder, data), batch_size=batch_size, num_workers=cpus, persistent_workers=True
     )
-    for _ in loader:  # warm-up pass
-        pass
-    start, done = time.perf_counter(), 0
-    for batch in loader:
-        done += batch.shape[0]
-    return done / (time.perf_counter() - start)
+    return _timed_passes(lambda: loader, passes)
 
 
-def _ray_pipeline(data: DataConfig, corpus: str, batch_size: int, workers: int) -> float:
+def _ray_pipeline(
+    data: DataConfig, corpus: str, batch_size: int, workers: int, passes: int
+) -> float:
     """Images/s summed over `workers` consumers of a streaming split, as Ray Train has."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -170,18 +199,13 @@ def _ray_pipeline(data: DataConfig, corpus: str, batch_size: int, workers: int) 
 
     splits = build_dataset(data, corpus).streaming_split(workers, equal=True)
 
-    def consume(split) -> tuple[int, float, float]:
-        for _ in split.iter_torch_batches(batch_size=batch_size):  # warm-up pass
-            pass
-        start, done = time.perf_counter(), 0
-        for batch in split.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
-            done += batch["image"].shape[0]
-        return done, start, time.perf_counter()
+    def consume(split) -> float:
+        return _timed_passes(
+            lambda: split.iter_torch_batches(batch_size=batch_size, prefetch_batches=2), passes
+        )
 
     with ThreadPoolExecutor(workers) as pool:
-        runs = list(pool.map(consume, splits))
-    elapsed = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
-    return sum(done for done, _, _ in runs) / elapsed
+        return sum(pool.map(consume, splits))
 
 
 class _PeakMemory:

@@ -101,6 +101,56 @@ def run_step_benchmark(
     }
 
 
+@torch.no_grad()
+def run_validation_benchmark(exp: Experiment, *, repeats: int = 2) -> dict[str, Any]:
+    """Time one validation batch of an objective that validates (report SFT: beam-search
+    decoding of `generation.batch_size` images with the run's settings), on one device in
+    the run's precision: what sizes `train.eval_every` for a paper-sized decoder."""
+    import dataclasses
+
+    from raydiology.data.pipeline import to_model_input
+    from raydiology.registry import build_model, build_objective
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(exp.train.precision, torch.float32)
+    torch.manual_seed(exp.train.seed)
+    with device:
+        objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+    if not hasattr(objective, "validation_rows"):
+        raise ValueError(f"objective {exp.objective.name!r} does not validate during training")
+    objective.to(dtype).eval()
+    n = objective.validation_batch_size
+    batch = _real_batch(
+        dataclasses.replace(exp, train=dataclasses.replace(exp.train, micro_batch_size=n))
+    )
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["image"] = to_model_input(batch["image"], exp.data, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, words = [], 0.0
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        rows = objective.validation_rows(batch)
+        _sync(device)
+        times.append(time.perf_counter() - started)
+        words = sum(len(r["prediction"].split()) for r in rows) / len(rows)
+    median = statistics.median(times)
+    return {
+        "experiment": exp.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": exp.train.precision,
+        "images": n,
+        "generation": dataclasses.asdict(objective.cfg.generation),
+        "batch_time_s_median": round(median, 3),
+        "images_per_s": round(n / median, 2),
+        "words_per_report": round(words, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+    }
+
+
 def _real_batch(exp: Experiment) -> dict[str, Any]:
     """One micro-batch of phantoms through the pipeline's preprocessing (no Ray)."""
     from raydiology.data.corpus import read_rows
@@ -110,9 +160,14 @@ def _real_batch(exp: Experiment) -> dict[str, Any]:
     n = exp.train.micro_batch_size
     wanted = getattr(exp.objective.config, "corpus_columns", None)
     extra: dict[str, str] = wanted() if callable(wanted) else {}
+    views = 2 if exp.data.study_views > 1 else 1  # multi-view studies: PA + lateral
+    study = ["study_id", "view"] if views > 1 else []
     with tempfile.TemporaryDirectory() as folder:
-        write_phantom_corpus(folder, n=n, size=exp.data.resolution, seed=0, progress=False)
-        table = read_rows(folder, columns=[*_PIXEL_COLUMNS, *set(extra.values())])
+        write_phantom_corpus(
+            folder, n=n, size=exp.data.resolution, seed=0, views=views, progress=False
+        )
+        columns = [*_PIXEL_COLUMNS, *study, *extra.values()]
+        table = read_rows(folder, columns=list(dict.fromkeys(columns)))  # each column once
     raw = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     data = exp.data
     if data.splits:  # the bench batch is whatever phantoms were made
@@ -127,7 +182,7 @@ def _real_batch(exp: Experiment) -> dict[str, Any]:
 def _deepspeed_step(exp: Experiment, objective: torch.nn.Module, *, torch_adam: bool):
     import deepspeed
 
-    from raydiology.train.deepspeed_config import deepspeed_config
+    from raydiology.train.deepspeed_config import deepspeed_config, match_norm_buffers
     from raydiology.train.schedules import param_groups
 
     on_gpu = torch.cuda.is_available()
@@ -142,6 +197,7 @@ def _deepspeed_step(exp: Experiment, objective: torch.nn.Module, *, torch_adam: 
         model_parameters=param_groups(objective, exp.train.optimizer.weight_decay),
         config=deepspeed_config(exp.train, world_size=1, on_gpu=on_gpu, torch_adam=torch_adam),
     )
+    match_norm_buffers(engine.module)
     dtype = next(engine.module.parameters()).dtype
 
     def step(batch: dict[str, Any], generator: torch.Generator) -> float:
@@ -208,8 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto")
     parser.add_argument("--torch-adam", action="store_true", help="no FusedAdam JIT build")
+    parser.add_argument(
+        "--validation", action="store_true", help="time one validation batch instead of steps"
+    )
     args = parser.parse_args(argv)
     exp = load_experiment(args.experiment, profile=args.profile, overrides=args.sets)
+    if args.validation:
+        print(json.dumps(run_validation_benchmark(exp), indent=2))
+        return
     result = run_step_benchmark(
         exp, steps=args.steps, warmup=args.warmup, engine=args.engine, torch_adam=args.torch_adam
     )

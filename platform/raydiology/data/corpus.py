@@ -29,10 +29,14 @@ T = TypeVar("T")
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 
-# Optional string columns: missing values stay null, never guessed.
+# Optional string columns: missing values stay null, never guessed. `study_id` names the
+# study an image belongs to (the views of one exam share it, and their report).
 METADATA_COLUMNS = (
     "report", "view", "sex", "age_group", "anatomy", "split", "modality", "manufacturer",
+    "study_id",
 )  # fmt: skip
+# Unique-ish text: a dictionary would only grow the file.
+_PLAIN_COLUMNS = ("report", "study_id")
 LABEL_PREFIX = "label_"
 # Optional per-image boxes (top, left, bottom, right), normalised to the stored image, e.g.
 # `region_chest` for context-aware masking; null where unknown.
@@ -96,11 +100,179 @@ def _version() -> str:
         return "unknown"
 
 
+def corpus_schema(
+    label_columns: Iterable[str] = (), region_columns: Iterable[str] = ()
+) -> pa.Schema:
+    """The shard schema: base columns, then `label_*` (int8 0/1), then `region_*` boxes."""
+    return pa.schema(
+        _BASE_FIELDS
+        + [pa.field(name, pa.int8()) for name in label_columns]
+        + [pa.field(name, pa.list_(pa.float32(), 4)) for name in region_columns]
+    )
+
+
+def shard_file(out_dir: str | os.PathLike, index: int) -> Path:
+    """Where shard `index` of a corpus lives."""
+    return Path(out_dir) / SHARDS_DIR / f"part-{index:05d}.parquet"
+
+
+def plan_shards(
+    rows: Iterable[tuple[int, str | None]],
+    *,
+    shard_rows: int = 1024,
+    row_group_rows: int = 128,
+    row_group_bytes: int = 32 << 20,
+) -> list[list[int]]:
+    """Row-group sizes of each shard that `CorpusWriter` would write for these rows, given
+    as (pixel bytes, study_id) in order. With this layout, shards can be written apart (one
+    `write_shard` call each, e.g. in parallel Ray tasks) and still equal a streamed corpus."""
+    shards: list[list[int]] = []
+    groups: list[int] = []
+    buffered = buffered_bytes = written = 0
+    last: str | None = None
+    for size, study in rows:
+        if _closes_group(
+            buffered,
+            buffered_bytes,
+            last,
+            study,
+            room=shard_rows - written,
+            row_group_rows=row_group_rows,
+            row_group_bytes=row_group_bytes,
+        ):
+            groups.append(buffered)
+            written += buffered
+            buffered = buffered_bytes = 0
+            if written >= shard_rows:
+                shards.append(groups)
+                groups, written = [], 0
+        buffered += 1
+        buffered_bytes += size
+        last = study
+    if buffered:
+        groups.append(buffered)
+    if groups:
+        shards.append(groups)
+    return shards
+
+
+def write_shard(
+    out_dir: str | os.PathLike, index: int, row_groups: Iterable[pa.Table], *, schema: pa.Schema
+) -> ShardInfo:
+    """Write shard `index`, one row group per table (cut as `plan_shards` says), in the
+    layout and encodings `CorpusWriter` uses. The file takes its final name only once
+    complete; the returned `ShardInfo` goes to `write_manifest`."""
+    final = shard_file(out_dir, index)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(final) + ".tmp")
+    rows = 0
+    try:
+        with _parquet_writer(tmp, schema) as writer:
+            for group in row_groups:
+                writer.write_table(group, row_group_size=max(group.num_rows, 1))
+                rows += group.num_rows
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _publish_shard(Path(out_dir), tmp, final, rows)
+
+
+def write_manifest(
+    out_dir: str | os.PathLike,
+    shards: Iterable[ShardInfo],
+    *,
+    schema: pa.Schema,
+    sizes: Iterable[tuple[int, int]],
+    dtypes: Iterable[str],
+    made_by: dict,
+) -> Manifest:
+    """Write `manifest.json` for shards already in place, via a temp file and rename so that
+    it appears last and whole; `sizes` and `dtypes` are the (height, width) pairs and pixel
+    dtypes found in the shards."""
+    shards = tuple(shards)
+    sizes, dtypes = set(sizes), set(dtypes)
+    size = None
+    if len(sizes) == 1:
+        height, width = next(iter(sizes))
+        size = height if height == width else None
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        rows=sum(s.rows for s in shards),
+        shards=shards,
+        image_size=size,
+        dtype=next(iter(dtypes)) if len(dtypes) == 1 else None,
+        columns={f.name: str(f.type) for f in schema},
+        label_columns=tuple(f.name for f in schema if f.name.startswith(LABEL_PREFIX)),
+        made_by={
+            **_made_by(made_by),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    out = Path(out_dir)
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest
+
+
+def _made_by(made_by: dict) -> dict:
+    """Provenance as the manifest records it: tool, version, command, options, then extras."""
+    return {
+        "tool": "raydiology",
+        "version": _version(),
+        "command": made_by.get("command", ""),
+        "options": dict(made_by.get("options", {})),
+        **{k: v for k, v in made_by.items() if k not in ("command", "options", "tool", "version")},
+    }
+
+
+def _closes_group(
+    rows: int,
+    nbytes: int,
+    last_study: str | None,
+    study: str | None,
+    *,
+    room: int,
+    row_group_rows: int,
+    row_group_bytes: int,
+) -> bool:
+    """Whether the `rows` buffered rows (`nbytes` of pixels) form a finished row group before
+    a row of `study` joins: at `row_group_rows` rows (fewer when the shard has only `room`
+    left) or `row_group_bytes`, but never between two views of one study."""
+    full = rows >= min(row_group_rows, room) or nbytes >= row_group_bytes
+    return rows > 0 and full and (last_study is None or last_study != study)
+
+
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        str(path),
+        schema,
+        compression={
+            f.name: _PIXELS_COMPRESSION if f.name == "pixels" else _OTHER_COMPRESSION
+            for f in schema
+        },
+        use_dictionary=[n for n in METADATA_COLUMNS if n not in _PLAIN_COLUMNS] + ["dtype"],
+        # min/max of megabyte-sized blobs would only bloat the footer
+        write_statistics=[f.name for f in schema if f.name != "pixels"],
+    )
+
+
+def _publish_shard(out_dir: Path, tmp: Path, final: Path, rows: int) -> ShardInfo:
+    os.replace(tmp, final)
+    return ShardInfo(
+        path=final.relative_to(out_dir).as_posix(), rows=rows, sha256=_file_sha256(final)
+    )
+
+
 class CorpusWriter:
     """Streams rows into shards of `shard_rows`, each written in row groups of at most
     `row_group_rows` rows and about `row_group_bytes` of pixels, so that at most one row group
     is held in memory and the pipeline, which reads one row group per task, gets units of
     work that are neither tiny (256 px) nor hundreds of megabytes (1280 px).
+
+    Consecutive rows that share a `study_id` stay in one row group (it closes at the first
+    row of the next study, so it may exceed `row_group_rows` by a study's views less one):
+    the pipeline groups views per row group, and a study cut in two would become two samples.
 
     Use as a context manager: a clean exit calls `close()`; an exception leaves no manifest,
     so a half-written corpus can never pass `read_manifest`.
@@ -123,13 +295,7 @@ class CorpusWriter:
         ):
             raise CorpusError(f"{self.out_dir}: already holds a corpus; choose an empty folder")
         (self.out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        self.made_by = {
-            "tool": "raydiology",
-            "version": _version(),
-            "command": made_by.get("command", ""),
-            "options": dict(made_by.get("options", {})),
-            **{k: v for k, v in made_by.items() if k not in ("command", "options")},
-        }
+        self.made_by = _made_by(made_by)
         self.shard_rows = shard_rows
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
@@ -187,9 +353,7 @@ class CorpusWriter:
         if self._schema is None:
             self._label_columns = labels
             self._region_columns = regions
-            label_fields = [pa.field(name, pa.int8()) for name in labels]
-            region_fields = [pa.field(name, pa.list_(pa.float32(), 4)) for name in regions]
-            self._schema = pa.schema(_BASE_FIELDS + label_fields + region_fields)
+            self._schema = corpus_schema(labels, regions)
         else:
             for kind, got, first in (
                 ("label", labels, self._label_columns),
@@ -219,16 +383,21 @@ class CorpusWriter:
         for name in self._region_columns:
             out[name] = _check_box(row[name], f"{self.out_dir}: {image_id}: {name}")
 
+        if _closes_group(
+            len(self._buffer),
+            self._buffered_bytes,
+            self._buffer[-1]["study_id"] if self._buffer else None,
+            out["study_id"],
+            room=self.shard_rows - self._shard_written,
+            row_group_rows=self.row_group_rows,
+            row_group_bytes=self.row_group_bytes,
+        ):
+            self._flush()
         self._ids.add(image_id)
         self._sizes.add((height, width))
         self._dtypes.add(dtype)
         self._buffer.append(out)
         self._buffered_bytes += len(out["pixels"])
-        room = self.shard_rows - self._shard_written
-        if len(self._buffer) >= min(self.row_group_rows, room) or (
-            self._buffered_bytes >= self.row_group_bytes
-        ):
-            self._flush()
 
     def close(self) -> Manifest:
         """Write the last shard, then `manifest.json` via a temp file and rename."""
@@ -238,49 +407,25 @@ class CorpusWriter:
             self._flush()
         self._finish_shard()
         self._closed = True
-        schema = self._schema or pa.schema(_BASE_FIELDS)
-        size = None
-        if len(self._sizes) == 1:
-            height, width = next(iter(self._sizes))
-            size = height if height == width else None
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            rows=sum(s.rows for s in self._shards),
-            shards=tuple(self._shards),
-            image_size=size,
-            dtype=next(iter(self._dtypes)) if len(self._dtypes) == 1 else None,
-            columns={f.name: str(f.type) for f in schema},
-            label_columns=self._label_columns,
-            made_by={
-                **self.made_by,
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            },
+        self.manifest = write_manifest(
+            self.out_dir,
+            self._shards,
+            schema=self._schema or corpus_schema(),
+            sizes=self._sizes,
+            dtypes=self._dtypes,
+            made_by=self.made_by,
         )
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)
-        self.manifest = manifest
-        return manifest
+        return self.manifest
 
     # -- internals -----------------------------------------------------------------------
 
     def _shard_path(self) -> Path:
-        return self.out_dir / SHARDS_DIR / f"part-{len(self._shards):05d}.parquet"
+        return shard_file(self.out_dir, len(self._shards))
 
     def _flush(self) -> None:
         assert self._schema is not None
         if self._writer is None:
-            self._writer = pq.ParquetWriter(
-                str(self._shard_path()) + ".tmp",
-                self._schema,
-                compression={
-                    f.name: _PIXELS_COMPRESSION if f.name == "pixels" else _OTHER_COMPRESSION
-                    for f in self._schema
-                },
-                use_dictionary=[n for n in METADATA_COLUMNS if n != "report"] + ["dtype"],
-                # min/max of megabyte-sized blobs would only bloat the footer
-                write_statistics=[f.name for f in self._schema if f.name != "pixels"],
-            )
+            self._writer = _parquet_writer(Path(str(self._shard_path()) + ".tmp"), self._schema)
         table = pa.Table.from_pylist(self._buffer, schema=self._schema)
         self._writer.write_table(table, row_group_size=len(self._buffer))
         self._shard_written += len(self._buffer)
@@ -295,14 +440,8 @@ class CorpusWriter:
         self._writer.close()
         self._writer = None
         final = self._shard_path()
-        os.replace(str(final) + ".tmp", final)
-        self._shards.append(
-            ShardInfo(
-                path=final.relative_to(self.out_dir).as_posix(),
-                rows=self._shard_written,
-                sha256=_file_sha256(final),
-            )
-        )
+        tmp = Path(str(final) + ".tmp")
+        self._shards.append(_publish_shard(self.out_dir, tmp, final, self._shard_written))
         self._shard_written = 0
 
     def _abort(self) -> None:
@@ -423,7 +562,10 @@ def decode_pixels(batch: dict[str, np.ndarray]) -> np.ndarray:
     if name not in _DTYPES:
         raise CorpusError(f"decode_pixels: dtype {name!r} is not uint8/uint16")
     dtype = _DTYPES[name]
-    flat = np.frombuffer(b"".join(pixels), dtype=dtype)
+    if isinstance(pixels, np.ndarray) and pixels.ndim == 2:  # [B, nbytes] (column_arrays)
+        flat = pixels.reshape(-1).view(dtype)
+    else:
+        flat = np.frombuffer(b"".join(pixels), dtype=dtype)
     if flat.size != n * height * width:
         raise CorpusError(
             f"decode_pixels: {flat.size} values for {n} images of {height}x{width}; "

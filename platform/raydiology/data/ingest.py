@@ -8,7 +8,12 @@ crash, and is deduplicated across all of it:
    written to `staging/chunk-NNNNN.parquet`; a finished chunk has a `.json` beside it and is
    skipped when the ingest runs again;
 2. deduplicate (driver): exact duplicates by content hash, near duplicates by perceptual hash;
-3. write (driver): kept rows stream into the corpus shards, with reports joined by file name.
+3. write (parallel like decoding): the driver plans the shards from light columns only (which
+   kept row goes to which shard and row group, exactly as `CorpusWriter` would cut them, and
+   the report columns joined by file name); each shard is then written by its own task
+   straight from the staged Arrow tables, and a finished shard has `staging/shard-NNNNN.json`
+   beside its chunks, so a re-run skips it. The manifest is written last, from the tasks'
+   results (rows, sha256, sizes).
 
 A bad file never stops an ingest: it goes to `quarantine.jsonl` with its reason, and
 found == ingested + quarantined + duplicates. Nothing from a DICOM header but the few
@@ -26,7 +31,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,10 +44,17 @@ from raydiology.data.corpus import (
     LABEL_PREFIX,
     MANIFEST_NAME,
     METADATA_COLUMNS,
-    CorpusWriter,
+    SHARDS_DIR,
+    CorpusError,
     Manifest,
+    ShardInfo,
+    corpus_schema,
+    plan_shards,
     progress_iter,
     read_manifest,
+    shard_file,
+    write_manifest,
+    write_shard,
 )
 from raydiology.data.errors import BadImage
 from raydiology.data.images import ResizeMode, fit_square, load_image, to_bit_depth
@@ -68,6 +80,7 @@ class IngestSummary:
     manifest: Manifest
     quarantine_file: str | None  # None when nothing was quarantined
     skipped_chunks: int = 0  # chunks already done by an earlier, interrupted run
+    skipped_shards: int = 0  # shards already written by an earlier, interrupted run
     reasons: dict[str, int] = field(default_factory=dict)  # quarantine reason kind -> count
 
 
@@ -189,6 +202,7 @@ def load_any(path: str) -> tuple[np.ndarray, dict[str, Any], str | None]:
     return load_image(path), {}, None
 
 
+_STAGED_GROUP_ROWS = 16
 _STAGING_SCHEMA = pa.schema(
     [
         ("file_index", pa.int64()),
@@ -250,7 +264,8 @@ def decode_chunk(
         rows["metadata"].append(json.dumps({**metadata, **source.metadata}, sort_keys=True))
     table = pa.table(rows, schema=_STAGING_SCHEMA)
     parquet = Path(staging) / f"chunk-{chunk:05d}.parquet"
-    pq.write_table(table, f"{parquet}.tmp", compression="lz4")
+    # Small row groups: a shard task then reads only the row groups holding its rows.
+    pq.write_table(table, f"{parquet}.tmp", compression="lz4", row_group_size=_STAGED_GROUP_ROWS)
     os.replace(f"{parquet}.tmp", parquet)
     result = {"chunk": chunk, "fingerprint": fingerprint, "rows": table.num_rows,
               "quarantined": quarantined}  # fmt: skip
@@ -267,26 +282,59 @@ def _run_chunks(
     parallel: bool,
     progress: bool,
 ) -> list[dict[str, Any]]:
+    calls = ((i, files, first, options, salt, str(staging)) for i, files, first in chunks)
+    return _map(decode_chunk, calls, len(chunks), parallel=parallel, progress=progress,
+                description="decoding")  # fmt: skip
+
+
+def _map(
+    function: Callable[..., dict[str, Any]],
+    calls: Iterable[tuple],
+    total: int,
+    *,
+    parallel: bool,
+    progress: bool,
+    description: str,
+) -> list[dict[str, Any]]:
+    """`function(*call)` for every call, results in call order; with `parallel`, each call is
+    a Ray task (1 CPU) and at most two per CPU are in flight, so the driver never holds every
+    call's arguments at once. A failed task does not stop the others: all that can finish do
+    (and leave their done markers for a re-run), then the first error is raised."""
     if not parallel:
         return [
-            decode_chunk(i, files, first, options, salt, str(staging))
-            for i, files, first in progress_iter(chunks, enabled=progress, description="decoding")
+            function(*call)
+            for call in progress_iter(calls, enabled=progress, description=description, total=total)
         ]
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=2)(decode_chunk)
-    pending = [
-        task.remote(i, files, first, options, salt, str(staging)) for i, files, first in chunks
-    ]
+    task = ray.remote(num_cpus=1, max_retries=2)(function)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    todo = enumerate(calls)
+    position: dict[Any, int] = {}
+    results: list[dict[str, Any] | None] = [None] * total
+    errors: list[BaseException] = []
 
-    def completed() -> Iterator[dict[str, Any]]:
-        remaining = pending
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
-            yield ray.get(ready[0])
+    def completed() -> Iterator[None]:
+        while True:
+            for i, call in todo:  # top the window up
+                position[task.remote(*call)] = i
+                if len(position) >= window:
+                    break
+            if not position:
+                return
+            (ready,), _ = ray.wait(list(position), num_returns=1)
+            i = position.pop(ready)
+            try:
+                results[i] = ray.get(ready)
+            except Exception as e:  # raised below, once the rest have finished
+                errors.append(e)
+            yield
 
-    done = progress_iter(completed(), enabled=progress, description="decoding", total=len(pending))
-    return sorted(done, key=lambda r: r["chunk"])
+    for _ in progress_iter(completed(), enabled=progress, description=description, total=total):
+        pass
+    if errors:
+        raise errors[0]
+    return [r for r in results if r is not None]
 
 
 # ----------------------------------------------------------------------------- stages 2, 3
@@ -315,7 +363,8 @@ def ingest_images(
     as built by `raydiology.data.reports`. `parallel` None = on Ray when Ray is initialised.
     `attribution` (a licence's required credit) is kept in the manifest and printed under
     every picture drawn from the corpus. Running the same ingest again is a no-op once it
-    finished, and picks up the finished chunks after an interruption.
+    finished, and after an interruption skips the chunks decoded and the shards written.
+    `parallel` applies to decoding and shard writing alike.
     """
     if resize not in ("pad", "stretch", "shortest"):
         raise ValueError(f"resize must be 'pad', 'stretch' or 'shortest', not {resize!r}")
@@ -323,6 +372,10 @@ def ingest_images(
         raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth!r}")
     if size < 1:
         raise ValueError(f"size must be positive, not {size}")
+    if chunk_rows < 1 or shard_rows < 1:
+        raise ValueError(
+            f"chunk_rows and shard_rows must be positive, not {chunk_rows}, {shard_rows}"
+        )
     options = IngestOptions(
         size=size,
         resize=resize,
@@ -345,6 +398,8 @@ def ingest_images(
         return finished
 
     staging = out / STAGING_DIR
+    if not staging.is_dir() and any((out / SHARDS_DIR).glob("*.parquet")):
+        raise CorpusError(f"{out}: already holds corpus shards; choose an empty folder")
     staging.mkdir(parents=True, exist_ok=True)
     chunks = [
         (i, files[start : start + chunk_rows], start)
@@ -362,24 +417,35 @@ def ingest_images(
     ]
     keep, duplicates, collisions = _deduplicate(staging, results, files, near_duplicate_distance)
     quarantined += collisions
-    made_by = {"command": "ingest", "options": recorded, "attribution": attribution}
-    with CorpusWriter(out, made_by=made_by, shard_rows=shard_rows) as writer:
-        _write_rows(writer, staging, results, files, keep, reports or {}, progress=progress)
+    layout = _ShardLayout.plan(staging, results, files, keep, reports or {}, shard_rows=shard_rows)
+    plans = layout.plans(options.fingerprint(salt))
+    calls = ((plan, layout.labels, str(staging), str(out)) for plan in plans)
+    written = _map(write_planned_shard, calls, len(layout.shards), parallel=parallel,
+                   progress=progress, description="writing shards")  # fmt: skip
+    _remove_stale_shards(out, len(written))
     if write_source_map:
         _write_source_map(out / SOURCE_MAP_NAME, staging, results, files, keep)
     quarantine_file = _write_jsonl(out / QUARANTINE_NAME, quarantined)
     _write_jsonl(out / DUPLICATES_NAME, duplicates)
+    manifest = write_manifest(  # last: a corpus with a manifest is a finished one
+        out,
+        [ShardInfo(path=w["path"], rows=w["rows"], sha256=w["sha256"]) for w in written],
+        schema=corpus_schema(layout.labels),
+        sizes=[(h, w) for r in written for h, w in r["sizes"]],
+        dtypes=[d for r in written for d in r["dtypes"]],
+        made_by={"command": "ingest", "options": recorded, "attribution": attribution},
+    )
     shutil.rmtree(staging)
-    assert writer.manifest is not None
     reasons = Counter(q["reason"].split(":")[0].split(" (")[0] for q in quarantined)
     summary = IngestSummary(
         found=len(files),
-        ingested=writer.manifest.rows,
+        ingested=manifest.rows,
         quarantined=len(quarantined),
         duplicates=len(duplicates),
-        manifest=writer.manifest,
+        manifest=manifest,
         quarantine_file=quarantine_file,
         skipped_chunks=sum(r["skipped"] for r in results),
+        skipped_shards=sum(r["skipped"] for r in written),
         reasons=dict(reasons),
     )
     # Counts only: reasons and paths stay in the quarantine file.
@@ -402,6 +468,7 @@ def _finished_summary(out: Path, recorded: dict[str, Any]) -> IngestSummary | No
     quarantined = len(quarantine.read_text().splitlines()) if quarantine.exists() else 0
     duplicates_file = out / DUPLICATES_NAME
     duplicates = len(duplicates_file.read_text().splitlines()) if duplicates_file.exists() else 0
+    shutil.rmtree(out / STAGING_DIR, ignore_errors=True)  # left if it ended just after the manifest
     return IngestSummary(
         found=recorded["files"],
         ingested=manifest.rows,
@@ -410,14 +477,16 @@ def _finished_summary(out: Path, recorded: dict[str, Any]) -> IngestSummary | No
         manifest=manifest,
         quarantine_file=str(quarantine) if quarantined else None,
         skipped_chunks=-1,  # the whole ingest was already done
+        skipped_shards=-1,
     )
 
 
 def _staged(staging: Path, results: list[dict[str, Any]], columns: list[str]):
     """Staged row batches in chunk order, reading only `columns`."""
     for r in results:
-        path = staging / f"chunk-{r['chunk']:05d}.parquet"
-        yield from pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns)
+        yield from pq.ParquetFile(_chunk_path(staging, r["chunk"])).iter_batches(
+            batch_size=64, columns=columns
+        )
 
 
 def _deduplicate(
@@ -476,28 +545,258 @@ def _deduplicate(
     return keep, duplicates, collisions
 
 
-def _write_rows(
-    writer: CorpusWriter,
-    staging: Path,
-    results: list[dict[str, Any]],
-    files: list[SourceFile],
-    keep: set[int],
-    reports: Mapping[str, Mapping[str, str | None]],
-    *,
-    progress: bool,
-) -> None:
-    columns = ["file_index", "image_id", "pixels", "height", "width", "dtype", "metadata"]
-    batches = _staged(staging, results, columns)
-    for batch in progress_iter(batches, enabled=progress, description="writing shards"):
-        for row in batch.to_pylist():
-            if row["file_index"] not in keep:
-                continue
-            pixels = np.frombuffer(row["pixels"], dtype=row["dtype"]).reshape(
-                row["height"], row["width"]
+@dataclass(frozen=True)
+class ShardPlan:
+    """What one shard holds, decided on the driver from light columns: its rows as
+    (staged chunk, ascending row positions) pieces, the source file of each row (a check),
+    its row-group sizes, the report columns joined to each row, and a digest of all of it
+    that tells whether a shard left by an interrupted run may stand."""
+
+    index: int
+    pieces: list[tuple[int, np.ndarray]]
+    file_indices: np.ndarray  # int64 [rows]
+    groups: list[int]
+    joined: list[dict[str, str]]
+    digest: str
+
+
+@dataclass
+class _ShardLayout:
+    """The kept rows in staged order (arrays, one entry per row) and how they are cut into
+    shards and row groups; `plans()` turns one shard at a time into a `ShardPlan`."""
+
+    chunk: np.ndarray
+    position: np.ndarray
+    file_index: np.ndarray
+    shards: list[list[int]]  # row-group sizes per shard
+    labels: tuple[str, ...]
+    files: list[SourceFile]
+    reports: Mapping[str, Mapping[str, str | None]]
+
+    @classmethod
+    def plan(
+        cls,
+        staging: Path,
+        results: list[dict[str, Any]],
+        files: list[SourceFile],
+        keep: set[int],
+        reports: Mapping[str, Mapping[str, str | None]],
+        *,
+        shard_rows: int,
+    ) -> _ShardLayout:
+        chunk, position, file_index, sizes = [], [], [], []
+        studies: list[str | None] = []
+        labels: tuple[str, ...] | None = None
+        kept = np.sort(np.fromiter(keep, np.int64, len(keep)))
+        columns = ["file_index", "height", "width", "dtype"]
+        for r in results:
+            staged = pq.read_table(_chunk_path(staging, r["chunk"]), columns=columns)
+            indices = staged.column("file_index").to_numpy().astype(np.int64)
+            found = np.searchsorted(kept, indices).clip(max=max(len(kept) - 1, 0))
+            rows = np.flatnonzero(kept[found] == indices) if len(kept) else np.zeros(0, np.int64)
+            itemsize = np.array([np.dtype(d).itemsize for d in staged.column("dtype").to_pylist()])
+            nbytes = staged.column("height").to_numpy() * staged.column("width").to_numpy()
+            for index in indices[rows].tolist():
+                joined = _joined(files[index].key, reports)
+                row_labels = _label_columns(files[index].metadata, joined)
+                if labels is None:
+                    labels = row_labels
+                elif set(row_labels) != set(labels):
+                    raise CorpusError(  # no path: file names can identify patients
+                        f"source file #{index}: label columns {sorted(row_labels)} differ "
+                        f"from the first image's {sorted(labels)}"
+                    )
+                studies.append(joined.get("study_id"))
+            chunk.append(np.full(len(rows), r["chunk"], np.int64))
+            position.append(rows.astype(np.int64))
+            file_index.append(indices[rows])
+            sizes.append((nbytes * itemsize)[rows].astype(np.int64))
+        empty = [np.zeros(0, np.int64)]
+        row_sizes = np.concatenate(sizes or empty).tolist()
+        return cls(
+            chunk=np.concatenate(chunk or empty),
+            position=np.concatenate(position or empty),
+            file_index=np.concatenate(file_index or empty),
+            shards=plan_shards(zip(row_sizes, studies, strict=True), shard_rows=shard_rows),
+            labels=labels or (),
+            files=files,
+            reports=reports,
+        )
+
+    def plans(self, fingerprint: str) -> Iterator[ShardPlan]:
+        """One plan per shard, made as asked for (a million rows' report text stays out of
+        memory until its shard is due)."""
+        start = 0
+        for index, groups in enumerate(self.shards):
+            stop = start + sum(groups)
+            chunks, positions = self.chunk[start:stop], self.position[start:stop]
+            file_indices = self.file_index[start:stop]
+            pieces = [(int(c), positions[chunks == c]) for c in dict.fromkeys(chunks.tolist())]
+            joined = [_joined(self.files[i].key, self.reports) for i in file_indices.tolist()]
+            blob = json.dumps(
+                [
+                    fingerprint,
+                    self.labels,
+                    groups,
+                    [self.files[i].key for i in file_indices],
+                    joined,
+                ]
             )
-            joined = _report_for(files[row["file_index"]].key, reports)
-            metadata = {**json.loads(row["metadata"]), **{k: v for k, v in joined.items() if v}}
-            writer.add({"image_id": row["image_id"], "pixels": pixels, **metadata})
+            yield ShardPlan(
+                index=index,
+                pieces=pieces,
+                file_indices=file_indices,
+                groups=groups,
+                joined=joined,
+                digest=hashlib.sha256(blob.encode()).hexdigest(),
+            )
+            start = stop
+
+
+def write_planned_shard(
+    plan: ShardPlan, labels: tuple[str, ...], staging: str, out_dir: str
+) -> dict[str, Any]:
+    """Stage 3 for one shard (a Ray task when parallel); idempotent: a shard whose done
+    marker matches its plan and whose file is whole is not written again."""
+    done = Path(staging) / f"shard-{plan.index:05d}.json"
+    final = shard_file(out_dir, plan.index)
+    if done.exists():
+        result = json.loads(done.read_text())
+        if (
+            result.get("digest") == plan.digest
+            and final.is_file()
+            and final.stat().st_size == result["bytes"]
+        ):
+            return {**result, "skipped": True}
+    schema = corpus_schema(labels)
+    sizes: set[tuple[int, int]] = set()
+    dtypes: set[str] = set()
+
+    def row_groups() -> Iterator[pa.Table]:
+        taken = (
+            table
+            for chunk, positions in plan.pieces
+            for table in _take_staged(Path(staging), chunk, positions)
+        )
+        start = 0
+        for staged in _regroup(taken, plan.groups):
+            stop = start + staged.num_rows
+            if staged.column("file_index").to_pylist() != plan.file_indices[start:stop].tolist():
+                raise CorpusError(f"{staging}: staged rows differ from shard {plan.index}'s plan")
+            group = _corpus_table(staged, plan.joined[start:stop], labels, schema)
+            sizes.update(zip(group["height"].to_pylist(), group["width"].to_pylist(), strict=True))
+            dtypes.update(group["dtype"].unique().to_pylist())
+            start = stop
+            yield group
+
+    info = write_shard(out_dir, plan.index, row_groups(), schema=schema)
+    result = {
+        "index": plan.index,
+        "digest": plan.digest,
+        "path": info.path,
+        "rows": info.rows,
+        "sha256": info.sha256,
+        "bytes": final.stat().st_size,
+        "sizes": sorted(sizes),
+        "dtypes": sorted(dtypes),
+    }
+    done.write_text(json.dumps(result))  # written last: marks the shard finished
+    return {**result, "skipped": False}
+
+
+_STAGED_COLUMNS = ["file_index", "image_id", "pixels", "height", "width", "dtype", "metadata"]
+
+
+def _take_staged(staging: Path, chunk: int, positions: np.ndarray) -> Iterator[pa.Table]:
+    """The staged rows at `positions` (ascending) of a chunk, reading only the row groups
+    that hold them."""
+    file = pq.ParquetFile(_chunk_path(staging, chunk))
+    first = 0
+    for group in range(file.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(positions, [first, first + rows])
+        if hi > lo:
+            table = file.read_row_group(group, columns=_STAGED_COLUMNS)
+            yield table.take(pa.array(positions[lo:hi] - first))
+        first += rows
+        if hi == len(positions):
+            return
+
+
+def _regroup(tables: Iterable[pa.Table], sizes: list[int]) -> Iterator[pa.Table]:
+    """Re-cut a stream of tables into tables of exactly `sizes` rows."""
+    wanted = iter(sizes)
+    want = next(wanted, 0)
+    pending: list[pa.Table] = []
+    have = 0
+    for table in tables:
+        while table.num_rows:
+            take = min(want - have, table.num_rows)
+            pending.append(table.slice(0, take))
+            table, have = table.slice(take), have + take
+            if have == want:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, have, want = [], 0, next(wanted, 0)
+
+
+def _corpus_table(
+    staged: pa.Table, joined: list[dict[str, str]], labels: tuple[str, ...], schema: pa.Schema
+) -> pa.Table:
+    """Staged rows as corpus rows: pixels and geometry pass through as Arrow columns; the
+    small metadata (DICOM fields, file-list columns, joined report) becomes typed columns,
+    with the checks `CorpusWriter.add` makes."""
+    allowed = set(METADATA_COLUMNS) | set(labels)
+    ids = staged.column("image_id").to_pylist()
+    rows = []
+    for image_id, text, extra in zip(
+        ids, staged.column("metadata").to_pylist(), joined, strict=True
+    ):
+        row = {**json.loads(text), **extra}
+        unknown = set(row) - allowed
+        if unknown:
+            raise CorpusError(f"{image_id}: unknown column {sorted(unknown)[0]!r}")
+        if not set(labels) <= set(row):
+            raise CorpusError(f"{image_id}: label columns differ from the first image's")
+        for name in labels:
+            if row[name] not in (0, 1):
+                raise CorpusError(f"{image_id}: {name}={row[name]!r} is not 0/1")
+        rows.append(row)
+    if not set(staged.column("dtype").unique().to_pylist()) <= {"uint8", "uint16"}:
+        raise CorpusError(f"{ids[0]}..: pixels dtype is not uint8/uint16")
+    columns = {name: staged.column(name) for name in ("image_id", "pixels", "height", "width")}
+    columns["dtype"] = staged.column("dtype")
+    for name in METADATA_COLUMNS:
+        columns[name] = pa.array(
+            [None if r.get(name) is None else str(r[name]) for r in rows], pa.string()
+        )
+    for name in labels:
+        columns[name] = pa.array([int(r[name]) for r in rows], pa.int8())
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _joined(key: str, reports: Mapping[str, Mapping[str, str | None]]) -> dict[str, str]:
+    """The non-empty report columns joined to the file named `key`."""
+    return {k: v for k, v in _report_for(key, reports).items() if v}
+
+
+def _label_columns(metadata: Mapping[str, Any], joined: Mapping[str, str]) -> tuple[str, ...]:
+    """A row's label columns in the order its merged metadata lists them (file-list columns,
+    sorted as staged, then joined ones): the first row's order is the corpus's."""
+    names = [*sorted(metadata), *(k for k in joined if k not in metadata)]
+    return tuple(k for k in names if k.startswith(LABEL_PREFIX))
+
+
+def _remove_stale_shards(out: Path, count: int) -> None:
+    """Shards beyond `count` (or half-written ones) left by an interrupted ingest that was
+    planned differently; they must not sit beside the corpus."""
+    for path in (out / SHARDS_DIR).glob("part-*.parquet*"):
+        index = int(path.name.split(".")[0].removeprefix("part-"))
+        if index >= count or path.name.endswith(".tmp"):
+            path.unlink()
+
+
+def _chunk_path(staging: Path, chunk: int) -> Path:
+    return staging / f"chunk-{chunk:05d}.parquet"
 
 
 def _report_for(
@@ -536,6 +835,7 @@ def _write_source_map(
 
 def _write_jsonl(path: Path, records: list[dict]) -> str | None:
     if not records:
+        path.unlink(missing_ok=True)  # e.g. from a run with other options that was cut short
         return None
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
@@ -544,7 +844,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> str | None:
 def report_columns(
     records: Iterable[ReportRecord], *, clean: Literal["iu", "mimic"] | None = None
 ) -> dict[str, dict[str, str | None]]:
-    """Image key (file stem) -> the columns a report corpus joins onto it (report, split).
+    """Image key (file stem) -> the columns a report corpus joins onto it (report, split,
+    study_id: the views of one study share it, which multi-view training groups by).
 
     `clean` applies R2Gen's report cleaning for that corpus style.
     """
@@ -553,5 +854,5 @@ def report_columns(
     out = {}
     for key, record in index_by_image_key(records).items():
         text = clean_report(record.report, style=clean) if clean else record.report
-        out[key] = {"report": text or None, "split": record.split}
+        out[key] = {"report": text or None, "split": record.split, "study_id": record.study_id}
     return out

@@ -12,6 +12,9 @@ reports are the patient's. Everything is whole-array numpy (no per-pixel Python 
 Every random draw happens up front in a fixed order, whatever findings are chosen, so two
 phantoms from the same generator state differ only by the findings forced on or off: that is
 what lets tests check that each finding changes the image where it should.
+
+A phantom can also be filmed LATERAL (`view="LATERAL"`): the same patient and findings from
+the side, anterior on the viewer's left, so a two-view study (PA + LATERAL) shares one report.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,6 +35,7 @@ FINDINGS = ("cardiomegaly", "pleural_effusion", "pneumothorax", "lung_lesion", "
 LABEL_COLUMNS = ("label_no_finding", *(f"label_{f}" for f in FINDINGS))
 # CheXpert's convention: "no finding" ignores support devices, which are not a pathology.
 PATHOLOGIES = FINDINGS[:4]
+VIEWS = ("PA", "LATERAL")
 SEXES = ("F", "M")
 AGE_GROUPS = ("18-39", "40-59", "60-79", "80+")
 
@@ -299,6 +303,65 @@ def _chest(
     return density
 
 
+def _lateral_chest(
+    f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tuple[float, float]
+) -> np.ndarray:
+    """Attenuation map of the same chest seen from the side: `u` runs anterior (left) to
+    posterior (right). Both lungs overlap, the heart sits anteriorly on the diaphragm, the
+    spine at the back; fluid settles in the posterior costophrenic sulcus."""
+    a, u, v, e = f.a, f.u, f.v, f.edge
+    tex = np.random.default_rng(a.seeds["texture"])
+    chord = np.clip(1.0 - ((u - 0.02) * (1.0 / 0.8)) ** 2, 0.0, 1.0)
+    outline = _ramp(chord, 3 * e) * _ramp(v + 1.1 - 0.25 * np.clip(u, 0.0, 1.0), 3 * e)
+    density = a.soft * (0.45 + 0.55 * np.sqrt(chord)) * outline
+    density *= 1.0 + 0.05 * _smooth_noise(tex, f.size, 10)
+
+    dome = 0.5 * (a.dome["left"] + a.dome["right"])
+    bottom = dome + 0.3 * np.clip((u + 0.05) * (1.0 / 0.55), 0.0, None) ** 2  # posterior sulcus
+    lung = _ramp(v - (a.apex + 0.9 * (u - 0.05) ** 2), 2.5 * e) * _ramp(bottom - v, 2.5 * e)
+    lung *= _ramp(u + 0.62, 2.5 * e) * _ramp(0.42 - u, 2.5 * e)
+    hu, hv, ha, hb = -0.22, dome - 0.12, 0.3, 0.27
+    if present["cardiomegaly"]:  # fills the retrosternal and retrocardiac clear spaces
+        hu, ha, hb = hu + 0.06, ha * 1.35, hb * 1.12
+    heart = _ramp(1.0 - np.hypot((u - hu) / ha, (v - hv) / hb), e / min(ha, hb))
+    # both lungs reach round the heart, so its shadow is grey rather than solid
+    air = lung * (1.0 - 0.7 * heart) * (0.85 + 0.15 * np.clip(0.3 - v, 0.0, 1.0))
+
+    extra = np.zeros_like(v)
+    if present["pleural_effusion"]:
+        surface = dome - 0.6 * draw.effusion_level + 0.25 - 0.35 * np.clip(u, 0.0, 0.42)
+        fluid = _ramp(v - surface, 3 * e) * lung * _ramp(u + 0.1, 0.1)
+        air *= 1.0 - fluid
+        extra += 0.06 * a.soft * fluid
+    if present["pneumothorax"]:  # apical lucency under a thin pleural line
+        r = np.hypot((u - 0.0) * (1.0 / 0.5), (v - a.apex - 0.45) * (1.0 / 0.5))
+        gap = _ramp(r - (1.0 - draw.pneumothorax_gap), e / 0.5) * _ramp(-0.1 - v, 0.2) * lung
+        air *= 1.0 + 0.4 * gap
+        line = _bump(r - (1.0 - draw.pneumothorax_gap), max(0.007, 1.6 / f.size), 2 * e)
+        extra += 0.3 * a.soft * line * _ramp(-0.1 - v, 0.2) * lung
+    if present["lung_lesion"]:
+        lt, lv = lesion
+        lu = -0.45 + 0.8 * (lt - 0.2) / 0.42  # depth from the PA position, inside the lung
+        d2 = ((u - lu) ** 2 + (v - lv) ** 2) * (1.0 / draw.lesion_radius**2)
+        extra += 0.5 * a.air * np.sqrt(np.clip(1.0 - d2, 0.0, 1.0)) ** 0.7
+
+    density -= a.air * air
+    trachea = _bump(u - (0.04 + 0.05 * np.clip(v + 1.0, 0.0, 1.0)), 0.035, e) * _ramp(-0.3 - v, e)
+    density -= 0.25 * a.air * trachea
+    # Spine: vertebral bodies with brighter endplates, disc spaces between them.
+    phase = (v - a.rib_phase) * (1.0 / 0.12)
+    frac = phase - np.floor(phase)
+    body = _bump(u - (0.55 - 0.05 * v), 0.1, 2 * e) * _ramp(v + 1.0, 0.05)
+    spine = body * (
+        0.55 + 0.45 * _bump(frac - 0.5, 0.38, 0.06) + 0.3 * _bump(frac - 0.1, 0.04, 0.03)
+    )
+    sternum = (
+        _bump(u + 0.72 - 0.08 * (v + 0.5), 0.025, 1.5 * e) * _ramp(v + 0.6, e) * _ramp(0.4 - v, e)
+    )
+    density += a.bone * (0.6 * spine + 0.5 * sternum) + extra
+    return density
+
+
 def _markings(
     f: _Frame, lungs: dict[str, np.ndarray], tex: np.random.Generator
 ) -> dict[str, np.ndarray]:
@@ -356,16 +419,26 @@ def _bones(f: _Frame) -> np.ndarray:
     return a.bone * bones
 
 
-def _draw_devices(a: _Anatomy, size: int, kind: str) -> np.ndarray:
+_DEVICE_PATHS = {  # (u, v) polylines per view
+    "PA": {
+        "ett": [(0.01, -1.2), (0.015, -0.8), (0.01, -0.45)],
+        "cvc": [(-0.2, -1.15), (-0.16, -0.85), (-0.1, -0.6), (-0.075, -0.4), (-0.07, -0.2)],
+        "ngt": [(0.0, -1.2), (-0.015, -0.5), (0.0, 0.1), (0.12, 0.5), (0.32, 0.56)],
+    },
+    "LATERAL": {  # trachea in front of the spine; the oesophagus just behind it
+        "ett": [(0.02, -1.2), (0.06, -0.8), (0.08, -0.45)],
+        "cvc": [(-0.2, -1.15), (-0.1, -0.85), (-0.02, -0.6), (0.0, -0.35), (0.0, -0.2)],
+        "ngt": [(0.1, -1.2), (0.16, -0.5), (0.2, 0.1), (0.0, 0.55), (-0.2, 0.6)],
+    },
+}
+
+
+def _draw_devices(a: _Anatomy, size: int, kind: str, view: str = "PA") -> np.ndarray:
     """Radio-opaque tubes and lines as a 0..1 mask at the film's full size (drawn by PIL)."""
     mask = Image.new("L", (size, size), 0)
     pen = ImageDraw.Draw(mask)
     width = max(2, round(size / 220))
-    paths = {
-        "ett": [(0.01, -1.2), (0.015, -0.8), (0.01, -0.45)],
-        "cvc": [(-0.2, -1.15), (-0.16, -0.85), (-0.1, -0.6), (-0.075, -0.4), (-0.07, -0.2)],
-        "ngt": [(0.0, -1.2), (-0.015, -0.5), (0.0, 0.1), (0.12, 0.5), (0.32, 0.56)],
-    }
+    paths = _DEVICE_PATHS[view]
     for name in kind.split("+"):
         pts = np.asarray(paths[name], dtype=np.float64)
         # Resample the path densely, then smooth it so the joints curve.
@@ -439,14 +512,18 @@ def make_phantom(
     size: int = 256,
     finding_prob: float = 0.3,
     findings: Mapping[str, bool] | None = None,
+    view: Literal["PA", "LATERAL"] = "PA",
 ) -> PhantomCase:
     """One phantom film; each finding present with probability `finding_prob`.
 
     `findings` forces chosen findings on or off (the rest stay random); the random stream is
-    consumed identically either way, so forcing changes only the forced findings.
+    consumed identically either way, so forcing changes only the forced findings, and the
+    same generator state filmed PA and LATERAL is one patient seen twice (same report).
     """
     if not 16 <= size <= 4096:
         raise ValueError(f"size {size} outside 16..4096")
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
     unknown = set(findings or {}) - set(FINDINGS)
     if unknown:
         raise ValueError(f"unknown finding {sorted(unknown)[0]!r}; known: {', '.join(FINDINGS)}")
@@ -457,13 +534,14 @@ def make_phantom(
     lesion = _lesion_centre(anatomy, draw)
 
     frame = _Frame(min(size, _RENDER_MAX), anatomy)
-    film = _develop(_chest(frame, present, draw, lesion), anatomy, frame.size)
+    render = _chest if view == "PA" else _lateral_chest
+    film = _develop(render(frame, present, draw, lesion), anatomy, frame.size)
     if frame.size < size:
         film = np.asarray(
             Image.fromarray(film, mode="F").resize((size, size), Image.Resampling.BICUBIC)
         )
     if present["support_devices"]:
-        film = film + 0.45 * _draw_devices(anatomy, size, draw.device)
+        film = film + 0.45 * _draw_devices(anatomy, size, draw.device, view)
     noise = np.random.default_rng(anatomy.seeds["noise"]).standard_normal(
         (size, size), dtype=np.float32
     )
@@ -478,7 +556,7 @@ def make_phantom(
     side = {name: s for name, s in sides.items() if present[name]}
     zone = "upper" if lesion[1] < -0.22 else "mid" if lesion[1] < 0.05 else "lower"
     report = _report(present, side, draw, zone)
-    return PhantomCase(image=image, findings=present, side=side, report=report)
+    return PhantomCase(image=image, findings=present, side=side, report=report, view=view)
 
 
 def _develop(density: np.ndarray, a: _Anatomy, size: int) -> np.ndarray:
@@ -612,15 +690,23 @@ def write_phantom_corpus(
     size: int = 256,
     seed: int = 0,
     finding_prob: float = 0.3,
+    views: int = 1,
     shard_rows: int = 256,
     progress: bool = True,
 ) -> Manifest:
-    """Write `n` phantoms as a corpus; identical shards for identical arguments.
+    """Write `n` phantom studies of `views` films each (1: PA; 2: PA then LATERAL) as a
+    corpus; identical shards for identical arguments.
 
-    Image i draws from its own generator seeded by (seed, i), so any row can be regenerated
-    alone and a future parallel writer produces the same bytes.
+    Study i draws from its own generator seeded by (seed, i), so any row can be regenerated
+    alone and a future parallel writer produces the same bytes. The films of a study share
+    `study_id`, report, labels and split, and are written one after the other, which keeps
+    them in one row group (`CorpusWriter`).
     """
-    options = {"n": n, "size": size, "seed": seed, "finding_prob": finding_prob}
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 (PA) or 2 (PA + LATERAL), not {views!r}")
+    options: dict[str, Any] = {"n": n, "size": size, "seed": seed, "finding_prob": finding_prob}
+    if views > 1:  # single-view corpora keep the options (and manifest) they always had
+        options["views"] = views
     with CorpusWriter(
         out_dir,
         made_by={"command": "phantom", "options": options},
@@ -628,24 +714,33 @@ def write_phantom_corpus(
         row_group_rows=min(128, shard_rows),
     ) as writer:
         for index in progress_iter(range(n), enabled=progress, description="phantoms"):
-            case = make_phantom(
-                np.random.default_rng([seed, index]), size=size, finding_prob=finding_prob
-            )
+            study = f"phantom-{index:07d}"
             meta = np.random.default_rng([seed, index, 1])
-            labels = {f"label_{k}": int(case.findings[k]) for k in FINDINGS}
-            writer.add(
-                {
-                    "image_id": f"phantom-{index:07d}",
-                    "pixels": case.image,
-                    "report": case.report,
-                    "view": case.view,
-                    "sex": SEXES[int(meta.integers(len(SEXES)))],
-                    "age_group": AGE_GROUPS[int(meta.integers(len(AGE_GROUPS)))],
-                    "anatomy": "chest",
-                    "split": _split(index),
-                    "label_no_finding": int(not any(case.findings[k] for k in PATHOLOGIES)),
-                    **labels,
-                }
-            )
+            shared = {
+                "study_id": study,
+                "sex": SEXES[int(meta.integers(len(SEXES)))],
+                "age_group": AGE_GROUPS[int(meta.integers(len(AGE_GROUPS)))],
+                "anatomy": "chest",
+                "split": _split(index),
+            }
+            for view in VIEWS[:views]:
+                case = make_phantom(
+                    np.random.default_rng([seed, index]),
+                    size=size,
+                    finding_prob=finding_prob,
+                    view=view,  # type: ignore[arg-type]  # one of VIEWS
+                )
+                labels = {f"label_{k}": int(case.findings[k]) for k in FINDINGS}
+                writer.add(
+                    {
+                        "image_id": study if views == 1 else f"{study}-{view.lower()}",
+                        "pixels": case.image,
+                        "report": case.report,
+                        "view": case.view,
+                        **shared,
+                        "label_no_finding": int(not any(case.findings[k] for k in PATHOLOGIES)),
+                        **labels,
+                    }
+                )
     assert writer.manifest is not None  # set by a clean close()
     return writer.manifest

@@ -10,7 +10,9 @@ trained with the Hugging Face `tokenizers` library, none hand-written:
 - ``wordpiece`` (BERT), ``bpe`` (byte-level, GPT-2 style) and ``unigram`` (SentencePiece's
   unigram model, via the library's Unigram trainer) at a chosen vocabulary size;
 - ``pretrained``: a tokenizer folder a user already has (e.g. next to a Llama checkpoint),
-  read with `AutoTokenizer(local_files_only=True)`; nothing is ever downloaded.
+  read with `AutoTokenizer(local_files_only=True)`; nothing is ever downloaded. A folder that
+  holds only a SentencePiece ``tokenizer.model`` (Meta's Llama-2 download) is converted from
+  the model's protobuf, which needs `protobuf`, not the `sentencepiece` package.
 
 Every kind ends up as a `transformers.PreTrainedTokenizerFast` inside `ReportTokenizer`, which
 adds what report generation needs on top: the cleaning step and the ids of BOS/EOS/PAD.
@@ -35,6 +37,7 @@ SPECIAL_TOKENS = {
     "eos_token": "</s>",
 }
 META_FILE = "raydiology_tokenizer.json"  # our settings, beside the Hugging Face files
+SENTENCEPIECE_FILE = "tokenizer.model"  # a SentencePiece model (Llama-2's only tokenizer file)
 
 
 @dataclass(kw_only=True)
@@ -123,7 +126,10 @@ class ReportTokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
-        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if (folder / SENTENCEPIECE_FILE).is_file() and not (folder / "tokenizer.json").is_file():
+            hf = sentencepiece_tokenizer(folder)
+        else:
+            hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if config is None:
             meta = folder / META_FILE
             if meta.is_file():
@@ -132,6 +138,68 @@ class ReportTokenizer:
             else:  # someone else's tokenizer: no R2Gen cleaning unless asked for
                 config = TokenizerConfig(kind="pretrained", path=str(folder), clean=None)
         return cls(hf, config=config)
+
+
+def sentencepiece_tokenizer(folder: Path) -> Any:
+    """A fast tokenizer from a folder's SentencePiece `tokenizer.model` (BPE or unigram).
+
+    transformers only converts such a file with the `sentencepiece` package installed; the file
+    is a protobuf message, so this parses it with `protobuf` and builds the same backend
+    (normaliser, dummy prefix, byte fallback, merges ranked by piece score) that transformers
+    builds for a SentencePiece model it has no tokenizer class for. Special tokens come from
+    the model, then `special_tokens_map.json` / `tokenizer_config.json` where present.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+        proto = import_protobuf().ModelProto()
+    except ImportError as e:
+        raise ImportError(
+            f"{folder}: reading {SENTENCEPIECE_FILE} needs the `protobuf` package "
+            f"(or `sentencepiece`): {e}"
+        ) from e
+    build = getattr(SpmConverter, "build_tokenizer_from_spm_proto", None)
+    if build is None:
+        raise ImportError(
+            f"{folder}: {SENTENCEPIECE_FILE} alone needs transformers >= 5 to convert; "
+            "or save the tokenizer with tokenizer.json"
+        )
+    proto.ParseFromString((folder / SENTENCEPIECE_FILE).read_bytes())
+    pieces = [(piece.piece, piece.score) for piece in proto.pieces]
+    spec = proto.trainer_spec
+    if spec.model_type == 1:  # unigram: pieces with scores
+        vocab: Any = pieces
+    elif spec.model_type == 2:  # BPE: pieces by id, merges ranked by score
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    else:
+        raise ValueError(
+            f"{folder / SENTENCEPIECE_FILE}: SentencePiece model type {spec.model_type} "
+            "(word/char) is not supported; BPE and unigram are"
+        )
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        if (folder / name).is_file():
+            settings.update(json.loads((folder / name).read_text()))
+    backend = build(proto=proto, vocab=vocab, legacy=bool(settings.get("legacy", True)))
+    specials = {
+        f"{role}_token": piece
+        for role, index, piece in (
+            ("unk", spec.unk_id, spec.unk_piece),
+            ("bos", spec.bos_id, spec.bos_piece),
+            ("eos", spec.eos_id, spec.eos_piece),
+            ("pad", spec.pad_id, spec.pad_piece),
+        )
+        if 0 <= index < len(pieces)
+    }
+    for key in ("unk_token", "bos_token", "eos_token", "pad_token"):
+        token = settings.get(key)
+        if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        if isinstance(token, str):
+            specials[key] = token
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> ReportTokenizer:

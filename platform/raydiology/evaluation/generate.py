@@ -2,9 +2,10 @@
 split, decode with the run's beam-search settings, and write the run-results files the
 leaderboard reads (`evaluation/leaderboard.py`):
 
-    <run>/eval/predictions.jsonl  one {"id", "reference", "prediction"} per image, the input of
-                                  `raydiology eval`; the first few rows also name "image",
-                                  a thumbnail under eval/images/ for the leaderboard picture
+    <run>/eval/predictions.jsonl  one {"id", "reference", "prediction"} per image (per study,
+                                  id = study_id, for a model trained on multi-view studies),
+                                  the input of `raydiology eval`; the first few rows also name
+                                  "image", a thumbnail under eval/images/ for the leaderboard
     <run>/eval/run.json           method, encoder, decoder, trainable parameters, test time
 """
 
@@ -82,9 +83,13 @@ def generate_reports(
     limit: int | None = None,
     device: str | torch.device = "cpu",
     generation: dict[str, Any] | None = None,
+    study_views: int | None = None,
 ) -> list[dict[str, str]]:
     """Generate a report for every image of `corpus` in `split` (None = all rows).
 
+    `study_views` > 1 generates one report per study from up to that many views, as a model
+    trained with `data.study_views` saw them; None = the run's own setting (its config.yaml),
+    and `limit` then counts studies.
     `generation` overrides the run's beam-search settings (e.g. {"num_beams": 1}). The
     reference is the corpus's report as the tokenizer sees it (R2Gen-cleaned when the
     tokenizer cleans), so metrics compare like with like. Writes `out` (default:
@@ -92,7 +97,7 @@ def generate_reports(
     """
     from raydiology.config import DataConfig
     from raydiology.data.corpus import read_rows
-    from raydiology.data.pipeline import preprocess_batch, to_model_input
+    from raydiology.data.pipeline import preprocess_batch, study_chunks, to_model_input
     from raydiology.objectives.report_sft import GenerationSettings
 
     started = time.perf_counter()
@@ -100,10 +105,13 @@ def generate_reports(
     if generation:
         merged = {**_as_dict(objective.cfg.generation), **generation}
         objective.cfg.generation = from_dict(GenerationSettings, merged, "generation")
+    export = find_export(export_or_run_dir)
+    run_dir = export.parent if export.name == "export" else export
+    views = study_views if study_views is not None else _trained_study_views(run_dir)
     data = from_dict(
         DataConfig,
         {"resolution": spec["image_size"], "channels": spec["in_chans"],
-         "mean": spec["mean"], "std": spec["std"]},
+         "mean": spec["mean"], "std": spec["std"], "study_views": views},
         "data",
     )  # fmt: skip
     column = objective.cfg.report_column
@@ -112,31 +120,49 @@ def generate_reports(
         import pyarrow.compute as pc
 
         table = table.filter(pc.equal(table.column("split"), split))
-    if limit is not None:
-        table = table.slice(0, limit)
+    step = objective.cfg.generation.batch_size
+    if views > 1:
+        if "study_id" not in table.column_names:
+            raise ValueError(f"{corpus}: no study_id column to group {views} views by")
+        studies = list(study_chunks(table, 1, views))[:limit]  # one (start, rows) per study
+        chunks = [
+            (studies[i][0], sum(rows for _, rows in studies[i : i + step]))
+            for i in range(0, len(studies), step)
+        ]
+    else:
+        if limit is not None:
+            table = table.slice(0, limit)
+        chunks = [(start, step) for start in range(0, table.num_rows, step)]
     tokenizer = objective.model.tokenizer
-    export = find_export(export_or_run_dir)
-    run_dir = export.parent if export.name == "export" else export
     path = Path(out) if out is not None else run_dir / "eval" / "predictions.jsonl"
     thumbnails = path.parent / "images"  # what the leaderboard's example picture shows
     thumbnails.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
-    step = objective.cfg.generation.batch_size
-    for start in range(0, table.num_rows, step):
-        chunk = table.slice(start, step)
+    wanted = {"id": "image_id", "reference": column}
+    if views > 1:
+        wanted["study"] = "study_id"
+    for start, length in chunks:
+        chunk = table.slice(start, length)
         batch = {
             name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names
         }
-        images = preprocess_batch(batch, data=data, label_columns=[])["image"]
+        prepared = preprocess_batch(batch, data=data, label_columns=[], extra_columns=wanted)
+        images = prepared["image"]  # [B, 1, R, R], or [B, V, 1, R, R] per study
         x = to_model_input(torch.from_numpy(images).to(device), data, dtype=torch.float32)
-        predictions = objective.generate(x)
+        mask = torch.from_numpy(prepared["view_mask"]).to(device) if views > 1 else None
+        predictions = _predict(objective, x, mask)
+        # a study's id is its study_id (the image's own id where it has none)
+        own = prepared["id"]
+        ids = [s or i for s, i in zip(prepared.get("study", own), own, strict=True)]
         for image_id, report, prediction, image in zip(
-            batch["image_id"], batch[column], predictions, images, strict=True
+            ids, prepared["reference"], predictions, images, strict=True
         ):
             reference = tokenizer.prepare(str(report or ""))
             row = {"id": str(image_id), "reference": reference, "prediction": prediction}
-            if len(rows) < _THUMBNAILS:
-                row["image"] = _save_thumbnail(image[0], thumbnails / f"{image_id}.png")
+            if len(rows) < _THUMBNAILS:  # the first (frontal) view of a study
+                first = image[0] if views > 1 else image
+                name = str(image_id).replace("/", "_")
+                row["image"] = _save_thumbnail(first[0], thumbnails / f"{name}.png")
             rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = describe_run(export, spec)
@@ -146,6 +172,25 @@ def generate_reports(
 
 
 _THUMBNAILS = 16  # images kept for the leaderboard's examples
+
+
+def _trained_study_views(run_dir: Path) -> int:
+    """`data.study_views` of the run's resolved experiment (1 without one)."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return 1
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    return int(data.get("study_views") or 1)
+
+
+def _predict(objective: Any, images: torch.Tensor, view_mask: torch.Tensor | None) -> list[str]:
+    """The run's beam search; multi-view studies go to the generator with their view mask."""
+    if view_mask is None:
+        return list(objective.generate(images))
+    settings = {k: v for k, v in _as_dict(objective.cfg.generation).items() if k != "batch_size"}
+    return list(objective.model.generate(images, view_mask=view_mask, **settings))
 
 
 def _save_thumbnail(image: np.ndarray, path: Path) -> str:

@@ -10,11 +10,14 @@ The image tower is an exported raydiology encoder (`image.path`), a timm model (
 or a registry model built from config (`image.model`); the text tower is a BERT built from the
 flavor's shape (Bio_ClinicalBERT = bert-base with a 28,996-token vocabulary) with random
 weights, or read from a local `save_pretrained` folder (`text.path`; nothing is downloaded).
-The model's `encoder` is the image tower, so the run's export is the aligned image encoder.
+The model's `encoder` is the image tower, so the run's export is the aligned image encoder;
+beside it the objective writes the rest of the CLIP (`save_clip`: text tower, projections,
+logit scale, tokenizer), and `load_clip` rebuilds the whole model from that folder alone.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,11 @@ from raydiology.registry import MODELS
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the scale at 100
+
+CLIP_FORMAT = "raydiology-clip/1"
+CLIP_WEIGHTS = "clip.safetensors"  # everything but the encoder (encoder.safetensors)
+CLIP_SPEC = "clip.json"
+CLIP_TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +86,12 @@ class ImageTowerConfig:
                       f"{key}.model")  # fmt: skip
 
 
+# Without a tokenizer section or a text.path folder: WordPiece trained on the phantom reports.
+DEFAULT_TOKENIZER = TokenizerConfig(
+    kind="wordpiece", train_reports="phantom", vocab_size=8000, min_freq=1, clean=None
+)
+
+
 @dataclass(kw_only=True)
 class TextTowerConfig:
     """The BERT text encoder: the flavor's shape (+ overrides) or a local folder."""
@@ -101,6 +115,13 @@ class TextTowerConfig:
         if self.tokenizer is not None:
             self.tokenizer.validate(f"{key}.tokenizer")
 
+    def tokenizer_slot(self) -> tuple[Any, TokenizerConfig] | None:
+        """(the config whose `tokenizer` is set, the tokenizer it builds), None when the
+        tokenizer is the text folder's own: see train.launch.pin_tokenizer."""
+        if self.tokenizer is None and self.path is not None:
+            return None
+        return self, self.tokenizer or DEFAULT_TOKENIZER
+
 
 @dataclass(kw_only=True)
 class ImageReportClipConfig:
@@ -121,6 +142,9 @@ class ImageReportClipConfig:
         a = self.args()
         check(a.hidden_size % a.num_heads == 0, f"{k}text.num_heads", a.num_heads,
               f"a divisor of hidden_size ({a.hidden_size})")  # fmt: skip
+
+    def tokenizer_slot(self) -> tuple[Any, TokenizerConfig] | None:
+        return self.text.tokenizer_slot()
 
     def args(self) -> ClipArgs:
         base = CLIP_FLAVORS[self.flavor]
@@ -145,9 +169,21 @@ class TextTokenizer:
     `data/tokenizers.py` (whose BOS/EOS play [CLS]/[SEP]).
     """
 
-    def __init__(self, hf: Any, *, cls_id: int, sep_id: int, pad_id: int, prepare: Any) -> None:
+    def __init__(
+        self, hf: Any, *, cls_id: int, sep_id: int, pad_id: int, prepare: Any, report: Any = None
+    ) -> None:
         self.hf, self.cls_id, self.sep_id, self.pad_id = hf, cls_id, sep_id, pad_id
         self._prepare = prepare  # text -> text the tokenizer sees (R2Gen cleaning or none)
+        self.report = report  # the ReportTokenizer it wraps (keeps its cleaning when saved)
+
+    def save(self, folder: str | Path) -> Path:
+        """A folder `load_text_tokenizer` reads back (no trace of where it came from)."""
+        if self.report is not None:
+            return Path(self.report.save(folder))
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(folder))
+        return folder
 
     @property
     def vocab_size(self) -> int:
@@ -172,21 +208,37 @@ def build_text_tokenizer(cfg: TextTowerConfig) -> TextTokenizer:
     if cfg.path is not None and not Path(cfg.path).is_dir():
         raise ConfigError("model.text.path", cfg.path, "a local save_pretrained folder")
     if cfg.tokenizer is None and cfg.path is not None:
-        from transformers import AutoTokenizer
+        return _folder_tokenizer(cfg.path, "model.text.path")
+    return _report_tokenizer(build_tokenizer(cfg.tokenizer or DEFAULT_TOKENIZER))
 
-        hf = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
-        cls_id = hf.cls_token_id if hf.cls_token_id is not None else hf.bos_token_id
-        sep_id = hf.sep_token_id if hf.sep_token_id is not None else hf.eos_token_id
-        pad_id = hf.pad_token_id if hf.pad_token_id is not None else sep_id
-        if cls_id is None or sep_id is None:
-            raise ConfigError("model.text.path", cfg.path, "a tokenizer with [CLS] and [SEP]")
-        return TextTokenizer(hf, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, prepare=str)
-    tcfg = cfg.tokenizer or TokenizerConfig(
-        kind="wordpiece", train_reports="phantom", vocab_size=8000, min_freq=1, clean=None
-    )
-    rt = build_tokenizer(tcfg)
+
+def _folder_tokenizer(path: str | Path, key: str) -> TextTokenizer:
+    """A BERT-style tokenizer folder ([CLS]/[SEP], or BOS/EOS standing in for them)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    cls_id = hf.cls_token_id if hf.cls_token_id is not None else hf.bos_token_id
+    sep_id = hf.sep_token_id if hf.sep_token_id is not None else hf.eos_token_id
+    pad_id = hf.pad_token_id if hf.pad_token_id is not None else sep_id
+    if cls_id is None or sep_id is None:
+        raise ConfigError(key, str(path), "a tokenizer with [CLS] and [SEP]")
+    return TextTokenizer(hf, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, prepare=str)
+
+
+def _report_tokenizer(rt: Any) -> TextTokenizer:
+    """A `data/tokenizers.ReportTokenizer`, its BOS/EOS playing [CLS]/[SEP]."""
     return TextTokenizer(rt.hf, cls_id=rt.bos_id, sep_id=rt.eos_id, pad_id=rt.pad_id,
-                         prepare=rt.prepare)  # fmt: skip
+                         prepare=rt.prepare, report=rt)  # fmt: skip
+
+
+def load_text_tokenizer(folder: str | Path) -> TextTokenizer:
+    """What `TextTokenizer.save` wrote: a report tokenizer (with its cleaning) or a BERT one."""
+    from raydiology.data.tokenizers import META_FILE, ReportTokenizer
+
+    folder = Path(folder)
+    if (folder / META_FILE).is_file():
+        return _report_tokenizer(ReportTokenizer.load(folder))
+    return _folder_tokenizer(folder, "tokenizer")
 
 
 # ----------------------------------------------------------------------------- the module
@@ -196,6 +248,8 @@ class ImageReportClip(nn.Module):
     """Two towers into one P-dim space; `logit_scale` is CLIP's learnable log temperature."""
 
     text: Any  # a transformers BertModel
+    spec: dict[str, Any]  # set by load_clip: the encoder export's JSON
+    clip_spec: dict[str, Any]  # set by load_clip: clip.json
 
     def __init__(
         self,
@@ -215,6 +269,8 @@ class ImageReportClip(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([LOGIT_SCALE_INIT]))
         self.tokenizer = tokenizer  # not a module
         self.max_length = max_length
+        # how to rebuild the image tower's architecture without its source files (save_clip)
+        self.image_source: dict[str, Any] = {}
 
     def encode_images(self, images: Tensor) -> Tensor:
         """images [B, C, R, R] or [B, V, C, R, R] -> unnormalised features [B, P]."""
@@ -283,6 +339,117 @@ def build_image_report_clip(
     text = build_text_tower(cfg, tokenizer)
     encoder.requires_grad_(not im.freeze)
     text.requires_grad_(not cfg.text.freeze)
-    return ImageReportClip(
+    model = ImageReportClip(
         encoder, text, tokenizer, proj_dim=cfg.args().proj_dim, max_length=cfg.text.max_length
     )
+    model.image_source = image_source(im, encoder)
+    return model
+
+
+def image_source(im: ImageTowerConfig, encoder: nn.Module) -> dict[str, Any]:
+    """The image tower's architecture with no file behind it: {"timm": name} or {"model":
+    registry section}. An export named by `image.path` contributes its own model section;
+    weights read at build time (`init_from`, a timm checkpoint) are dropped, since the
+    CLIP export carries the trained weights."""
+    from raydiology.train.export import SPEC
+
+    if im.timm is not None:
+        return {"timm": im.timm}
+    if im.path is None:
+        section = dict(im.model)
+    else:
+        folder = Path(im.path).expanduser()
+        folder = folder.parent if folder.suffix == ".json" else folder
+        if (folder / CLIP_SPEC).is_file():  # an image tower taken from another CLIP
+            return dict(json.loads((folder / CLIP_SPEC).read_text())["image"])
+        spec = getattr(encoder, "spec", None) or json.loads((folder / SPEC).read_text())
+        section = dict(spec["model"])
+    if "init_from" in section:
+        section["init_from"] = None
+    return {"model": section}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def save_clip(model: ImageReportClip, folder: str | Path, *, extra: dict[str, Any]) -> Path:
+    """Everything but the image encoder (which the run's `encoder.safetensors` holds): text
+    tower, projections, logit scale as safetensors, the tokenizer folder, and `clip.json`
+    (text tower config, image tower architecture, projection width, `extra` fields)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("encoder.")
+    }
+    save_file(tensors, str(folder / CLIP_WEIGHTS), metadata={"format": CLIP_FORMAT})
+    model.tokenizer.save(folder / CLIP_TOKENIZER_DIR)
+    spec = {
+        "format": CLIP_FORMAT,
+        "weights": CLIP_WEIGHTS,
+        "tokenizer": CLIP_TOKENIZER_DIR,
+        "image": model.image_source,
+        "text_config": model.text.config.to_dict(),
+        "proj_dim": model.text_proj.out_features,
+        "max_length": model.max_length,
+        "logit_scale": float(model.logit_scale.detach().float().clamp(max=LOGIT_SCALE_MAX).exp()),
+        **extra,
+        "usage": "raydiology.models.clip.load_clip(run_or_export_dir) -> ImageReportClip; "
+        "encode_images(images [B, C, R, R]) / encode_reports(texts) -> features [B, P]",
+    }
+    (folder / CLIP_SPEC).write_text(json.dumps(spec, indent=2))
+    return folder / CLIP_SPEC
+
+
+def find_clip_export(path: str | Path) -> Path:
+    """A run directory or its export folder -> the export folder holding clip.json."""
+    path = Path(path).expanduser()
+    for folder in (path, path / "export"):
+        if (folder / CLIP_SPEC).is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: no CLIP export ({CLIP_SPEC}) here or in export/")
+
+
+def load_clip(
+    run_or_export_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> ImageReportClip:
+    """Rebuild a trained CLIP from its export alone (safetensors, JSON, tokenizer folder).
+
+    Nothing the training run read is needed: not the image export or timm checkpoint it
+    started from, not the local BERT folder (the text tower is rebuilt from its saved config).
+    The model comes back in eval mode with the encoder spec (image_size, in_chans, mean,
+    std) as `.spec` and `clip.json` as `.clip_spec`.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from raydiology.models.report_generator import VisionConfig, build_vision
+    from raydiology.train.export import FORMAT, SPEC, WEIGHTS
+
+    folder = find_clip_export(run_or_export_dir)
+    spec: dict[str, Any] = json.loads((folder / SPEC).read_text())
+    clip: dict[str, Any] = json.loads((folder / CLIP_SPEC).read_text())
+    for name, found, wanted in ((SPEC, spec, FORMAT), (CLIP_SPEC, clip, CLIP_FORMAT)):
+        if found.get("format") != wanted:
+            raise ValueError(f"{folder / name}: format {found.get('format')!r} is not {wanted!r}")
+    source = clip["image"]
+    vision = VisionConfig(timm=source.get("timm"), train="full",
+                          **({"model": source["model"]} if "model" in source else {}))  # fmt: skip
+    encoder = build_vision(vision, image_size=spec["image_size"], in_chans=spec["in_chans"])
+    text_config = dict(clip["text_config"])
+    config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+    text = AutoModel.from_config(config, add_pooling_layer=False)
+    tokenizer = load_text_tokenizer(folder / clip["tokenizer"])
+    model = ImageReportClip(
+        encoder, text, tokenizer, proj_dim=int(clip["proj_dim"]), max_length=int(clip["max_length"])
+    )
+    model.image_source = dict(source)
+    state = {f"encoder.{k}": v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    state.update(load_file(str(folder / clip["weights"])))
+    model.load_state_dict(state, strict=True)
+    model.spec = spec
+    model.clip_spec = clip
+    return model.to(device).eval()

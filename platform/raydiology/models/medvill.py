@@ -19,11 +19,18 @@ Attention masks (`attention_mask`), True = the row's token may attend to the col
   mixed     per sample bi (probability `bi_prob`, 0.25) or s2s.
 Pad rows attend to every non-pad column in every scheme: their outputs are never used, and a
 row with nothing to attend to would give NaN.
+
+The whole model (CNN, joint BERT, pretraining heads, tokenizer) is exported beside the
+encoder (`medvill.safetensors` + `medvill.json` + `tokenizer/`, written by the objectives'
+`export_extra`) and read back with `load_medvill(run_or_export_dir)`; `model.pretrained`
+starts a run (downstream fine-tuning, or more pretraining) from such an export.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,6 +43,13 @@ from raydiology.registry import MODELS
 MaskScheme = Literal["bi", "s2s", "bar", "noncross", "mixed"]
 MASK_SCHEMES: tuple[str, ...] = ("bi", "s2s", "bar", "noncross", "mixed")
 IMAGE, TEXT, PAD = 0, 1, -1  # segment ids
+
+# The full-model export, beside encoder.safetensors/encoder.json in a run's export/ folder.
+MEDVILL_FORMAT = "raydiology-medvill/1"
+MEDVILL_WEIGHTS = "medvill.safetensors"  # the objective's state dict: model.*, head.*
+MEDVILL_SPEC = "medvill.json"
+MEDVILL_TOKENIZER = "tokenizer"
+TOKENIZER_META = "medvill_tokenizer.json"
 
 
 # ----------------------------------------------------------------------------- masks
@@ -126,9 +140,23 @@ MEDVILL_FLAVORS: dict[str, MedViLLArgs] = {
 }  # fmt: skip
 
 
+# Without a tokenizer section or a bert_path folder: WordPiece trained on the phantom reports.
+DEFAULT_TOKENIZER = TokenizerConfig(
+    kind="wordpiece", train_reports="phantom", vocab_size=8000, min_freq=1, clean=None
+)
+
+
 @dataclass(kw_only=True)
 class MedViLLConfig:
-    """The `model` section for ``name: medvill``."""
+    """The `model` section for ``name: medvill``.
+
+    `pretrained` lives here, not on a downstream objective: what it replaces is the model
+    (weights and tokenizer, whose ids the weights assume), and the model section is what
+    builds the model on every worker, before any objective exists. So every objective
+    (diagnosis, VQA, more pretraining) starts from an export the same way, and the paper's
+    "fine-tuning only" baseline is one key (`pretrained: null`, the profile
+    `medvill_finetune_only`). The architecture keys must describe the exported model.
+    """
 
     flavor: str = "tiny"
     trunk: str | None = None  # override the flavor's timm CNN
@@ -142,6 +170,18 @@ class MedViLLConfig:
     attention: MaskScheme = "bar"
     bi_prob: float = 0.25  # `mixed`: bi for this share of samples, s2s for the rest
     dropout: float = 0.1
+    # A MedViLL run folder or its export/ (medvill.safetensors + tokenizer/): its weights and
+    # tokenizer replace the random init. An absolute path: workers may run elsewhere.
+    # null = random init (the paper's "fine-tuning only" baseline).
+    pretrained: str | None = None
+
+    def tokenizer_slot(self) -> tuple[Any, TokenizerConfig] | None:
+        """(the config whose `tokenizer` is set, the tokenizer it builds), None when the
+        tokenizer comes from a folder (the BERT folder's, or the pretrained export's): see
+        train.launch.pin_tokenizer."""
+        if self.pretrained is not None or (self.tokenizer is None and self.bert_path is not None):
+            return None
+        return self, self.tokenizer or DEFAULT_TOKENIZER
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
@@ -174,11 +214,16 @@ class JointTokenizer:
     """Report text -> ids, with [CLS]/[SEP]/[PAD]/[MASK] ids for the joint sequence."""
 
     def __init__(self, hf: Any, *, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
-                 prepare: Any) -> None:  # fmt: skip
+                 clean: str | None) -> None:  # fmt: skip
         self.hf, self.cls_id, self.sep_id, self.pad_id, self.mask_id = (
             hf, cls_id, sep_id, pad_id, mask_id,
         )  # fmt: skip
-        self._prepare = prepare
+        self.clean = clean  # R2Gen cleaning style applied before tokenizing, or None
+
+    def _prepare(self, text: str) -> str:
+        from raydiology.data.reports import clean_report
+
+        return clean_report(text, style=self.clean) if self.clean else text  # type: ignore[arg-type]
 
     @property
     def vocab_size(self) -> int:
@@ -193,6 +238,23 @@ class JointTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True)).strip()
+
+    def save(self, folder: Path) -> Path:
+        """The Hugging Face files plus our special ids and cleaning, as JSON."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(folder))
+        meta = {"cls_id": self.cls_id, "sep_id": self.sep_id, "pad_id": self.pad_id,
+                "mask_id": self.mask_id, "clean": self.clean}  # fmt: skip
+        (folder / TOKENIZER_META).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> JointTokenizer:
+        from transformers import AutoTokenizer
+
+        meta = json.loads((folder / TOKENIZER_META).read_text())
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return cls(hf, **meta)
 
 
 def build_joint_tokenizer(cfg: MedViLLConfig) -> JointTokenizer:
@@ -210,17 +272,14 @@ def build_joint_tokenizer(cfg: MedViLLConfig) -> JointTokenizer:
                 "model.bert_path", cfg.bert_path, "a BERT tokenizer (CLS/SEP/PAD/MASK)"
             )
         return JointTokenizer(hf, cls_id=ids[0], sep_id=ids[1], pad_id=ids[2], mask_id=ids[3],
-                              prepare=str)  # fmt: skip
+                              clean=None)  # fmt: skip
     from raydiology.data.tokenizers import build_tokenizer
 
-    tcfg = cfg.tokenizer or TokenizerConfig(
-        kind="wordpiece", train_reports="phantom", vocab_size=8000, min_freq=1, clean=None
-    )
-    rt = build_tokenizer(tcfg)
+    rt = build_tokenizer(cfg.tokenizer or DEFAULT_TOKENIZER)
     hf = rt.hf
     hf.add_special_tokens({"mask_token": "[MASK]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
     return JointTokenizer(hf, cls_id=hf.cls_token_id, sep_id=hf.sep_token_id, pad_id=rt.pad_id,
-                          mask_id=hf.mask_token_id, prepare=rt.prepare)  # fmt: skip
+                          mask_id=hf.mask_token_id, clean=rt.config.clean)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the module
@@ -252,6 +311,7 @@ class MedViLL(nn.Module):
     """The joint encoder plus its pretraining heads (MLM, image-report matching)."""
 
     bert: Any
+    spec: dict[str, Any]  # set by load_medvill: the encoder export's JSON
 
     def __init__(self, encoder: CNNGrid, bert: Any, tokenizer: JointTokenizer, *,
                  grid: int, cfg: MedViLLConfig) -> None:  # fmt: skip
@@ -359,11 +419,13 @@ class MedViLL(nn.Module):
         return self.encode(embeds, mask), segments, ids
 
 
-def build_bert(cfg: MedViLLConfig, tokenizer: JointTokenizer) -> Any:
+def build_bert(cfg: MedViLLConfig, tokenizer: JointTokenizer, *, weights: bool = True) -> Any:
+    """The joint BERT; `weights=False` reads only the config of `bert_path` (its weights are
+    about to be replaced by an export's, or the build is on the meta device)."""
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     if cfg.bert_path is not None:
-        if torch.empty(0).device.type == "meta":
+        if not weights or torch.empty(0).device.type == "meta":
             return AutoModel.from_config(
                 AutoConfig.from_pretrained(cfg.bert_path, local_files_only=True),
                 add_pooling_layer=False,
@@ -393,9 +455,80 @@ def build_medvill(cfg: MedViLLConfig, *, image_size: int, in_chans: int) -> MedV
     if grid + cfg.max_text_tokens + 3 > 512:  # [CLS] V [SEP] W [SEP]
         raise ConfigError("data.resolution", image_size,
                           f"at most 512 positions: {grid} visual + {cfg.max_text_tokens} text + 3")  # fmt: skip
-    encoder = CNNGrid(cfg.args().trunk, in_chans=in_chans, checkpoint=cfg.trunk_checkpoint)
-    tokenizer = build_joint_tokenizer(cfg)
-    return MedViLL(encoder, build_bert(cfg, tokenizer), tokenizer, grid=grid, cfg=cfg)
+    if cfg.pretrained is not None and torch.empty(0).device.type != "meta":
+        folder = find_medvill_export(cfg.pretrained)
+        tokenizer = JointTokenizer.load(folder / MEDVILL_TOKENIZER)
+        model = _medvill(cfg, grid=grid, in_chans=in_chans, tokenizer=tokenizer, weights=False)
+        _load_model_weights(model, folder, key="model.pretrained")
+        return model
+    return _medvill(cfg, grid=grid, in_chans=in_chans, tokenizer=build_joint_tokenizer(cfg))
+
+
+def _medvill(cfg: MedViLLConfig, *, grid: int, in_chans: int, tokenizer: JointTokenizer,
+             weights: bool = True) -> MedViLL:  # fmt: skip
+    """`weights=False`: no trunk checkpoint or BERT weights read (an export replaces them)."""
+    checkpoint = cfg.trunk_checkpoint if weights else None
+    encoder = CNNGrid(cfg.args().trunk, in_chans=in_chans, checkpoint=checkpoint)
+    bert = build_bert(cfg, tokenizer, weights=weights)
+    return MedViLL(encoder, bert, tokenizer, grid=grid, cfg=cfg)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def find_medvill_export(path: str | Path) -> Path:
+    """A run folder or its export/ -> the folder holding medvill.json."""
+    path = Path(path).expanduser()
+    for folder in (path, path / "export"):
+        if (folder / MEDVILL_SPEC).is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: no MedViLL export ({MEDVILL_SPEC}) here or in export/")
+
+
+def _load_model_weights(model: MedViLL, folder: Path, *, key: str) -> None:
+    """The `model.*` tensors of an export (any MedViLL objective's) into `model`, strictly."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / MEDVILL_WEIGHTS))
+    mine = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(mine, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(key, str(folder),
+                          f"an export of this architecture (flavor, trunk, vocabulary, data.channels): {e}") from None  # fmt: skip
+
+
+def load_medvill_export(path: str | Path) -> tuple[MedViLL, dict[str, Any], dict[str, Any]]:
+    """(model on the CPU, encoder.json, medvill.json) of an export; the weights trained, not
+    those `model.pretrained` of the exported run named."""
+    from raydiology.config_base import from_dict
+    from raydiology.train.export import SPEC
+
+    folder = find_medvill_export(path)
+    spec: dict[str, Any] = json.loads((folder / SPEC).read_text())
+    extra: dict[str, Any] = json.loads((folder / MEDVILL_SPEC).read_text())
+    if extra.get("format") != MEDVILL_FORMAT:
+        raise ValueError(f"{folder / MEDVILL_SPEC}: format {extra.get('format')!r} "
+                         f"is not {MEDVILL_FORMAT!r}")  # fmt: skip
+    section = {k: v for k, v in spec["model"].items() if k != "name"}
+    cfg = from_dict(MedViLLConfig, {**section, "pretrained": None}, "model")
+    grid = (int(spec["image_size"]) // 32) ** 2
+    tokenizer = JointTokenizer.load(folder / extra["tokenizer"])
+    model = _medvill(cfg, grid=grid, in_chans=int(spec["in_chans"]), tokenizer=tokenizer,
+                     weights=False)  # fmt: skip
+    _load_model_weights(model, folder, key="path")
+    return model, spec, extra
+
+
+def load_medvill(run_or_export_dir: str | Path, *, device: str | torch.device = "cpu") -> MedViLL:
+    """The exported MedViLL (CNN, joint BERT, MLM/matching heads, tokenizer) in eval mode.
+
+    Safetensors only, nothing unpickled. `.spec` carries the encoder export's JSON (image
+    size, channels, mean/std: how to feed it).
+    """
+    model, spec, _ = load_medvill_export(run_or_export_dir)
+    model.spec = spec
+    return model.to(device).eval()
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ MambaXray-VL stage 3, XR-0's report head).
     images [B, C, R, R] -> vision encoder -> all tokens [B, T, d] -> Linear(d -> H) ->
     LayerNorm(H) -> visual embeddings [B, T, H] in the LLM's input space
 
+(a multi-view study, images [B, V, C, R, R] + view_mask [B, V], averages its views' tokens
+over the real views before the projector)
+
 and one sequence per image, loss on the report only:
 
     [BOS] prompt-before <T visual embeddings> prompt-after report [EOS]
@@ -196,6 +199,10 @@ class ReportGeneratorConfig:
             return TokenizerConfig(kind="pretrained", path=self.llm.path)
         return TokenizerConfig(kind="word", train_reports="phantom", min_freq=1)
 
+    def tokenizer_slot(self) -> tuple[Any, TokenizerConfig]:
+        """(the config whose `tokenizer` is set, the tokenizer it builds): see pin_tokenizer."""
+        return self, self.tokenizer_config()
+
 
 def _model_entry(name: Any, key: str):
     try:
@@ -228,7 +235,8 @@ class ReportGenerator(nn.Module):
         # what an export must save: a frozen LLM read from a folder is read again from there
         self.llm_from_path, self.llm_train = llm_from_path, llm_train
         self.encoder = encoder
-        width = int(llm.get_input_embeddings().weight.shape[1])
+        table = llm.get_input_embeddings().weight  # partitioned (empty) when built under ZeRO-3
+        width = int(getattr(table, "ds_shape", table.shape)[1])
         self.proj = nn.Linear(int(encoder.embed_dim), width)  # type: ignore[arg-type]
         self.proj_norm = nn.LayerNorm(width)
         self.llm = llm
@@ -242,16 +250,28 @@ class ReportGenerator(nn.Module):
 
     # -- embeddings ---------------------------------------------------------------------
 
-    def embed_images(self, images: Tensor) -> Tensor:
+    def embed_images(self, images: Tensor, view_mask: Tensor | None = None) -> Tensor:
         """images [B, C, R, R] or [B, V, C, R, R] -> visual embeddings [B, T, H].
 
-        With several views per study the views' tokens are averaged (MambaXray-VL, R2GenGPT).
+        With several views per study the views' tokens are averaged (MambaXray-VL, R2GenGPT),
+        over the views `view_mask` [B, V] marks real: padded views never reach the encoder,
+        so they cost nothing and cannot touch batch statistics.
         """
-        views = images.shape[1] if images.ndim == 5 else 1
-        flat = images.flatten(0, 1) if images.ndim == 5 else images
-        tokens = self.encoder(flat)[:, self.drop_prefix :]  # [B*V, T, d]
-        tokens = tokens.unflatten(0, (-1, views)).mean(dim=1)  # [B, T, d]
-        return self.proj_norm(self.proj(tokens))
+        if images.ndim == 4:
+            return self.proj_norm(self.proj(self.encoder(images)[:, self.drop_prefix :]))
+        b, v = images.shape[:2]
+        flat = images.flatten(0, 1)  # [B*V, C, R, R]
+        if view_mask is None:
+            tokens = self.encoder(flat)[:, self.drop_prefix :]  # [B*V, T, d]
+            pooled = tokens.unflatten(0, (b, v)).mean(dim=1)  # [B, T, d]
+        else:
+            real = view_mask.reshape(-1).bool()
+            tokens = self.encoder(flat[real])[:, self.drop_prefix :]  # [real views, T, d]
+            study = torch.arange(b, device=images.device).repeat_interleave(v)[real]
+            sums = tokens.new_zeros(b, *tokens.shape[1:]).index_add(0, study, tokens)
+            counts = view_mask.sum(dim=1).clamp_min(1).to(tokens.dtype)  # [B]
+            pooled = sums / counts[:, None, None]
+        return self.proj_norm(self.proj(pooled))
 
     def embed_ids(self, ids: Tensor) -> Tensor:
         """token ids [B, S] -> the LLM's input embeddings [B, S, H]."""
@@ -289,9 +309,11 @@ class ReportGenerator(nn.Module):
         embeds = torch.cat([prefix, self.embed_ids(ids).to(prefix.dtype)], dim=1)
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels}
 
-    def forward(self, images: Tensor, reports: list[list[int]]) -> Tensor:
+    def forward(
+        self, images: Tensor, reports: list[list[int]], view_mask: Tensor | None = None
+    ) -> Tensor:
         """images + report token ids (without EOS) -> mean cross-entropy over report tokens."""
-        inputs = self.assemble(self.embed_images(images), reports)
+        inputs = self.assemble(self.embed_images(images, view_mask), reports)
         return self.llm(**inputs, use_cache=False).loss
 
     @torch.no_grad()
@@ -305,12 +327,16 @@ class ReportGenerator(nn.Module):
         repetition_penalty: float = 2.0,
         length_penalty: float = 2.0,
         no_repeat_ngram_size: int = 0,
+        synced_gpus: bool = False,
+        view_mask: Tensor | None = None,
     ) -> list[str]:
         """images [B, ...] -> B reports: beam search over the LLM with its KV cache.
 
-        Every row's prefix has the same length, so the batch needs no padding.
+        Every row's prefix has the same length, so the batch needs no padding. Under ZeRO-3
+        every rank must call with `synced_gpus=True`: each forward gathers weights from all
+        ranks, so a rank that has finished keeps stepping until every rank has.
         """
-        prefix = self.prefix(self.embed_images(images))
+        prefix = self.prefix(self.embed_images(images, view_mask))
         tok = self.tokenizer
         with warnings.catch_warnings():
             # the penalty then applies to the report so far, not the prompt: what we want
@@ -318,7 +344,8 @@ class ReportGenerator(nn.Module):
             out = self._generate(prefix, tok, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
                                  length_penalty=length_penalty,
-                                 no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
+                                 no_repeat_ngram_size=no_repeat_ngram_size,
+                                 synced_gpus=synced_gpus)  # fmt: skip
         # with inputs_embeds only, generate returns just the new tokens
         return [tok.decode(row.tolist()) for row in out]
 

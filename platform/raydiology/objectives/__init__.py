@@ -15,6 +15,7 @@ from raydiology.objectives import (  # noqa: F401
     mae,
     masking,
     medvill,
+    medvill_downstream,
     mfm,
     report_sft,
 )

@@ -7,19 +7,23 @@ with s the model's learnable log scale (init ln(1/0.07), clamped at ln 100 as in
 torch.distributed the features of every rank are gathered first, so the negatives are the
 global batch (N = world x B); only the local slice carries gradient (OpenCLIP's default), and
 each rank's loss is the same global loss.
+
+The run's export holds the image encoder (the objective's `encoder`) and, from
+`export_extra`, the rest of the CLIP, so `raydiology.models.clip.load_clip(run)` rebuilds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydiology.config_base import check
-from raydiology.models.clip import LOGIT_SCALE_MAX, ImageReportClip
+from raydiology.config_base import check, to_dict
+from raydiology.models.clip import LOGIT_SCALE_MAX, ImageReportClip, save_clip
 from raydiology.registry import OBJECTIVES
 
 
@@ -86,6 +90,26 @@ class ClipObjective(nn.Module):
             acc = (logits.argmax(dim=1) == target).float().mean()
             scale = self.model.logit_scale.detach().clamp(max=LOGIT_SCALE_MAX).exp().squeeze()
         return {"loss": loss, "logit_scale": scale, "i2t_acc": acc}
+
+    def export_extra(self, folder: Path, *, write: bool, gather: bool) -> None:
+        """Beside the exported image encoder: text tower, projections, logit scale, tokenizer.
+
+        Every rank calls this; under ZeRO-3 they all gather the weights (`gather`), and only
+        the writing rank saves them.
+        """
+        import deepspeed
+
+        params = [p for n, p in self.model.named_parameters() if not n.startswith("encoder.")]
+        with deepspeed.zero.GatheredParameters(params, enabled=gather):
+            if write:
+                counts = {"total": _numel(self.model), "text": _numel(self.model.text)}
+                objective = {"name": "clip", **to_dict(self.cfg)}
+                save_clip(self.model, folder, extra={"objective": objective, "parameters": counts})
+
+
+def _numel(module: nn.Module) -> int:
+    """Parameter count; `ds_numel` is a ZeRO-3 parameter's full size outside a gather."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 @OBJECTIVES.register("clip", ClipObjectiveConfig)

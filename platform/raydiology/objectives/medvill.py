@@ -5,20 +5,31 @@ the batch whose diagnosis labels differ (a sample with no such partner keeps its
 180 of the 256 visual positions are kept; the report tokens are masked BERT-style (15%, at
 least one per report; of those 80% [MASK], 10% a random token, 10% unchanged). MLM is scored
 on matched pairs only (a report does not describe a mismatched image), matching on all.
+
+`export_extra` writes the whole pretrained MedViLL beside the encoder export (see
+`export_medvill`), which `load_medvill` and `model.pretrained` read.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydiology.config_base import check
+from raydiology.config_base import check, to_dict
 from raydiology.data.phantom import LABEL_COLUMNS
-from raydiology.models.medvill import MedViLL
+from raydiology.models.medvill import (
+    MEDVILL_FORMAT,
+    MEDVILL_SPEC,
+    MEDVILL_TOKENIZER,
+    MEDVILL_WEIGHTS,
+    MedViLL,
+)
 from raydiology.registry import OBJECTIVES
 
 
@@ -43,6 +54,56 @@ class MedViLLObjectiveConfig:
 
     def corpus_columns(self) -> dict[str, str]:
         return {"report": self.report_column, **{f"label:{c}": c for c in self.label_columns}}
+
+
+def export_medvill(
+    objective: nn.Module,
+    folder: Path,
+    *,
+    write: bool,
+    gather: bool,
+    name: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The objective's whole state (`model.*`: CNN, joint BERT, pretraining heads; `head.*`:
+    a downstream head) as safetensors, the model's tokenizer, and medvill.json naming the
+    objective (`name` + its config), so the trained model and its heads can be rebuilt.
+
+    Every rank calls this: under ZeRO-3 (`gather`) each holds a slice of every weight and
+    all take part in gathering them; only the writing rank saves. Buffers (BatchNorm
+    statistics) are not partitioned and come with the state dict.
+    """
+    import deepspeed
+    from safetensors.torch import save_file
+
+    model = objective.model
+    assert isinstance(model, MedViLL)
+    params = list(objective.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=gather):
+        if not write:
+            return
+        tensors = {
+            k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in objective.state_dict().items()
+        }
+        counts = {  # while gathered: a ZeRO-3 partition's own numel is 0
+            "model": sum(p.numel() for p in model.parameters()),
+            "total": sum(p.numel() for p in params),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / MEDVILL_WEIGHTS), metadata={"format": MEDVILL_FORMAT})
+    model.tokenizer.save(folder / MEDVILL_TOKENIZER)
+    spec = {
+        "format": MEDVILL_FORMAT,
+        "weights": MEDVILL_WEIGHTS,
+        "tokenizer": MEDVILL_TOKENIZER,
+        "objective": {"name": name, **to_dict(objective.cfg)},
+        **(extra or {}),
+        "parameters": counts,
+        "usage": "raydiology.models.medvill.load_medvill(path) -> MedViLL (eval); "
+        "raydiology.objectives.medvill_downstream.load_medvill_task(path) -> with its heads",
+    }
+    (folder / MEDVILL_SPEC).write_text(json.dumps(spec, indent=2))
 
 
 def _uniform(*shape: int, generator: torch.Generator | None) -> Tensor:
@@ -117,6 +178,11 @@ class MedViLLObjective(nn.Module):
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
+    def export_extra(self, folder: Path, *, write: bool, gather: bool) -> None:
+        """The whole pretrained MedViLL beside the encoder export (`export_medvill`)."""
+        export_medvill(self, folder, write=write, gather=gather, name="medvill",
+                       extra={"task": "pretraining"})  # fmt: skip
+
     def labels(self, batch: dict[str, Any]) -> Tensor:
         columns = [batch[f"label:{c}"] for c in self.cfg.label_columns]
         return torch.stack([torch.as_tensor(c).float().cpu() for c in columns], dim=1)
@@ -132,9 +198,13 @@ class MedViLLObjective(nn.Module):
             self.labels(batch), prob=self.cfg.negative_prob, generator=generator
         )
         reports = list(batch["report"])
-        texts = [tok.encode(reports[int(j)])[: model.cfg.max_text_tokens] for j in partner]
+        # Each report ends in [SEP], maskable like a word (UniLM/MedViLL): predicting it is
+        # how iterative [MASK] decoding learns where a report ends.
+        limit = model.cfg.max_text_tokens - 1
+        texts = [[*tok.encode(reports[int(j)])[:limit], tok.sep_id] for j in partner]
         inputs, targets = mask_tokens(texts, prob=self.cfg.mask_prob, mask_id=tok.mask_id,
-                                      vocab_size=tok.vocab_size, special=tok.special_ids,
+                                      vocab_size=tok.vocab_size,
+                                      special=tok.special_ids - {tok.sep_id},
                                       generator=generator)  # fmt: skip
         hidden, segments, ids = model(
             images, inputs, keep=model.cfg.visual_keep, generator=generator

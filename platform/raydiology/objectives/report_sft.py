@@ -63,14 +63,18 @@ class SelectionSettings:
     eval` writes them). MambaXray-VL: 0.8 BLEU-4 + 0.2 CIDEr; R2GenGPT: 0.5 / 0.5."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"BLEU_4": 0.8, "CIDEr": 0.2})
-    split: str = "val"
+    split: str = "val"  # the corpus split validated on while training (`train.eval_every`)
 
     def validate(self, key: str) -> None:
+        from raydiology.evaluation.nlg import METRICS
+
         check(
-            bool(self.weights) and all(isinstance(v, (int, float)) for v in self.weights.values()),
+            bool(self.weights)
+            and all(isinstance(v, (int, float)) for v in self.weights.values())
+            and set(self.weights) <= set(METRICS),
             f"{key}.weights",
             self.weights,
-            "a mapping of metric name -> weight",
+            f"a mapping of metric name ({', '.join(METRICS)}) -> weight",
         )
 
     def score(self, metrics: dict[str, float]) -> float:
@@ -120,13 +124,18 @@ class ReportSFT(nn.Module):
             raise KeyError("report_sft needs batch['report'] (the corpus's report text)")
         images = batch["image"]
         ids = self.tokenize(list(batch["report"]))
-        loss = self.model(images, ids)
+        loss = self.model(images, ids, batch.get("view_mask"))  # mask: multi-view studies
         tokens = sum(len(r) + 1 for r in ids) / len(ids)  # + EOS
         return {"loss": loss, "report_tokens": torch.tensor(float(tokens), device=images.device)}
 
     @torch.no_grad()
-    def generate(self, images: Tensor) -> list[str]:
-        """images [B, ...] -> B reports with the run's beam-search settings."""
+    def generate(
+        self, images: Tensor, *, synced_gpus: bool = False, view_mask: Tensor | None = None
+    ) -> list[str]:
+        """images [B, ...] (multi-view: [B, V, ...] with view_mask [B, V]) -> B reports with
+        the run's beam-search settings.
+
+        `synced_gpus`: every rank generates in step (needed under ZeRO-3)."""
         g = self.cfg.generation
         was_training = self.training
         self.eval()
@@ -139,9 +148,33 @@ class ReportSFT(nn.Module):
                 repetition_penalty=g.repetition_penalty,
                 length_penalty=g.length_penalty,
                 no_repeat_ngram_size=g.no_repeat_ngram_size,
+                synced_gpus=synced_gpus,
+                view_mask=view_mask,
             )
         finally:
             self.train(was_training)
+
+    # Validation while training (train/validation.py): reports for the selection split.
+    @property
+    def validation_batch_size(self) -> int:
+        return self.cfg.generation.batch_size
+
+    def validation_rows(
+        self, batch: dict[str, Any], *, synced_gpus: bool = False
+    ) -> list[dict[str, str]]:
+        """batch {"image": [B, C, R, R], "report": list[str]} -> B {"reference", "prediction"}.
+
+        The reference is the report as the tokenizer sees it (cleaned when it cleans), as
+        `evaluation/generate.py` writes it, so validation and test metrics compare.
+        """
+        predictions = self.generate(
+            batch["image"], synced_gpus=synced_gpus, view_mask=batch.get("view_mask")
+        )
+        prepare = self.model.tokenizer.prepare
+        return [
+            {"reference": prepare(str(report or "")), "prediction": prediction}
+            for report, prediction in zip(batch["report"], predictions, strict=True)
+        ]
 
     def export_extra(self, folder: Path, *, write: bool, gather: bool) -> None:
         """Beside the exported encoder: the generator's other weights, its tokenizer and a spec.
@@ -188,9 +221,11 @@ def _exported(model: ReportGenerator, name: str) -> bool:
 
 def count_trainable(model: nn.Module) -> dict[str, int]:
     """Total and trainable parameter counts (the CXPMRG-Bench table's last column)."""
+    params = list(model.parameters())
+    numel = [int(getattr(p, "ds_numel", p.numel())) for p in params]  # ZeRO-3: full sizes
     return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(numel),
+        "trainable": sum(n for n, p in zip(numel, params, strict=True) if p.requires_grad),
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from raydiology.config import TrainConfig
 
 
@@ -35,3 +37,18 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def match_norm_buffers(module: torch.nn.Module) -> None:
+    """Give BatchNorm running statistics the dtype of their layer's weights.
+
+    DeepSpeed (0.19) casts parameters to bf16/fp16 but keeps buffers fp32, and batch_norm
+    refuses fp32 statistics beside bf16 weights (ResNet trunks: MedViLL, timm encoders).
+    Call after `deepspeed.initialize`; a no-op for fp32 and for models without BatchNorm.
+    """
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(layer, name)
+                if buffer is not None and buffer.dtype != layer.weight.dtype:
+                    setattr(layer, name, buffer.to(layer.weight.dtype))

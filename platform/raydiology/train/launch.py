@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from raydiology.config import Experiment, save_resolved
+from raydiology.train.validation import SCORE, selection_of
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,6 +42,7 @@ def run_experiment(
     console = console or Console()
     run_dir = Path(exp.output.dir).expanduser().resolve() / exp.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    pin_tokenizer(exp, run_dir, console=console)
     save_resolved(exp, run_dir / "config.yaml")
 
     corpus_dir = resolve_corpus(exp, console=console)
@@ -58,7 +60,38 @@ def run_experiment(
     )
     with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
         result = trainer.fit()
-    return _summarise(result, run_dir, console)
+    return _summarise(result, run_dir, console, select=selection_of(exp) is not None)
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def pin_tokenizer(exp: Experiment, run_dir: Path, *, console: Console) -> None:
+    """Train the model's report tokenizer once, here, into the run directory, and point the
+    experiment at that folder (in place).
+
+    A tokenizer trained at build time (`kind: word | wordpiece | bpe | unigram`) is not
+    repeatable across processes for every kind: WordPiece and Unigram break ties at the
+    vocabulary cut-off in hash order. Trained on every start, a resumed run would read its
+    checkpoint's embeddings with other ids. Pinned, every worker, every resume and every
+    later load read one vocabulary. Models name theirs through `tokenizer_slot()`.
+    """
+    import dataclasses
+
+    from raydiology.data.tokenizers import META_FILE, TRAINED_KINDS, build_tokenizer
+
+    slot = getattr(exp.model.config, "tokenizer_slot", None)
+    found = slot() if slot is not None else None
+    if found is None:
+        return
+    owner, cfg = found
+    if cfg.kind not in TRAINED_KINDS or cfg.path is not None:
+        return
+    folder = run_dir / TOKENIZER_DIR
+    if not (folder / META_FILE).is_file():
+        console.print(f"training the {cfg.kind} tokenizer on {cfg.train_reports} -> {folder}")
+        build_tokenizer(cfg).save(folder)
+    owner.tokenizer = dataclasses.replace(cfg, path=str(folder))
 
 
 def resolve_corpus(exp: Experiment, *, console: Console) -> str:
@@ -75,6 +108,7 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
         Path(exp.output.dir).expanduser().resolve()
         / "_corpora"
         / f"phantom-n{p.images}-s{p.size}-seed{p.seed}-p{p.finding_prob:g}"
+        f"{f'-v{p.views}' if p.views > 1 else ''}"
     )
     try:
         read_manifest(folder)
@@ -84,8 +118,9 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
         )
         shutil.rmtree(folder, ignore_errors=True)
         write_phantom_corpus(
-            folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob
-        )
+            folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob,
+            views=p.views,
+        )  # fmt: skip
     return str(folder)
 
 
@@ -147,6 +182,7 @@ def _build_trainer(
     from raydiology.data.corpus import manifest_hash, read_manifest
     from raydiology.data.pipeline import build_dataset
     from raydiology.train.loop import train_loop_per_worker
+    from raydiology.train.validation import VAL_DATASET, validation_data
 
     scaling = exp.scaling
     cpus = scaling.cpus_per_worker
@@ -160,6 +196,18 @@ def _build_trainer(
     resources: dict[str, float] = {"CPU": cpus}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    columns = _corpus_columns(exp)
+    datasets = {"train": build_dataset(exp.data, corpus_dir, extra_columns=columns)}
+    # Ray keeps the latest checkpoint besides these (for resumes); with validation on, the
+    # best two on val_score, otherwise the last two.
+    checkpoints = CheckpointConfig(num_to_keep=2)
+    if selection_of(exp) is not None:
+        datasets[VAL_DATASET] = build_dataset(
+            validation_data(exp), corpus_dir, extra_columns=columns
+        )
+        checkpoints = CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -177,11 +225,11 @@ def _build_trainer(
             name=exp.run_name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoints,
             callbacks=[MetricsLog(str(run_dir / METRICS_FILE)), *callbacks],  # type: ignore[list-item]  # V2 UserCallback
             worker_runtime_env={"env_vars": _worker_env()},  # type: ignore[call-arg]  # V2 field
         ),
-        datasets={"train": build_dataset(exp.data, corpus_dir, extra_columns=_corpus_columns(exp))},
+        datasets=datasets,
     )
 
 
@@ -279,40 +327,67 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _summarise(result, run_dir: Path, console: Console) -> RunResult:
+def _summarise(result, run_dir: Path, console: Console, *, select: bool = False) -> RunResult:
+    """The run directory's summary.json, export and picture from Ray's result.
+
+    The export comes from the last checkpoint, or with validation on (`select`) from the
+    checkpoint with the best val_score (the later one on a tie, as Ray ranks them); the
+    picture always from the last.
+    """
     from raydiology.train.loop import EXPORT_DIR, PICTURE
 
     if result.error:
         raise result.error
     export = picture = None
     checkpoint = result.checkpoint
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    selected = _best(result) if select else None
+    source = selected[0] if selected else checkpoint
+    if source is not None:
+        with source.as_directory() as folder:
             if (Path(folder) / EXPORT_DIR).is_dir():
                 export = run_dir / EXPORT_DIR
                 shutil.rmtree(export, ignore_errors=True)
                 shutil.copytree(Path(folder) / EXPORT_DIR, export)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
             if (Path(folder) / PICTURE).is_file():
                 picture = run_dir / PICTURE
                 shutil.copy(Path(folder) / PICTURE, picture)
     metrics = dict(result.metrics or {})
-    (run_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "metrics": metrics,
-                "checkpoint": checkpoint.path if checkpoint else None,
-                "export": str(export) if export else None,
-                "picture": str(picture) if picture else None,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-            indent=2,
-        )
-    )
+    summary: dict[str, Any] = {
+        "metrics": metrics,
+        "checkpoint": checkpoint.path if checkpoint else None,
+        "export": str(export) if export else None,
+        "picture": str(picture) if picture else None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if selected:
+        best, scores = selected
+        summary["selected"] = {
+            "step": scores.get("step"),
+            "checkpoint": best.path,
+            **{k: v for k, v in scores.items() if k.startswith("val_")},
+        }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(
         f"[bold green]done[/] step {metrics.get('step')}  loss {metrics.get('loss', float('nan')):.4f}"
     )
     console.print(f"  checkpoint      {checkpoint.path if checkpoint else '-'}")
+    if selected:
+        console.print(
+            f"  selected        step {selected[1].get('step')}  {SCORE} {selected[1][SCORE]:.4f}"
+        )
     console.print(f"  encoder export  {export or '-'}  (raydiology.load_encoder(path))")
     console.print(f"  picture         {picture or '-'}")
     console.print(f"  config          {run_dir / 'config.yaml'}")
     return RunResult(run_dir, checkpoint.path if checkpoint else None, export, picture, metrics)
+
+
+def _best(result) -> tuple[Any, dict[str, Any]] | None:
+    """(checkpoint, metrics) with the highest val_score among those Ray kept, or None."""
+    scored = [
+        (c, m) for c, m in (result.best_checkpoints or []) if isinstance(m.get(SCORE), (int, float))
+    ]
+    if not scored:
+        return None
+    return max(scored, key=lambda cm: (cm[1][SCORE], cm[1].get("step", 0)))

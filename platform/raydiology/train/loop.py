@@ -23,7 +23,7 @@ from raydiology.cluster.metrics import TrainMetrics
 from raydiology.config import Experiment, experiment_from_dict
 from raydiology.data.pipeline import collate, to_model_input
 from raydiology.registry import build_model, build_objective
-from raydiology.train.deepspeed_config import deepspeed_config
+from raydiology.train.deepspeed_config import deepspeed_config, match_norm_buffers
 from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
 
 CHECKPOINT_TAG = "deepspeed"
@@ -48,19 +48,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
+    from raydiology.train import validation
+
     exp = experiment_from_dict(loop_config["experiment"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(exp)
 
-    torch.manual_seed(exp.train.seed)  # identical initial weights on every rank
-    model = build_model(exp.model, exp.data)
-    objective = build_objective(exp.objective, model)
     train = exp.train
+    ds_config = deepspeed_config(train, world_size=world, on_gpu=device.type == "cuda")
+    model, objective, zero3 = build_for_training(exp, ds_config)
+    if rank == 0 and zero3 is not None:
+        log.info("ZeRO-3: Hugging Face models were built partitioned over %d ranks", world)
     engine, *_ = deepspeed.initialize(
         model=objective,
         model_parameters=param_groups(objective, train.optimizer.weight_decay),
-        config=deepspeed_config(train, world_size=world, on_gpu=device.type == "cuda"),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda s: lr_factor(
@@ -68,12 +71,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ),
         ),
     )
+    match_norm_buffers(engine.module)  # bf16 BatchNorm statistics (ResNet trunks)
     state, consumed = _restore(engine)
     if rank == 0 and state.step:
         log.info("resumed from step %d (epoch %d, %d images of it already seen)",
                  state.step, state.epoch, len(consumed))  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
+    # Validation (report SFT): decode the selection split at checkpoints, report val_* metrics.
+    selection = validation.selection_of(exp)
+    val_shard = None
+    if selection is not None:
+        if not hasattr(engine.module, "validation_rows"):
+            raise TypeError(f"objective {exp.objective.name!r} cannot validate: set eval_every 0")
+        val_shard = ray.train.get_dataset_shard(validation.VAL_DATASET)
     param_dtype = next(engine.module.parameters()).dtype
     generator = torch.Generator(device=device)
     picture_batch: torch.Tensor | None = None
@@ -121,11 +132,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 after_step(state.step, train.max_steps)
             last = state.step >= train.max_steps
             save = state.step % train.checkpoint_every == 0 or last
+            # With validation on, every checkpoint is validated and every validation is
+            # checkpointed: the best checkpoint is chosen on its score.
+            validating = val_shard is not None and (save or state.step % train.eval_every == 0)
+            save = save or validating
             if save or state.step % train.log_every == 0:
                 metrics = window.report(engine, state, world)
                 telemetry.record(metrics, world=world, images=window.images, device=device)
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
+                if validating:
+                    scores, rows = validation.validate(
+                        engine.module, val_shard, exp=exp, device=device, dtype=param_dtype
+                    )
+                    metrics.update(scores)
+                    if rank == 0:
+                        _print_validation(scores, rows)
                 if save:
                     _checkpoint(
                         engine,
@@ -136,6 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         exp=exp,
                         loop_config=loop_config,
                         picture_batch=picture_batch if last else None,
+                        # the best validated checkpoint is exported, so each one carries it
+                        export=last or validating,
                         rank=rank,
                     )
                 else:
@@ -153,6 +177,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         state.epoch += 1
         consumed = np.zeros(0, dtype=np.int64)
+
+
+def build_for_training(exp: Experiment, ds_config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Model and objective from the registry, plus the ZeRO-3 marker to keep alive (or None).
+
+    Under ZeRO-3 a `transformers` HfDeepSpeedConfig is made first: while it lives,
+    `from_pretrained` / `from_config` build their model inside `deepspeed.zero.Init` with
+    this DeepSpeed config, so a 7B LLM is partitioned as it is built (and loaded shard by
+    shard) instead of sitting whole on every rank. Other modules (encoders, projectors)
+    are built whole and partitioned by `deepspeed.initialize`: their initialisers write
+    into sub-modules after construction, which a blanket zero.Init would silently skip.
+    """
+    zero3 = None
+    if exp.train.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)  # read by transformers through a weakref
+    torch.manual_seed(exp.train.seed)  # identical initial weights on every rank
+    model = build_model(exp.model, exp.data)
+    objective = build_objective(exp.objective, model)
+    return model, objective, zero3
 
 
 Batch = dict[str, Any]  # column -> tensor [B, ...] or list[str] of B texts
@@ -289,6 +334,20 @@ def _print_progress(metrics: dict[str, Any], max_steps: int) -> None:
     )
 
 
+def _print_validation(scores: dict[str, float], rows: list[dict[str, str]]) -> None:
+    log.info(
+        "validation: %d reports in %.1f s  BLEU-4 %.4f  CIDEr %.4f  score %.4f",
+        scores["val_reports"],
+        scores["val_seconds"],
+        scores.get("val_BLEU_4", float("nan")),
+        scores.get("val_CIDEr", float("nan")),
+        scores["val_score"],
+    )
+    if rows:
+        log.info("  e.g. generated: %s\n       reference: %s", rows[0]["prediction"],
+                 rows[0]["reference"])  # fmt: skip
+
+
 def _restore(engine) -> tuple[TrainState, np.ndarray]:
     """Engine state, where the run is, and the row keys every rank saw in the current epoch."""
     import ray.train
@@ -316,12 +375,15 @@ def _checkpoint(
     exp: Experiment,
     loop_config: dict[str, Any],
     picture_batch: torch.Tensor | None,
+    export: bool,
     rank: int,
 ) -> None:
     """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint.
 
-    The final checkpoint also carries the exported encoder and the reconstruction picture,
-    so they reach the run's storage however remote it is.
+    With `export` the checkpoint also carries the exported encoder (and the objective's
+    extra export), with `picture_batch` the reconstruction picture, so they reach the run's
+    storage however remote it is. The final checkpoint has both; with validation on, every
+    validated one is exported, as the best of them becomes the run's export.
     """
     import ray.train
 
@@ -344,6 +406,9 @@ def _checkpoint(
                 seed=exp.train.seed,
                 caption=loop_config.get("attribution"),
             )
+            if rank == 0:
+                metrics = {**metrics, "picture": PICTURE if picture else None}
+        if export:
             # Under ZeRO-3 every rank holds a slice of each weight: gather them (all ranks
             # take part) before rank 0 writes; for stages 0-2 this is a no-op.
             import deepspeed
@@ -367,8 +432,6 @@ def _checkpoint(
                 export_extra(
                     Path(folder) / EXPORT_DIR, write=rank == 0, gather=exp.train.zero_stage == 3
                 )
-            if rank == 0:
-                metrics = {**metrics, "picture": PICTURE if picture else None}
         if rank == 0:
             (Path(folder) / "train_state.json").write_text(json.dumps(asdict(state)))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

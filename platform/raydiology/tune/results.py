@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from raydiology.tune.spec import NOT_SET, TRIALS_DIR, Plan, assignment
+from raydiology.tune.spec import NOT_SET, TRIALS_DIR, YARDSTICK_METRICS, Plan, assignment
 
 COST_COLUMNS = ("images_per_s", "wall_s", "cpu_hours", "gpu_hours")
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
@@ -55,6 +55,8 @@ def collect(plan: Plan, grid: Any = None) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial": tid, "status": status}
         row.update({k: info["values"].get(k, NOT_SET) for k in keys})
         row[cfg.metric] = final.get(cfg.metric, last.get(cfg.metric))
+        if cfg.probe is not None:  # both yardstick figures, whichever one ranks
+            row.update({m: final.get(m) for m in YARDSTICK_METRICS if m != cfg.metric})
         if cfg.metric != "loss":
             row["loss"] = last.get("loss")
         row["step"] = last.get("step", 0)

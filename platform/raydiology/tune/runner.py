@@ -28,6 +28,7 @@ from rich.console import Console
 from raydiology.config_base import ConfigError, check
 from raydiology.tune.spec import (
     TUNE_DIR,
+    YARDSTICK_METRICS,
     Param,
     Plan,
     assignment,
@@ -112,7 +113,7 @@ def prepare_corpora(plan: Plan, console: Console) -> None:
 
 def trial_driver(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """One trial, in its Tune actor: build the experiment, run it as a normal run with Tune's
-    report callback, then report the final metrics with the trial's cost (and probe)."""
+    report callback, then report the final metrics with the trial's cost (and yardstick)."""
     import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -136,11 +137,17 @@ def trial_driver(config: dict[str, Any], plan: dict[str, Any]) -> None:
     with _WallClock(run_dir / COST_FILE):
         metrics, export = ray.get(fit.remote(exp.to_dict(), TuneReportCallback()))
     final = dict(metrics)
+    # A run that validates (report SFT) exports its best checkpoint: rank it by that one's
+    # figures (val_score, val_BLEU_4, ...), not by the last validation's.
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        selected = json.loads(summary.read_text()).get("selected") or {}
+        final.update({k: v for k, v in selected.items() if k.startswith("val_")})
     final.update(trial_cost(exp, run_dir))
     cfg = p.config
     if cfg.probe is not None and export is not None:
         corpus = resolve_corpus(exp, console=Console(quiet=True))  # made before the sweep
-        final["probe_auroc"] = probe_auroc(Path(export), cfg.probe, corpus, run_dir)
+        final.update(yardstick(Path(export), cfg.probe, corpus, run_dir))
     info["final"] = {k: v for k, v in final.items() if isinstance(v, (int, float, str))}
     info_path.write_text(json.dumps(info, indent=2))
     final.setdefault("step", (read_metrics(run_dir) or [{}])[-1].get("step", 0))
@@ -208,12 +215,16 @@ def trial_cost(exp, run_dir: Path) -> dict[str, float]:
     return out
 
 
-def probe_auroc(export: Path, probe, corpus: str, run_dir: Path) -> float | None:
-    """Mean test AUROC of an MLP probe on the trial's frozen encoder (the yardstick of
-    `raydiology evaluate probe`), on the probe corpus or else the trial's own corpus."""
+def yardstick(export: Path, probe, corpus: str, run_dir: Path) -> dict[str, float | None]:
+    """The frozen-encoder yardstick of `raydiology evaluate probe` / `retrieval` on the
+    trial's export, on the probe corpus or else the trial's own corpus, from one set of
+    features: probe_auroc (mean test AUROC of an MLP probe) and retrieval_precision (mean
+    Precision@k of test queries against the train gallery). Details go to probe.json and
+    retrieval.json in the trial's run directory."""
     from raydiology.data.corpus import read_manifest
     from raydiology.evaluation.features import load_features, resolve_labels
     from raydiology.evaluation.probe import ProbeConfig, fraction_name, probe_features
+    from raydiology.evaluation.retrieval import retrieve_features
 
     corpus = probe.corpus or corpus
     columns = resolve_labels(list(probe.labels), read_manifest(corpus).label_columns)
@@ -222,10 +233,14 @@ def probe_auroc(export: Path, probe, corpus: str, run_dir: Path) -> float | None
         batch_size=probe.batch_size, device="cpu", progress=False,
     )  # fmt: skip
     pcfg = ProbeConfig(fractions=(probe.fraction,), seeds=probe.seeds, max_epochs=probe.max_epochs)
-    result = probe_features(fs, columns, pcfg)
-    value = result["fractions"][fraction_name(probe.fraction)]["auroc_mean"]["mean"]
-    (run_dir / "probe.json").write_text(json.dumps(result, indent=2, default=str))
-    return value
+    probed = probe_features(fs, columns, pcfg)
+    (run_dir / "probe.json").write_text(json.dumps(probed, indent=2, default=str))
+    retrieved = retrieve_features(fs, columns, ks=(probe.retrieval_k,))
+    (run_dir / "retrieval.json").write_text(json.dumps(retrieved, indent=2, default=str))
+    return {
+        "probe_auroc": probed["fractions"][fraction_name(probe.fraction)]["auroc_mean"]["mean"],
+        "retrieval_precision": retrieved["precision"][str(probe.retrieval_k)],
+    }
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -318,8 +333,8 @@ def _scheduler(plan: Plan):
     s = cfg.scheduler
     if s.name == "none":
         return FIFOScheduler()
-    # The probe runs after training, so ASHA compares the training loss mid-run.
-    metric = s.metric or (cfg.metric if cfg.metric != "probe_auroc" else "loss")
+    # The yardstick runs after training, so ASHA compares the training loss mid-run.
+    metric = s.metric or (cfg.metric if cfg.metric not in YARDSTICK_METRICS else "loss")
     mode = s.mode or (cfg.mode if metric == cfg.metric else "min")
     # One past the last step: ASHA stops a trial that reaches max_t, which would cut its
     # driver off before the run's summary and the final report.

@@ -108,10 +108,16 @@ class ResourcesConfig:
         return {f"scaling.{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
+# Trial metrics measured on the finished trial's frozen encoder (not during training).
+YARDSTICK_METRICS = ("probe_auroc", "retrieval_precision")
+
+
 @dataclass(kw_only=True)
 class ProbeMetricConfig:
-    """`metric: probe_auroc`: a frozen-encoder MLP probe on the trial's export after training
-    (raydiology.evaluation.probe), mean test AUROC over the label columns."""
+    """The frozen-encoder yardstick on the trial's export after training, from one set of
+    features: `probe_auroc` (an MLP probe, raydiology.evaluation.probe: mean test AUROC over
+    the label columns) and `retrieval_precision` (test queries against the train gallery,
+    raydiology.evaluation.retrieval: mean Precision@`retrieval_k`, same labels = relevant)."""
 
     corpus: str | None = None  # labelled corpus folder; null = the trial's own corpus
     labels: tuple[str, ...] = ("label_*",)
@@ -120,8 +126,10 @@ class ProbeMetricConfig:
     seeds: int = 1
     max_epochs: int = 50
     batch_size: int = 64
+    retrieval_k: int = 10
 
     def validate(self, key: str) -> None:
+        check(self.retrieval_k >= 1, f"{key}.retrieval_k", self.retrieval_k, "at least 1")
         check(0 < self.fraction <= 1, f"{key}.fraction", self.fraction, "a fraction in (0, 1]")
         check(self.seeds >= 1, f"{key}.seeds", self.seeds, "at least 1")
         check(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "at least 1")
@@ -139,7 +147,9 @@ class SweepConfig:
     name: str
     description: str = ""
     base: str  # the experiment file, relative to the sweep file
-    metric: str = "loss"  # loss, probe_auroc, or any metric the training loop reports
+    # loss, a yardstick metric (YARDSTICK_METRICS: needs the `probe` section), or any
+    # metric the training loop reports (e.g. val_score of a report SFT that validates)
+    metric: str = "loss"
     mode: Literal["min", "max"] = "min"
     search: dict[str, Any]
     fixed: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, every trial
@@ -156,18 +166,14 @@ class SweepConfig:
         check(bool(self.search), "search", self.search, "at least one swept key")
         check(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
         check(self.max_retries >= -1, "max_retries", self.max_retries, ">= -1 (-1 = forever)")
+        yardstick = self.metric in YARDSTICK_METRICS
         check(
-            self.metric != "probe_auroc" or self.probe is not None,
+            not yardstick or self.probe is not None,
             "probe",
             None,
-            "a probe section (corpus, labels) when metric is probe_auroc",
+            f"a probe section (corpus, labels) when metric is {self.metric}",
         )
-        check(
-            self.metric != "probe_auroc" or self.mode == "max",
-            "mode",
-            self.mode,
-            "max for probe_auroc",
-        )
+        check(not yardstick or self.mode == "max", "mode", self.mode, f"max for {self.metric}")
 
 
 @dataclass(frozen=True, kw_only=True)
