@@ -43,15 +43,25 @@ def test_bench_step_module_runs_deepspeed_without_ray() -> None:
     assert result["engine"] == "deepspeed" and result["zero_stage"] == 2
 
 
+def _bench_step_process(*args: str) -> dict:
+    """The module entry point in a fresh process (DeepSpeed's process group stays there)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "raydiology.bench.step", *args],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
 def test_bench_step_bf16_batchnorm_trunk_under_deepspeed() -> None:
     # DeepSpeed casts parameters to bf16 but keeps BatchNorm statistics fp32; MedViLL's
     # ResNet trunk failed this way on the GPU check until match_norm_buffers.
-    exp = load_experiment(
-        REPO / "experiments/medvill.yaml",
-        profile="medvill_smoke",
-        overrides=["train.precision=bf16"],
-    )
-    result = run_step_benchmark(exp, steps=1, warmup=1, engine="deepspeed", torch_adam=True)
+    result = _bench_step_process(
+        str(REPO / "experiments/medvill.yaml"), "--profile", "medvill_smoke",
+        "--set", "train.precision=bf16", "--steps", "1", "--warmup", "1",
+        "--engine", "deepspeed", "--torch-adam",
+    )  # fmt: skip
     assert result["precision"] == "bf16" and all(x == x for x in result["loss_first_last"])
 
 

@@ -84,6 +84,8 @@ def _free_port() -> int:
 def _gather_worker(rank: int, world: int, port: int, parts, out) -> None:
     import torch.distributed as dist
 
+    if dist.is_initialized():  # forked from a test process that had a group of its own
+        dist.destroy_process_group()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )

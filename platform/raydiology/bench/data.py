@@ -68,11 +68,13 @@ def run_data_benchmark(
         for resolution in resolutions:
             data = DataConfig(corpus=str(corpus), resolution=resolution, shuffle_seed=None,
                               decode_batch_size=batch_size, decode_pool=decode_pool)  # fmt: skip
+            stage = _decode_stage(data, str(corpus), passes)
             with _PeakMemory() as memory:
                 loader = _dataloader(png_dir, data, batch_size, cpus, passes)
                 pipeline = _ray_pipeline(data, str(corpus), batch_size, workers, passes)
             console.print(f"{resolution}px: DataLoader+PIL {loader:.1f} img/s, "
-                          f"Ray Data {pipeline:.1f} img/s ({cpus} CPUs)")  # fmt: skip
+                          f"Ray Data {pipeline:.1f} img/s ({cpus} CPUs); its decode stage "
+                          f"alone {stage:.1f} img/s (1 core)")  # fmt: skip
             per_core, loader_per_core = pipeline / cpus, loader / cpus
             results.append({
                 "resolution": resolution,
@@ -87,6 +89,8 @@ def run_data_benchmark(
                 "images_per_s_per_core": round(per_core, 2),
                 "dataloader_images_per_s_per_core": round(loader_per_core, 2),
                 "ceiling_images_per_s_per_core": round(ceiling, 2),
+                # the profile of the gap: the pipeline's own decode work, without Ray
+                "decode_stage_images_per_s_per_core": round(stage, 2),
                 "ratio_vs_dataloader": round(per_core / loader_per_core, 3),
                 "ratio_vs_ceiling": round(per_core / ceiling, 3),
                 "peak_memory_mb": round(memory.peak / 2**20, 1),
@@ -95,6 +99,34 @@ def run_data_benchmark(
         if started_ray:
             ray.shutdown()
     return results
+
+
+def _decode_stage(data: DataConfig, corpus: str, passes: int) -> float:
+    """The pipeline's per-row-group work (`read_row_group`: read, decode, resize, integers
+    out) in this process on one core, without Ray: images/s, median of `passes`.
+
+    Between this and the ceiling lies the preprocessing; between this and the Ray Data
+    figure lie Ray's object store, the streaming split and the batching into the worker."""
+    import pyarrow.parquet as pq
+
+    from raydiology.config_base import to_dict
+    from raydiology.data.corpus import read_manifest, shard_paths
+    from raydiology.data.pipeline import _PIXEL_COLUMNS, read_row_group
+
+    units = [(str(p), g) for p in shard_paths(corpus)
+             for g in range(pq.ParquetFile(p).metadata.num_row_groups)]  # fmt: skip
+    settings = {"columns": list(_PIXEL_COLUMNS), "data": to_dict(data), "label_columns": [],
+                "out_dtype": read_manifest(corpus).dtype or "uint16"}  # fmt: skip
+
+    def one_pass() -> float:
+        done, start = 0, time.perf_counter()
+        for path, group in units:
+            unit = {"path": np.array([path]), "row_group": np.array([group])}
+            done += sum(len(out["image"]) for out in read_row_group(unit, **settings))
+        return done / (time.perf_counter() - start)
+
+    one_pass()  # warm-up: imports, page cache
+    return statistics.median(one_pass() for _ in range(passes))
 
 
 def _write_pngs(table, folder: Path, n: int) -> None:
