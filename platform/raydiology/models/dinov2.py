@@ -29,8 +29,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from raydiology.config_base import ConfigError, check
-from raydiology.models.vit import LinearPatchEmbed, is_meta
+from raydiology.config_base import check
+from raydiology.models.vit import LinearPatchEmbed, check_input_geometry, is_meta
 from raydiology.registry import MODELS
 
 
@@ -303,12 +303,7 @@ def build_dinov2_vit(cfg: DINOv2Config, *, image_size: int, in_chans: int) -> DI
     """Build from the model section; image size and channels come from the data section."""
     cfg.validate("model")
     a = DINOv2Args(**cfg.resolved())
-    if image_size <= 0 or image_size % a.patch_size:
-        raise ConfigError(
-            "data.resolution", image_size, f"a multiple of the patch size {a.patch_size}"
-        )
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    check_input_geometry(image_size, in_chans, a.patch_size)
     encoder = DINOv2ViT(
         image_size=image_size,
         patch_size=a.patch_size,

@@ -36,7 +36,7 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from raydiology.config_base import ConfigError, check
-from raydiology.models.vit import ViTEncoder
+from raydiology.models.vit import ViTEncoder, check_input_geometry
 from raydiology.registry import MODELS
 
 
@@ -506,12 +506,7 @@ def build_evax(cfg: EvaXConfig, *, image_size: int, in_chans: int) -> EvaX:
     """Build from the model section; image size and channels come from the data section."""
     cfg.validate("model")
     a = EvaXArgs(**cfg.resolved())
-    if image_size <= 0 or image_size % a.patch_size:
-        raise ConfigError(
-            "data.resolution", image_size, f"a multiple of the patch size {a.patch_size}"
-        )
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    check_input_geometry(image_size, in_chans, a.patch_size)
     encoder = EvaXEncoder(a, image_size=image_size, in_chans=in_chans, drop_path=cfg.drop_path)
     teacher = build_teacher(cfg.teacher, a, image_size=image_size, in_chans=in_chans)
     return EvaX(encoder, teacher)

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raydiology.config_base import ConfigError, check
+from raydiology.config_base import check
 from raydiology.models.vit import (
     PatchEmbedKind,
     ViTEncoder,
+    check_input_geometry,
     init_mae_weights,
     is_meta,
     patchify,
@@ -258,12 +259,7 @@ def build_hd_mae(cfg: HDMAEConfig, *, image_size: int, in_chans: int) -> MaskedA
     """Build from the model section; image size and channels come from the data section."""
     cfg.validate("model")
     a = HDMAEArgs(**cfg.resolved())
-    if image_size <= 0 or image_size % a.patch_size:
-        raise ConfigError(
-            "data.resolution", image_size, f"a multiple of the patch size {a.patch_size}"
-        )
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    check_input_geometry(image_size, in_chans, a.patch_size)
     encoder = ViTEncoder(
         image_size=image_size,
         patch_size=a.patch_size,

@@ -37,6 +37,7 @@ from raydiology.models.mamba import Mamba, Mamba4D
 from raydiology.models.vit import (
     LinearPatchEmbed,
     PatchGrid,
+    check_input_geometry,
     init_mae_weights,
     is_meta,
     patchify,
@@ -735,12 +736,7 @@ class VisionMamba(nn.Module):
 def build_vision_mamba(cfg: VisionMambaConfig, *, image_size: int, in_chans: int) -> VisionMamba:
     cfg.validate("model")
     a = VisionMambaArgs(**cfg.resolved())
-    if image_size <= 0 or image_size % a.patch_size:
-        raise ConfigError(
-            "data.resolution", image_size, f"a multiple of the patch size {a.patch_size}"
-        )
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    check_input_geometry(image_size, in_chans, a.patch_size)
     encoder = BiVisionMambaEncoder(
         image_size=image_size,
         in_chans=in_chans,

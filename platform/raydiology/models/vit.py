@@ -23,6 +23,19 @@ from torch import Tensor, nn
 PatchEmbedKind = Literal["conv_stack", "linear"]
 
 
+def check_input_geometry(image_size: int, in_chans: int, patch_size: int) -> None:
+    """What a patch encoder's builder gets from the data section, checked once for all:
+    the resolution must tile into patches (the error names `data.resolution`)."""
+    from raydiology.config_base import ConfigError
+
+    if image_size <= 0 or image_size % patch_size:
+        raise ConfigError(
+            "data.resolution", image_size, f"a multiple of the patch size {patch_size}"
+        )
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+
+
 def patchify(images: Tensor, p: int) -> Tensor:
     """[B, C, H, W] -> [B, N, p*p*C], each patch flattened row-major with channels last."""
     b, c, h, w = images.shape
