@@ -202,6 +202,22 @@ def test_objective_losses_and_gradients():
         objective({"image": batch["image"]})
 
 
+def test_every_parameter_gets_a_gradient_even_with_no_matched_pair():
+    """Data-parallel ranks must reduce the same gradients: a micro-batch of negatives only
+    (no MLM target) still reaches the MLM head, with a zero loss."""
+    model = tiny()
+    objective = build_medvill_objective(MedViLLObjectiveConfig(negative_prob=1.0), model=model)
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "There is a small left pleural effusion."]  # fmt: skip
+    batch = {"image": torch.randn(4, 1, 128, 128), "report": reports}
+    for i, c in enumerate(LABEL_COLUMNS):
+        batch[f"label:{c}"] = torch.tensor([float(j == i % 4) for j in range(4)])  # all differ
+    out = objective(batch, generator=torch.Generator().manual_seed(0))
+    assert out["negatives"].item() == 1.0 and out["mlm"].item() == 0.0
+    out["loss"].backward()
+    assert [n for n, p in objective.named_parameters() if p.grad is None] == []
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError) as err:
         from_dict(MedViLLConfig, {"attention": "causal"}, "model")
@@ -226,46 +242,46 @@ def test_paper_shape_on_the_meta_device():
     assert exp.train.micro_batch_size == 32
 
 
+# The matching head sits at chance until MLM has grounded the report words in the image:
+# measured on phantoms, itm_acc leaves 0.5 after 450-900 steps whatever the learning rate
+# (3e-4 to 2e-3), batch (16, 32), dropout, mask rate, resolution (64 to 128 px), a
+# label-pretrained trunk or corpus size (130 to 1922 training images); with the MLM loss off
+# it never does. So this run is longer than the profile's 40 steps, at a constant learning
+# rate, at 64 px (2x2 grid; a third of the step time at 128 px), on a corpus with ~100 test
+# rows (the paper's 100 candidates per query). Measured: Recall@5 2.3-2.4x random and MRR
+# 1.5-1.8x at 1200 steps (1.9-2.2x and 1.3-1.6x at 1000); the margin widens with training.
+RETRIEVAL_RUN = ["train.max_steps=1200", "train.schedule.name=constant", "train.log_every=50",
+                 "train.checkpoint_every=1200", "data.resolution=64",
+                 "data.phantom.images=1000"]  # fmt: skip
+
+
 @pytest.mark.ray
-def test_smoke_pretraining_on_phantoms_learns_and_matches_held_out_pairs(ray_cluster, tmp_path):
-    import numpy as np
+def test_smoke_pretraining_learns_and_retrieves_held_out_pairs_above_random(ray_cluster, tmp_path):
     from rich.console import Console
 
-    from raydiology.data.corpus import read_rows
-    from raydiology.data.pipeline import preprocess_batch, to_model_input
-    from raydiology.evaluation.clip_retrieval import random_recall_at, retrieval_metrics, same_text
-    from raydiology.models.medvill import matching_scores
-    from raydiology.registry import build_objective
+    from raydiology.evaluation.medvill_eval import retrieval_run
     from raydiology.train.launch import read_metrics, resolve_corpus, run_experiment
-    from raydiology.train.loop import CHECKPOINT_TAG
-    from raydiology.train.safe_load import weights_only_load
 
-    exp = load_experiment(EXPERIMENT, profile="medvill_smoke", overrides=[f"output.dir={tmp_path}"])
+    exp = load_experiment(EXPERIMENT, profile="medvill_smoke",
+                          overrides=[f"output.dir={tmp_path}", *RETRIEVAL_RUN])  # fmt: skip
     result = run_experiment(exp, console=Console(quiet=True))
     rows = read_metrics(result.run_dir)
     assert rows[-1]["step"] == exp.train.max_steps
-    for key in ("loss", "mlm"):  # measured: both about 15% down in 40 steps
-        values = [r[key] for r in rows]
-        assert sum(values[-2:]) / 2 < 0.9 * sum(values[:2]) / 2, (key, values)
+    first, last = rows[:2], rows[-2:]
+    for key in ("loss", "mlm", "itm"):
+        before, after = (sum(r[key] for r in part) / 2 for part in (first, last))
+        assert after < 0.9 * before, (key, [r[key] for r in rows])
+    assert sum(r["itm_acc"] for r in last) / 2 > 0.6, [r["itm_acc"] for r in rows]
 
-    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
-    states = weights_only_load(
-        str(Path(str(result.checkpoint)) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
-    )
-    objective.load_state_dict(states["module"])
-    model = objective.model.eval()
+    # Relevance by labels: the matching head only ever learns to tell apart reports whose
+    # diagnosis labels differ (its negatives); the phantom wording varies within a label set.
     corpus = resolve_corpus(exp, console=Console(quiet=True))
-    table = read_rows(corpus)
-    keep = np.isin(table.column("split").to_numpy(zero_copy_only=False), ["val", "test"])
-    batch = {n: table.column(n).to_numpy(zero_copy_only=False)[keep] for n in table.column_names}
-    pixels = preprocess_batch(batch, data=exp.data, label_columns=[])["image"]
-    images = to_model_input(torch.from_numpy(pixels), exp.data, dtype=torch.float32)
-    reports = [str(r) for r in batch["report"]]
-    scores = matching_scores(model, images, reports)
-    positives = same_text(reports, reports)
-    metrics = retrieval_metrics(scores, positives)
-    print("held-out MedViLL matching retrieval:", metrics, "random R@5",
-          random_recall_at(positives, 5))  # fmt: skip
-    # Not asserted: at this budget the matching head is still near chance (itm_acc ~0.5);
-    # retrieval by matching score is printed for the record.
-    assert scores.shape == (len(reports), len(reports)) and len(reports) >= 15
+    metrics = retrieval_run(result.run_dir, corpus, split="test", relevance="labels")
+    print("held-out MedViLL retrieval (relevance: same labels):",
+          {d: metrics[d] for d in ("n", "candidates", "image_to_report", "report_to_image")},
+          "random:", metrics["random"])  # fmt: skip
+    assert metrics["candidates"] >= 80 and metrics["relevance"] == "labels"
+    for direction in ("image_to_report", "report_to_image"):
+        got, chance = metrics[direction], metrics["random"][direction]
+        assert got["Recall@5"] > 1.5 * chance["Recall@5"], (direction, got, chance)
+        assert got["MRR"] > 1.1 * chance["MRR"], (direction, got, chance)

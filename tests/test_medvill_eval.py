@@ -144,6 +144,28 @@ def test_retrieval_beats_the_random_baseline(trained):
         assert measured["Hit@5"] > chance["Hit@5"], (direction, measured, chance)
     again = retrieval_on_split(model, corpus, data, split=None, candidates=100, seed=0)
     assert again == result  # same candidate sets, same scores
+    assert result["relevance"] == "text"
+
+
+def test_retrieval_by_labels_counts_every_report_with_the_query_s_labels(trained):
+    from raydiology.data.phantom import LABEL_COLUMNS
+
+    model, data, corpus = trained
+    by_text = retrieval_on_split(model, corpus, data, split=None)
+    by_labels = retrieval_on_split(model, corpus, data, split=None, label_columns=LABEL_COLUMNS)
+    assert by_labels["relevance"] == "labels"
+    table = read_split(corpus, None)
+    labels = [tuple(table.column(c)[i].as_py() for c in LABEL_COLUMNS)
+              for i in range(table.num_rows)]  # fmt: skip
+    reports = table.column("report").to_pylist()
+    # same text implies same labels, so labels relevance has at least as many positives
+    assert all(labels[i] == labels[j] for i in range(len(reports)) for j in range(len(reports))
+               if reports[i] == reports[j])  # fmt: skip
+    for direction in ("image_to_report", "report_to_image"):
+        assert (by_labels["random"][direction]["Precision@5"]
+                >= by_text["random"][direction]["Precision@5"])  # fmt: skip
+    with pytest.raises(ValueError, match="label_nope"):
+        retrieval_on_split(model, corpus, data, split=None, label_columns=["label_nope"])
 
 
 def test_generation_decodes_under_s2s_from_its_own_words_only(trained, tmp_path):
@@ -228,6 +250,11 @@ def test_cli_loads_the_export_and_writes_retrieval_and_predictions(trained, tmp_
     for direction in ("image_to_report", "report_to_image"):
         for key, value in expected[direction].items():
             assert written[direction][key] == pytest.approx(value, abs=1e-6), (direction, key)
+    by_labels = runner.invoke(app, ["evaluate", "medvill-retrieval", str(tmp_path / "run"),
+                                    "--corpus", str(corpus), "--split", "all",
+                                    "--relevance", "labels", "--out", str(tmp_path / "l.json")])  # fmt: skip
+    assert by_labels.exit_code == 0, by_labels.output
+    assert json.loads((tmp_path / "l.json").read_text())["relevance"] == "labels"
 
     out = tmp_path / "predictions.jsonl"
     result = runner.invoke(app, ["evaluate", "medvill-generate", str(tmp_path / "run"),

@@ -978,6 +978,13 @@ def evaluate_medvill_retrieval(
     ] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", help="pairs per forward")] = 64,
+    relevance: Annotated[
+        str,
+        typer.Option(
+            help="a candidate is relevant when its report text (text) or its "
+            "diagnosis labels (labels: what the matching head learns) equal the query's"
+        ),
+    ] = "text",
 ) -> None:
     """Image<->report retrieval with the MedViLL matching head: each query ranks its true
     pair among CANDIDATES; MRR, Hit@5, Recall@5, Precision@5 against random ranking."""
@@ -987,7 +994,7 @@ def evaluate_medvill_retrieval(
         result = retrieval_run(
             run, corpus, split=None if split == "all" else split, out=out, device=device,
             candidates=candidates, seed=seed, scheme=attention, limit=limit,
-            batch_size=batch_size,
+            batch_size=batch_size, relevance=relevance,
         )  # fmt: skip
     except (OSError, ValueError) as e:
         err.print(f"[red]{e}[/]")

@@ -28,6 +28,17 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def with_overrides(flavor: Any, section: Any) -> dict[str, Any]:
+    """A flavor's row (a dataclass of sizes) as a dict, with each field that the config
+    `section` sets (not None) in place of the flavor's value."""
+    overrides = {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(flavor)
+        if getattr(section, f.name, None) is not None
+    }
+    return dataclasses.asdict(dataclasses.replace(flavor, **overrides))
+
+
 def from_dict(cls: type[C], data: Any, key: str) -> C:
     """Build dataclass `cls` from `data`, recursing into nested dataclass fields.
 

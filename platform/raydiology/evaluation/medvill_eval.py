@@ -8,7 +8,10 @@ direction and query, so every run and model sees the same sets). The joint encod
 (logit "match" - logit "no match": the same order as P(match), but without the ties a
 saturated float32 softmax makes). A candidate is relevant when its report text equals the
 query's (as `clip_retrieval` counts it: templated reports repeat word for word, and no model
-can tell two identical reports apart), so a query may have several relevant candidates:
+can tell two identical reports apart), or, with `relevance="labels"`, when its diagnosis
+labels equal the query's: the matching head is trained to tell apart only pairs whose labels
+differ (its negatives), so two reports stating the same findings in other words are equally
+good matches to it. Either way a query may have several relevant candidates:
 
     MRR           mean of 1 / rank of the first relevant candidate
     Hit@5         share of queries with a relevant candidate in the top 5
@@ -44,6 +47,7 @@ from torch import Tensor
 from raydiology.evaluation.clip_retrieval import random_mrr, random_recall_at, same_text
 
 DIRECTIONS = ("image_to_report", "report_to_image")
+RELEVANCE = ("text", "labels")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -174,23 +178,34 @@ def retrieval_from_features(
     scheme: str | None = None,
     k: int = 5,
     batch_size: int = 64,
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Both retrieval directions over `candidates` per query, and the random baseline.
 
-    feats [N, G, C'] / positions [N, G] (`visual_features`) pair with reports [N]. Returns
-    {"n", "candidates", "seed", "attention", "image_to_report": {metric: value},
-    "report_to_image": {...}, "random": {direction: {metric: value}}}.
+    feats [N, G, C'] / positions [N, G] (`visual_features`) pair with reports [N]; with
+    `labels` [N, L], a candidate is relevant when its label row equals the query's, else when
+    its report text does. Returns {"n", "candidates", "seed", "attention", "relevance",
+    "image_to_report": {metric: value}, "report_to_image": {...},
+    "random": {direction: {metric: value}}}.
     """
     n = len(reports)
     if len(feats) != n:
         raise ValueError(f"{len(feats)} images but {n} reports")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} label rows but {n} reports")
     was_training = model.training
     model.eval()
     texts = [model.tokenizer.encode(r)[: model.cfg.max_text_tokens] for r in reports]
-    same = torch.from_numpy(same_text(list(reports), list(reports)))  # [N, N]
+    if labels is None:
+        same = torch.from_numpy(same_text(list(reports), list(reports)))  # [N, N]
+    else:
+        rows = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        same = (rows[:, None] == rows[None]).all(dim=-1)
     queries = torch.arange(n)[:, None]
     out: dict[str, Any] = {"n": n, "candidates": min(candidates, n), "seed": seed,
-                           "attention": scheme or model.cfg.attention, "random": {}}  # fmt: skip
+                           "attention": scheme or model.cfg.attention,
+                           "relevance": "text" if labels is None else "labels",
+                           "random": {}}  # fmt: skip
     for direction, name in enumerate(DIRECTIONS):
         sets = candidate_sets(n, candidates, seed=seed, direction=direction)  # [N, K]
         query = queries.expand_as(sets)
@@ -199,7 +214,7 @@ def retrieval_from_features(
         scores = pair_scores(model, feats, positions, texts, image_index.flatten(),
                              text_index.flatten(), scheme=scheme,
                              batch_size=batch_size).view(sets.shape)  # fmt: skip
-        relevant = same.gather(1, sets)  # report text of candidate == the query's
+        relevant = same.gather(1, sets)  # candidate's report (or labels) == the query's
         out[name] = candidate_metrics(scores, relevant, k=k)
         out["random"][name] = random_candidate_metrics(relevant, k=k)
     model.train(was_training)
@@ -319,10 +334,19 @@ def retrieval_on_split(
     split: str | None = "test",
     limit: int | None = None,
     report_column: str = "report",
+    label_columns: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """`evaluate_retrieval` on a corpus split; `data` is the DataConfig images are fed with."""
+    """`evaluate_retrieval` on a corpus split; `data` is the DataConfig images are fed with.
+    With `label_columns`, relevance is by those diagnosis labels (see the module doc)."""
     table = read_split(corpus, split, limit=limit)
+    labels = None
+    if label_columns:
+        missing = [c for c in label_columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{corpus}: no label column {', '.join(missing)} for relevance")
+        labels = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+                           for c in label_columns], axis=1)  # fmt: skip
     was_training = model.training
     model.eval()
     feats, positions = [], []
@@ -333,7 +357,7 @@ def retrieval_on_split(
     model.train(was_training)
     reports = [str(r or "") for r in table.column(report_column).to_pylist()]
     result = retrieval_from_features(
-        model, torch.cat(feats), torch.cat(positions), reports, **kwargs
+        model, torch.cat(feats), torch.cat(positions), reports, labels=labels, **kwargs
     )
     return {"corpus": str(corpus), "split": split, **result}
 
@@ -385,12 +409,23 @@ def retrieval_run(
     split: str | None = "test",
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
+    relevance: str = "text",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """`retrieval_on_split` for a MedViLL run or export (`load_medvill`); also written as
-    JSON to `out` (default RUN/eval/medvill_retrieval.json), whose path is under "json"."""
-    from raydiology.models.medvill import load_medvill
+    JSON to `out` (default RUN/eval/medvill_retrieval.json), whose path is under "json".
+    `relevance="labels"` counts by the label columns the exported objective trained with."""
+    from raydiology.models.medvill import MEDVILL_SPEC, find_medvill_export, load_medvill
 
+    if relevance not in RELEVANCE:
+        raise ValueError(f"relevance {relevance!r} is not one of {', '.join(RELEVANCE)}")
+    if relevance == "labels" and "label_columns" not in kwargs:
+        spec = json.loads((find_medvill_export(run_or_export_dir) / MEDVILL_SPEC).read_text())
+        columns = spec.get("objective", {}).get("label_columns")
+        if not columns:
+            raise ValueError(f"{run_or_export_dir}: the export names no label_columns; "
+                             "relevance by labels needs them")  # fmt: skip
+        kwargs["label_columns"] = columns
     model = load_medvill(run_or_export_dir, device=device)
     result = retrieval_on_split(model, corpus, data_config(model), split=split, **kwargs)
     path = Path(out) if out is not None else _run_dir(run_or_export_dir) / "eval"

@@ -29,7 +29,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from raydiology.config_base import check
+from raydiology.config_base import check, with_overrides
 from raydiology.models.vit import LinearPatchEmbed, check_input_geometry, is_meta
 from raydiology.registry import MODELS
 
@@ -82,13 +82,7 @@ class DINOv2Config:
 
     def resolved(self) -> dict[str, Any]:
         """The effective sizes: the flavor's row with the overrides applied."""
-        base = DINOV2_FLAVORS[self.flavor]
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(DINOv2Args)
-            if getattr(self, f.name) is not None
-        }
-        return dataclasses.asdict(dataclasses.replace(base, **overrides))
+        return with_overrides(DINOV2_FLAVORS[self.flavor], self)
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""

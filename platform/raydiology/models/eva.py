@@ -21,7 +21,6 @@ dim.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from timm.layers import LayerNorm, trunc_normal_
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
-from raydiology.config_base import ConfigError, check
+from raydiology.config_base import ConfigError, check, with_overrides
 from raydiology.models.vit import ViTEncoder, check_input_geometry
 from raydiology.registry import MODELS
 
@@ -122,13 +121,7 @@ class EvaXConfig:
 
     def resolved(self) -> dict[str, Any]:
         """The effective sizes: the flavor's row with the overrides applied."""
-        base = EVAX_FLAVORS[self.flavor]
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(EvaXArgs)
-            if getattr(self, f.name) is not None
-        }
-        return dataclasses.asdict(dataclasses.replace(base, **overrides))
+        return with_overrides(EVAX_FLAVORS[self.flavor], self)
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""

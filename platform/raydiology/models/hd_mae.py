@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raydiology.config_base import check
+from raydiology.config_base import check, with_overrides
 from raydiology.models.vit import (
     PatchEmbedKind,
     ViTEncoder,
@@ -84,13 +84,7 @@ class HDMAEConfig:
 
     def resolved(self) -> dict[str, Any]:
         """The effective sizes: the flavor's row with the overrides applied."""
-        base = HD_MAE_FLAVORS[self.flavor]
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(HDMAEArgs)
-            if getattr(self, f.name) is not None
-        }
-        return dataclasses.asdict(dataclasses.replace(base, **overrides))
+        return with_overrides(HD_MAE_FLAVORS[self.flavor], self)
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""

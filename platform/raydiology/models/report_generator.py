@@ -24,7 +24,6 @@ Shapes: B batch, V views, T visual tokens, d encoder width, H LLM width, L prefi
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from raydiology.config_base import ConfigError, check, from_dict
+from raydiology.config_base import ConfigError, check, from_dict, with_overrides
 from raydiology.data.tokenizers import ReportTokenizer, TokenizerConfig, build_tokenizer
 from raydiology.registry import MODELS
 
@@ -184,13 +183,7 @@ class ReportGeneratorConfig:
 
     def llm_args(self) -> LLMArgs:
         """The flavor's row with the `llm` overrides applied."""
-        base = REPORT_GENERATOR_FLAVORS[self.flavor]
-        overrides = {
-            f.name: getattr(self.llm, f.name)
-            for f in dataclasses.fields(LLMArgs)
-            if getattr(self.llm, f.name) is not None
-        }
-        return dataclasses.replace(base, **overrides)
+        return LLMArgs(**with_overrides(REPORT_GENERATOR_FLAVORS[self.flavor], self.llm))
 
     def tokenizer_config(self) -> TokenizerConfig:
         if self.tokenizer is not None:

@@ -20,7 +20,6 @@ D encoder dim, E decoder dim.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from raydiology.config_base import ConfigError, check
+from raydiology.config_base import ConfigError, check, with_overrides
 from raydiology.models.mamba import Mamba, Mamba4D
 from raydiology.models.vit import (
     LinearPatchEmbed,
@@ -170,17 +169,12 @@ VISION_MAMBA_FLAVORS: dict[str, VisionMambaArgs] = {
 }
 
 
-def _resolve(cfg: Any, flavors: dict[str, Any], args_cls: type) -> dict[str, Any]:
-    base = flavors[cfg.flavor]
-    overrides = {
-        f.name: getattr(cfg, f.name)
-        for f in dataclasses.fields(args_cls)
-        if hasattr(cfg, f.name) and getattr(cfg, f.name) is not None
-    }
-    resolved = dataclasses.asdict(dataclasses.replace(base, **overrides))
+def _resolve(cfg: Any, flavors: dict[str, Any]) -> dict[str, Any]:
+    resolved = with_overrides(flavors[cfg.flavor], cfg)
+    own_layers = getattr(cfg, "feature_layers", None) is not None
     if "feature_layers" in resolved and (
         resolved["feature_layers"] is None
-        or ("depth" in overrides and "feature_layers" not in overrides)
+        or (getattr(cfg, "depth", None) is not None and not own_layers)
     ):
         resolved["feature_layers"] = default_feature_layers(resolved["depth"])
     return resolved
@@ -208,7 +202,7 @@ class VisionMambaARGConfig:
     use_cuda_kernels: bool = True  # mamba-ssm's scan on GPUs when it is installed
 
     def resolved(self) -> dict[str, Any]:
-        return _resolve(self, VISION_MAMBA_ARG_FLAVORS, VisionMambaARGArgs)
+        return _resolve(self, VISION_MAMBA_ARG_FLAVORS)
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
@@ -247,7 +241,7 @@ class VisionMambaConfig:
     init_from: str | None = None
 
     def resolved(self) -> dict[str, Any]:
-        return _resolve(self, VISION_MAMBA_FLAVORS, VisionMambaArgs)
+        return _resolve(self, VISION_MAMBA_FLAVORS)
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""

@@ -221,7 +221,10 @@ class MedViLLObjective(nn.Module):
         if picked.any():
             mlm = F.cross_entropy(model.mlm_logits(hidden[picked]), target[picked])
         else:
-            mlm = hidden.sum() * 0.0
+            # No matched pair in this micro-batch (~1 in 270 at 8 per worker): the MLM head
+            # still runs, scaled by 0, so every rank's backward gives every parameter a
+            # gradient and the data-parallel ranks reduce the same gradient buckets.
+            mlm = model.mlm_logits(hidden[:, 0]).sum() * 0.0
         itm_logits = model.itm_head(model.pooled(hidden, segments))
         itm = F.cross_entropy(itm_logits, matched.long().to(device))
         loss = self.cfg.mlm_weight * mlm + self.cfg.itm_weight * itm
