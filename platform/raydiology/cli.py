@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +28,18 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 err = Console(stderr=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A bad path, file or value given by the user: its message in red and exit code 2, not a
+    traceback (CorpusError and ConfigError are among these)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+
 
 Profile = Annotated[
     str | None, typer.Option("--profile", help="overlay experiments/profiles/NAME.yaml")
@@ -773,11 +787,8 @@ def eval_reports(
     if uncertain_as not in UNCERTAIN_AS:
         err.print(f"[red]--uncertain-as {uncertain_as!r}: expected one of {UNCERTAIN_AS}[/]")
         raise typer.Exit(2)
-    try:
+    with user_errors():
         result = evaluate_predictions(predictions, ptb=ptb, uncertain_as=uncertain_as, out=out)  # type: ignore[arg-type]
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     print(json.dumps(result, indent=2))
     err.print(f"metrics: {out or metrics_path(predictions)}")
 
@@ -792,11 +803,8 @@ def label_reports_file(
     """Label reports for the 14 CheXpert observations: 1 / 0 / -1 (uncertain) / blank."""
     from raydiology.evaluation.labeler import label_reports, read_reports_file, write_labels_csv
 
-    try:
+    with user_errors():
         first_column, ids, texts = read_reports_file(reports)
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     write_labels_csv(out, first_column, ids, label_reports(texts))
     console.print(f"{len(texts)} reports labeled -> {out}")
 
@@ -837,11 +845,8 @@ def leaderboard(
     """CXPMRG-Bench-style table (markdown + HTML) and a picture of example reports."""
     from raydiology.evaluation.leaderboard import build_leaderboard
 
-    try:
+    with user_errors():
         written = build_leaderboard(list(runs), out, examples=examples)
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     print(written["markdown"].read_text(), end="")
     for kind, path in written.items():
         err.print(f"{kind}: {path}")
@@ -867,13 +872,10 @@ def generate_reports_command(
     writes the predictions `raydiology eval` scores and the run description for the leaderboard."""
     from raydiology.evaluation.generate import generate_reports
 
-    try:
+    with user_errors():
         rows = generate_reports(
             run, corpus, None if split == "all" else split, out=out, limit=limit, device=device
         )
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     target = out or run / "eval" / "predictions.jsonl"
     err.print(f"{len(rows)} reports -> {target}  (score them: raydiology eval {target})")
 
@@ -897,14 +899,11 @@ def evaluate_medvill(
     and open accuracy; prints and writes JSON."""
     from raydiology.evaluation.medvill_heads import evaluate_medvill_heads
 
-    try:
+    with user_errors():
         result = evaluate_medvill_heads(
             run, corpus, task=task, split=None if split == "all" else split, device=device,
             batch_size=batch_size, out=out,
         )  # fmt: skip
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     print(json.dumps(result, indent=2))
 
 
@@ -932,11 +931,8 @@ def evaluate_clip_command(
     from raydiology.evaluation.clip_retrieval import evaluate_clip_run
 
     splits = None if split == "all" else [s.strip() for s in split.split(",") if s.strip()]
-    try:
+    with user_errors():
         result = evaluate_clip_run(run, corpus=corpus, split=splits, out=out, device=device)
-    except (OSError, ValueError) as e:  # CorpusError and ConfigError are among these
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     if result.get("warning"):
         err.print(f"[yellow]warning[/]: {result['warning']}")
     table = Table(title=f"CLIP retrieval, split {split} ({result['n']} image-report pairs)")
@@ -990,15 +986,12 @@ def evaluate_medvill_retrieval(
     pair among CANDIDATES; MRR, Hit@5, Recall@5, Precision@5 against random ranking."""
     from raydiology.evaluation.medvill_eval import retrieval_run
 
-    try:
+    with user_errors():
         result = retrieval_run(
             run, corpus, split=None if split == "all" else split, out=out, device=device,
             candidates=candidates, seed=seed, scheme=attention, limit=limit,
             batch_size=batch_size, relevance=relevance,
         )  # fmt: skip
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     print(json.dumps(result, indent=2))
 
 
@@ -1022,14 +1015,11 @@ def evaluate_medvill_generate(
     writes the predictions `raydiology eval` scores."""
     from raydiology.evaluation.medvill_eval import generate_run
 
-    try:
+    with user_errors():
         rows, path = generate_run(
             run, corpus, split=None if split == "all" else split, out=out, device=device,
             max_tokens=max_tokens, limit=limit, batch_size=batch_size,
         )  # fmt: skip
-    except (OSError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
     err.print(f"{len(rows)} reports -> {path}  (score them: raydiology eval {path})")
 
 

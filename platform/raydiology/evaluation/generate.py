@@ -25,14 +25,9 @@ from raydiology.config_base import from_dict
 def find_export(path: str | Path) -> Path:
     """A run directory or its export folder -> the export folder holding generator.json."""
     from raydiology.objectives.report_sft import GENERATOR_SPEC
+    from raydiology.train.export import find_export_folder
 
-    path = Path(path).expanduser()
-    for folder in (path, path / "export"):
-        if (folder / GENERATOR_SPEC).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"{path}: no report-generator export ({GENERATOR_SPEC}) here or in export/"
-    )
+    return find_export_folder(path, GENERATOR_SPEC, "report-generator")
 
 
 def load_generator(export_or_run_dir: str | Path, *, device: str | torch.device = "cpu"):

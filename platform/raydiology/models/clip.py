@@ -406,11 +406,9 @@ def save_clip(model: ImageReportClip, folder: str | Path, *, extra: dict[str, An
 
 def find_clip_export(path: str | Path) -> Path:
     """A run directory or its export folder -> the export folder holding clip.json."""
-    path = Path(path).expanduser()
-    for folder in (path, path / "export"):
-        if (folder / CLIP_SPEC).is_file():
-            return folder
-    raise FileNotFoundError(f"{path}: no CLIP export ({CLIP_SPEC}) here or in export/")
+    from raydiology.train.export import find_export_folder
+
+    return find_export_folder(path, CLIP_SPEC, "CLIP")
 
 
 def load_clip(

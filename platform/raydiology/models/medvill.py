@@ -478,11 +478,9 @@ def _medvill(cfg: MedViLLConfig, *, grid: int, in_chans: int, tokenizer: JointTo
 
 def find_medvill_export(path: str | Path) -> Path:
     """A run folder or its export/ -> the folder holding medvill.json."""
-    path = Path(path).expanduser()
-    for folder in (path, path / "export"):
-        if (folder / MEDVILL_SPEC).is_file():
-            return folder
-    raise FileNotFoundError(f"{path}: no MedViLL export ({MEDVILL_SPEC}) here or in export/")
+    from raydiology.train.export import find_export_folder
+
+    return find_export_folder(path, MEDVILL_SPEC, "MedViLL")
 
 
 def _load_model_weights(model: MedViLL, folder: Path, *, key: str) -> None:

@@ -52,6 +52,16 @@ def export_encoder(
     return folder / SPEC
 
 
+def find_export_folder(path: str | Path, spec: str, what: str) -> Path:
+    """A run folder or its export/ -> the folder holding `spec` (e.g. clip.json); `what`
+    names the kind of export in the error."""
+    path = Path(path).expanduser()
+    for folder in (path, path / "export"):
+        if (folder / spec).is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: no {what} export ({spec}) here or in export/")
+
+
 def load_encoder(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild an exported encoder from its folder (or its JSON) with safetensors weights.
 
