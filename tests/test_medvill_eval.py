@@ -60,6 +60,19 @@ def test_candidate_metrics_perfect_and_random_scorers():
         candidate_metrics(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))
 
 
+def test_same_labels_compares_whole_rows_and_missing_equals_missing():
+    from raydiology.evaluation.medvill_eval import same_labels
+
+    nan = float("nan")
+    labels = [[1, 0, nan], [1, 0, nan], [1, 0, 0], [0, 1, nan]]
+    assert same_labels(labels).tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
+
+
 RESOLUTION, IMAGES, STEPS = 32, 12, 120
 
 

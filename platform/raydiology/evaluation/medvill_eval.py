@@ -50,6 +50,13 @@ DIRECTIONS = ("image_to_report", "report_to_image")
 RELEVANCE = ("text", "labels")
 
 
+def same_labels(labels: np.ndarray) -> np.ndarray:
+    """labels [N, L] -> bool [N, N]: rows i and j are equal label by label. A missing label
+    (NaN, as CheXpert leaves unmentioned findings) equals another missing one."""
+    rows = np.nan_to_num(np.asarray(labels, dtype=np.float32), nan=np.inf)
+    return (rows[:, None] == rows[None]).all(axis=-1)
+
+
 # ----------------------------------------------------------------------------- candidates
 
 
@@ -199,8 +206,7 @@ def retrieval_from_features(
     if labels is None:
         same = torch.from_numpy(same_text(list(reports), list(reports)))  # [N, N]
     else:
-        rows = torch.as_tensor(np.asarray(labels, dtype=np.float32))
-        same = (rows[:, None] == rows[None]).all(dim=-1)
+        same = torch.from_numpy(same_labels(labels))
     queries = torch.arange(n)[:, None]
     out: dict[str, Any] = {"n": n, "candidates": min(candidates, n), "seed": seed,
                            "attention": scheme or model.cfg.attention,
