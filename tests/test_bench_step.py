@@ -60,7 +60,7 @@ def test_bench_step_bf16_batchnorm_trunk_under_deepspeed() -> None:
     result = _bench_step_process(
         str(REPO / "experiments/medvill.yaml"), "--profile", "medvill_smoke",
         "--set", "train.precision=bf16", "--steps", "1", "--warmup", "1",
-        "--engine", "deepspeed", "--torch-adam",
+        "--engine", "deepspeed", "--set", "train.optimizer.kernel=torch",
     )  # fmt: skip
     assert result["precision"] == "bf16" and all(x == x for x in result["loss_first_last"])
 
@@ -76,3 +76,30 @@ def test_bench_validation_times_one_batch_of_report_decoding() -> None:
     result = run_validation_benchmark(exp, repeats=1)
     assert result["images"] == 4 and result["batch_time_s_median"] > 0
     assert 0 < result["words_per_report"] <= 8
+
+
+def test_deepspeed_takes_torchs_fused_adamw_at_zero0_in_bf16() -> None:
+    # The GPU default where DeepSpeed has no prebuilt FusedAdam: torch's fused AdamW handed
+    # to the engine ready-made, under bf16 and ZeRO-0 (the paper ViTs' stage).
+    result = _bench_step_process(
+        str(REPO / "experiments/hd_mae_cam.yaml"), "--profile", "smoke",
+        "--set", "train.optimizer.kernel=torch_fused", "--set", "train.zero_stage=0",
+        "--set", "train.precision=bf16", "--steps", "2", "--warmup", "1", "--engine", "deepspeed",
+    )  # fmt: skip
+    assert result["optimizer"] == "torch_fused" and result["zero_stage"] == 0
+    first, last = result["loss_first_last"]
+    assert first == first and last == last and last != first  # steps were taken
+
+
+def test_optimizer_kernel_auto_resolves_per_device() -> None:
+    from raydiology.config import OptimizerConfig
+    from raydiology.train.deepspeed_config import deepspeed_config, optimizer_kernel
+
+    auto = OptimizerConfig()
+    assert optimizer_kernel(auto, on_gpu=False) == "torch"
+    # no DeepSpeed build with FusedAdam on this machine: torch's fused AdamW, no JIT build
+    assert optimizer_kernel(auto, on_gpu=True) == "torch_fused"
+    exp = load_experiment(REPO / "experiments/hd_mae_cam.yaml")
+    assert "optimizer" not in deepspeed_config(exp.train, world_size=8, on_gpu=True)
+    cpu = deepspeed_config(exp.train, world_size=2, on_gpu=False)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True

@@ -316,7 +316,6 @@ def bench_step(
     steps: Annotated[int, typer.Option(help="timed optimizer steps")] = 10,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
     engine: Annotated[str, typer.Option(help="auto | deepspeed | torch")] = "auto",
-    torch_adam: Annotated[bool, typer.Option(help="torch AdamW, no FusedAdam JIT build")] = False,
     validation: Annotated[
         bool, typer.Option(help="time one validation batch (report decoding) instead")
     ] = False,
@@ -328,10 +327,27 @@ def bench_step(
     if validation:
         print(json.dumps(run_validation_benchmark(exp), indent=2))
         return
-    result = run_step_benchmark(
-        exp, steps=steps, warmup=warmup, engine=engine, torch_adam=torch_adam
-    )
+    result = run_step_benchmark(exp, steps=steps, warmup=warmup, engine=engine)
     print(json.dumps(result, indent=2))
+
+
+@bench_app.command("scan")
+def bench_scan(
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    batch: Annotated[int, typer.Option()] = 2,
+    length: Annotated[int, typer.Option(help="sequence length L")] = 196,
+    dim: Annotated[int, typer.Option(help="inner dim Di")] = 192,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
+    repeats: Annotated[int, typer.Option()] = 5,
+) -> None:
+    """Vision Mamba's selective scan, forward + backward: reference vs chunked (vs mamba-ssm)."""
+    from raydiology.bench.scan import format_table, run_scan_benchmark
+
+    report = run_scan_benchmark(
+        device=device, batch=batch, length=length, dim=dim, dtype=dtype, repeats=repeats
+    )
+    err.print(format_table(report))
+    print(json.dumps(report, indent=2))
 
 
 # --- evaluate ---

@@ -132,6 +132,10 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.04
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value
+    # The AdamW implementation. auto: DeepSpeed's FusedAdam where DeepSpeed was installed
+    # with it prebuilt (the cluster image), else torch's fused AdamW on GPUs (no JIT build at
+    # run time) and torch's foreach AdamW on CPUs.
+    kernel: Literal["auto", "deepspeed_fused", "torch_fused", "torch"] = "auto"
 
     def validate(self, key: str) -> None:
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
@@ -174,6 +178,10 @@ class TrainConfig:
     prefetch_batches: int = 2
     local_shuffle_buffer: int = 0  # rows; 0 = file-level shuffle only (buffers cost speed)
     reconstruction_images: int = 4  # rows in reconstruction.png
+    # Ranks agree on how many micro-batches an epoch has once per this many (read ahead),
+    # not per micro-batch: each agreement is a collective and a host sync.
+    sync_every: int = 8
+    compile: bool = False  # torch.compile each repeated block (opt-in: see `bench step`)
 
     def validate(self, key: str) -> None:
         check(self.max_steps >= 1, f"{key}.max_steps", self.max_steps, "at least 1")
@@ -199,6 +207,7 @@ class TrainConfig:
             "at least 1",
         )
         check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, ">= 0 (0 = off)")
+        check(self.sync_every >= 1, f"{key}.sync_every", self.sync_every, "at least 1")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -26,20 +25,17 @@ from raydiology.config import Experiment
 
 
 def run_step_benchmark(
-    exp: Experiment,
-    *,
-    steps: int = 10,
-    warmup: int = 3,
-    engine: str = "auto",
-    torch_adam: bool = False,
+    exp: Experiment, *, steps: int = 10, warmup: int = 3, engine: str = "auto"
 ) -> dict[str, Any]:
     """Time `steps` optimizer steps (after `warmup`) of the experiment on one device.
 
-    `torch_adam`: torch's AdamW inside DeepSpeed instead of its JIT-built FusedAdam.
+    `engine`: deepspeed (what `raydiology run` builds), or torch (plain torch: AdamW, autocast,
+    the baseline DeepSpeed is held to).
     """
     from raydiology.data.pipeline import to_model_input
     from raydiology.models import count_parameters
     from raydiology.registry import build_model, build_objective
+    from raydiology.train.deepspeed_config import optimizer_kernel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if engine == "auto":
@@ -52,7 +48,7 @@ def run_step_benchmark(
     counts = count_parameters(model)
     trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     if engine == "deepspeed":
-        step, dtype = _deepspeed_step(exp, objective, torch_adam=torch_adam)
+        step, dtype = _deepspeed_step(exp, objective)
     else:
         step, dtype = _torch_step(exp, objective)
 
@@ -86,7 +82,10 @@ def run_step_benchmark(
         "engine": engine,
         "precision": exp.train.precision,
         "zero_stage": exp.train.zero_stage if engine == "deepspeed" else None,
-        "optimizer": "torch AdamW" if engine == "torch" or torch_adam else "DeepSpeed default",
+        "optimizer": optimizer_kernel(exp.train.optimizer, on_gpu=device.type == "cuda")
+        if engine == "deepspeed"
+        else ("torch_fused" if device.type == "cuda" else "torch"),
+        "compile": exp.train.compile,
         "resolution": exp.data.resolution,
         "micro_batch_size": exp.train.micro_batch_size,
         "parameters": {**counts, "trainable": trainable},
@@ -179,25 +178,24 @@ def _real_batch(exp: Experiment) -> dict[str, Any]:
     return collate(out)
 
 
-def _deepspeed_step(exp: Experiment, objective: torch.nn.Module, *, torch_adam: bool):
+def _deepspeed_step(exp: Experiment, objective: torch.nn.Module):
+    """The engine `raydiology run` builds (same config, optimizer kernel, compile), one rank."""
     import deepspeed
 
-    from raydiology.train.deepspeed_config import deepspeed_config, match_norm_buffers
-    from raydiology.train.schedules import param_groups
+    from raydiology.train.deepspeed_config import (
+        deepspeed_config,
+        prepare_cuda_builds,
+        training_engine,
+    )
 
     on_gpu = torch.cuda.is_available()
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():  # fmt: skip
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    # Without nvcc DeepSpeed cannot JIT-build FusedAdam; torch's AdamW steps the same way.
-    torch_adam = torch_adam or not on_gpu or shutil.which("nvcc") is None
-    engine, *_ = deepspeed.initialize(
-        model=objective,
-        model_parameters=param_groups(objective, exp.train.optimizer.weight_decay),
-        config=deepspeed_config(exp.train, world_size=1, on_gpu=on_gpu, torch_adam=torch_adam),
-    )
-    match_norm_buffers(engine.module)
+    prepare_cuda_builds()
+    ds_config = deepspeed_config(exp.train, world_size=1, on_gpu=on_gpu)
+    engine = training_engine(objective, exp.train, ds_config)
     dtype = next(engine.module.parameters()).dtype
 
     def step(batch: dict[str, Any], generator: torch.Generator) -> float:
@@ -213,14 +211,19 @@ def _deepspeed_step(exp: Experiment, objective: torch.nn.Module, *, torch_adam: 
 
 
 def _torch_step(exp: Experiment, objective: torch.nn.Module):
-    """Plain torch: AdamW, autocast for bf16/fp16 (where DeepSpeed is not installed)."""
+    """Plain torch, as fast as it goes without DeepSpeed: fp32 weights, autocast for
+    bf16/fp16, fused AdamW on GPUs, the same block compile with `train.compile`."""
+    from raydiology.train.deepspeed_config import compile_blocks
     from raydiology.train.schedules import param_groups
 
     opt = exp.train.optimizer
-    optimizer = torch.optim.AdamW(
-        param_groups(objective, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps
-    )
     device = next(objective.parameters()).device
+    if exp.train.compile:
+        compile_blocks(objective)
+    optimizer = torch.optim.AdamW(
+        param_groups(objective, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+        fused=device.type == "cuda",
+    )  # fmt: skip
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(exp.train.precision)
 
     def step(batch: dict[str, Any], generator: torch.Generator) -> float:
@@ -263,7 +266,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto")
-    parser.add_argument("--torch-adam", action="store_true", help="no FusedAdam JIT build")
     parser.add_argument(
         "--validation", action="store_true", help="time one validation batch instead of steps"
     )
@@ -272,9 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.validation:
         print(json.dumps(run_validation_benchmark(exp), indent=2))
         return
-    result = run_step_benchmark(
-        exp, steps=args.steps, warmup=args.warmup, engine=args.engine, torch_adam=args.torch_adam
-    )
+    result = run_step_benchmark(exp, steps=args.steps, warmup=args.warmup, engine=args.engine)
     print(json.dumps(result, indent=2))
 
 

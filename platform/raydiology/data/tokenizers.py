@@ -220,16 +220,17 @@ def _same_on_every_rank(train: Any, cfg: TokenizerConfig) -> ReportTokenizer:
     trainers break ties at the vocabulary cut-off in hash-map order, the unigram EM's scores
     vary in their last bits), and a model whose ranks disagree on ids would train on garbage. Outside a process group this just trains.
     """
-    import torch.distributed as dist
+    from raydiology.train import collectives
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not collectives.active():
         return train()
-    payload: list[Any] = [train().hf.backend_tokenizer.to_str() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(payload, src=0)
+    payload = collectives.broadcast_object(
+        train().hf.backend_tokenizer.to_str() if collectives.rank() == 0 else None
+    )
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload[0]), **SPECIAL_TOKENS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload), **SPECIAL_TOKENS)
     return ReportTokenizer(hf, config=cfg)
 
 

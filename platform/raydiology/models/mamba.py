@@ -1,9 +1,14 @@
 """The Mamba mixer (selective state-space layer) for Vision Mamba, with no compiled dependency.
 
 Parameter names follow `mamba_ssm.modules.mamba_simple.Mamba` (in_proj, conv1d, x_proj,
-dt_proj, A_log, D, out_proj), so a checkpoint moves between this pure-PyTorch path and the
-`mamba-ssm` CUDA kernels, which are used when the input is on a GPU and `mamba_ssm` imports
-(the `cuda` extra). The import is lazy: nothing here needs mamba-ssm to build or train on CPU.
+dt_proj, A_log, D, out_proj), so a checkpoint moves between the pure-PyTorch scans here and
+the `mamba-ssm` CUDA kernels (the `cuda` extra). The import is lazy: nothing here needs
+mamba-ssm to build or train on CPU.
+
+Three implementations of one selective scan, picked per mixer by `scan_impl` (SCAN_IMPLS):
+`selective_scan`, the step-by-step reference (stores every step's state for backward);
+`chunked_selective_scan`, a chunked two-level scan, memory-lean in backward (the GPU path
+when mamba-ssm is missing); mamba-ssm's fused `selective_scan_fn`.
 
 `Mamba4D` is the bidirectional 4-direction variant used by MambaXray-VL stages 2-3 (rows and
 columns, each forward and reverse); its branch parameters carry the names of the official
@@ -25,6 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ScanFn = Callable[..., Tensor]
+
+# "auto": mamba-ssm's kernel on CUDA inputs when it imports, else the chunked scan; the
+# reference on CPU (its step loop is cheap there and it is the definition the others match).
+SCAN_IMPLS = ("auto", "reference", "chunked", "cuda")
+SCAN_CHUNK = 16  # steps per chunk: T + L/T sequential steps, fewest at T = sqrt(L)
 
 
 def selective_scan(
@@ -71,6 +81,129 @@ def selective_scan(
     return y.to(dtype)
 
 
+def chunked_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    chunk: int = SCAN_CHUNK,
+) -> Tensor:
+    """`selective_scan`'s maths and signature in chunks of `chunk` steps, for GPUs.
+
+    u, delta [B, Di, L]; A [Di, N]; B, C [B, N, L]; D [Di]; z [B, Di, L] -> y [B, Di, L].
+    The recurrence runs as `linear_scan`: about chunk + L/chunk sequential steps instead
+    of L. Backward saves no state: it recomputes the states from the inputs and runs the
+    adjoint recurrence backwards in time the same way, so the saved activations are the
+    inputs, O(B·Di·L), against the reference's O(B·Di·N·L); one layer's states exist only
+    while that layer's backward runs. Computed in float32, returned in u's dtype.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of steps, got {chunk}")
+    dtype = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    # The elementwise parts stay under plain autograd: they save [B, Di, L] tensors only.
+    y: Tensor = _ChunkedScan.apply(u, delta, A.float(), B.float(), C.float(), chunk)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+def linear_scan(delta: Tensor, A: Tensor, w: Tensor, b: Tensor, chunk: int = SCAN_CHUNK) -> Tensor:
+    """Every state of h_t = exp(Δ_t A) h_{t-1} + w_t b_t from h_{-1} = 0, in chunks of T steps.
+
+    delta, w [B, Di, L]; A [Di, N]; b [B, N, L] -> h [B, Di, L, N]. Three passes:
+    1. every chunk runs its T steps from a zero state, all chunks at once (T - 1 steps);
+    2. the state entering each chunk is carried across chunk boundaries (L/T - 1 steps);
+    3. each chunk adds its entering state h0 decayed to step t, exp(A S_t) h0 with S_t the
+       sum of Δ from the chunk's start to t, for all steps at once.
+    exp(A S_t) is the running product of the step decays exp(Δ_j A) <= 1 (Δ >= 0, A < 0)
+    over at most T steps: it may underflow to 0, as the true decay does, but never divides
+    by a running product, which would overflow on long sequences.
+    """
+    batch, di, length = w.shape
+    n = A.shape[1]
+    chunks = -(-length // chunk)
+    if chunks * chunk != length:  # Δ = 0 and w = 0 past the end: the state passes unchanged
+        delta, w, b = (F.pad(x, (0, chunks * chunk - length)) for x in (delta, w, b))
+    dt = delta.reshape(batch, di, chunks, chunk)
+    decay = (dt[..., None] * A[:, None, None, :]).exp_()  # [B, Di, chunks, T, N]
+    # h starts as the inputs w_t b_t and becomes the states in place: [B, Di, chunks, T, N]
+    h = (w[..., None] * b.transpose(1, 2)[:, None]).view(batch, di, chunks, chunk, n)
+    # 1. inside every chunk, from a zero state; slices [B, Di, chunks, N]
+    for j in range(1, chunk):
+        h[:, :, :, j].addcmul_(decay[:, :, :, j], h[:, :, :, j - 1])
+    # 2. entering state of chunk c = (decay over chunk c-1) · its entering state + its end
+    since_start = decay.cumprod_(3)  # decay from the chunk's start to step t, in place
+    entering = torch.zeros_like(h[:, :, :, 0])  # [B, Di, chunks, N]
+    for c in range(1, chunks):
+        entering[:, :, c] = torch.addcmul(
+            h[:, :, c - 1, -1], since_start[:, :, c - 1, -1], entering[:, :, c - 1]
+        )
+    # 3. each entering state, decayed to every step of its chunk
+    h.addcmul_(since_start, entering[:, :, :, None])
+    return h.view(batch, di, chunks * chunk, n)[:, :, :length]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t · h_t of the recurrence (no D, no gate): the chunked scan's core.
+
+    u, delta [B, Di, L] (delta after bias and softplus); A [Di, N]; B, C [B, N, L].
+    Backward, with g_t = dLoss/dh_t: g_t = exp(Δ_{t+1} A) g_{t+1} + C_t dy_t, the same
+    recurrence backwards in time; then the chain rule through h_t = a_t h_{t-1} + Δ_t u_t B_t
+    with log a_t = Δ_t A, where a_t h_{t-1} = h_t - Δ_t u_t B_t needs no shifted states.
+    Both directions run with autocast off: the inputs are float32 and the sums must stay so.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int
+    ) -> Tensor:
+        ctx.save_for_backward(u, delta, A, B, C)
+        ctx.chunk = chunk
+        with torch.autocast(u.device.type, enabled=False):
+            h = linear_scan(delta, A, delta * u, B, chunk)  # [B, Di, L, N]
+            return h.mul_(C.transpose(1, 2)[:, None]).sum(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _ChunkedScan._backward(ctx, grad_y.float())
+
+    @staticmethod
+    def _backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        u, delta, A, B, C = ctx.saved_tensors
+        b_t = B.transpose(1, 2)[:, None]  # [B, 1, L, N]
+        w = delta * u  # [B, Di, L]
+        h = linear_scan(delta, A, w, B, ctx.chunk)  # recomputed: [B, Di, L, N]
+        grad_C = (grad_y[..., None] * h).sum(1).transpose(1, 2)  # Σ_Di dy_t h_t: [B, N, L]
+        carried = h.addcmul_(w[..., None], b_t, value=-1)  # a_t h_{t-1}, in place of h
+        del h
+        # the adjoint recurrence, run forwards on the time-reversed sequence
+        next_delta = F.pad(delta[..., 1:], (0, 1))  # Δ_{t+1}, 0 after the last step
+        g = linear_scan(next_delta.flip(-1), A, grad_y.flip(-1), C.flip(-1), ctx.chunk)
+        g = g.flip(2)  # [B, Di, L, N]
+        grad_B = (g * w[..., None]).sum(1).transpose(1, 2)  # [B, N, L]
+        grad_log_decay = carried.mul_(g)  # dLoss/d(Δ_t A), in place of `carried`
+        grad_w = g.mul_(b_t).sum(-1)  # [B, Di, L], in place of g
+        del g
+        # matmuls over B·Di batches of [L, N]: sums over N and L without a [B, Di, L, N] temp
+        grad_delta = grad_w * u + (grad_log_decay @ A[:, :, None]).squeeze(-1)
+        grad_A = (delta[:, :, None, :] @ grad_log_decay).sum(0).squeeze(1)  # [Di, N]
+        return grad_w * delta, grad_delta, grad_A, grad_B, grad_C, None
+
+
 @functools.cache
 def cuda_selective_scan() -> ScanFn | None:
     """mamba-ssm's fused CUDA scan, or None where mamba_ssm is not installed or broken."""
@@ -86,7 +219,8 @@ class Mamba(nn.Module):
 
     in_proj -> (x, z); x -> depthwise causal conv1d -> SiLU -> x_proj -> (dt, B, C);
     dt -> dt_proj -> softplus; selective scan; gate by SiLU(z); out_proj.
-    MambaXray-VL uses expand 1, d_state 16, d_conv 4, dt_rank ceil(D/16).
+    MambaXray-VL uses expand 1, d_state 16, d_conv 4, dt_rank ceil(D/16). `scan_impl` picks
+    the selective scan (one of SCAN_IMPLS, see `_scan_fn`).
     """
 
     def __init__(
@@ -101,15 +235,19 @@ class Mamba(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         use_cuda_kernels: bool = True,
+        scan_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {', '.join(SCAN_IMPLS)}, got {scan_impl!r}")
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.dt_range = (dt_min, dt_max, dt_init_floor)
-        self.use_cuda_kernels = use_cuda_kernels
+        self.use_cuda_kernels = use_cuda_kernels  # False: "auto" never picks mamba-ssm
+        self.scan_impl = scan_impl
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self._add_branch("")
@@ -163,11 +301,24 @@ class Mamba(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def _scan_fn(self, x: Tensor) -> ScanFn:
-        if self.use_cuda_kernels and x.is_cuda:
-            fused = cuda_selective_scan()
-            if fused is not None:
-                return fused
-        return selective_scan
+        """The scan for input x: "reference" and "chunked" as named; "cuda" is mamba-ssm's
+        kernel (an error on a GPU without it; the reference on CPU, where it cannot run);
+        "auto" is mamba-ssm's kernel on a GPU when it imports (and `use_cuda_kernels`),
+        otherwise the chunked scan on a GPU and the reference on CPU."""
+        impl = self.scan_impl
+        if impl == "reference" or (not x.is_cuda and impl in ("auto", "cuda")):
+            return selective_scan
+        if impl == "chunked":
+            return chunked_selective_scan
+        fused = cuda_selective_scan() if self.use_cuda_kernels else None
+        if fused is not None:
+            return fused
+        if impl == "cuda":
+            raise RuntimeError(
+                "scan 'cuda' needs mamba-ssm's kernels (the `cuda` extra), which do not import "
+                "here (or use_cuda_kernels is false); use scan 'auto' or 'chunked'"
+            )
+        return chunked_selective_scan
 
     def scan(self, x: Tensor, suffix: str = "", z: Tensor | None = None) -> Tensor:
         """One branch on pre-conv x [B, Di, L] (gated by z [B, Di, L] when given) -> [B, Di, L]."""

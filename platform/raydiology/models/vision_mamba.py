@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from raydiology.config_base import ConfigError, check, with_overrides
-from raydiology.models.mamba import Mamba, Mamba4D
+from raydiology.models.mamba import SCAN_IMPLS, Mamba, Mamba4D
 from raydiology.models.vit import (
     LinearPatchEmbed,
     PatchGrid,
@@ -87,9 +88,15 @@ class SwiGLU(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """x = x + mixer(LN(x)); x = x + SwiGLU(LN(x)). Keyword arguments go to the mixer."""
+    """x = x + mixer(LN(x)); x = x + SwiGLU(LN(x)). Keyword arguments go to the mixer.
+
+    With `grad_checkpointing` on, a training forward keeps only the block's input and
+    recomputes the rest in backward (one more forward, for the activation memory of a
+    paper-sized batch).
+    """
 
     mixer: Mamba
+    grad_checkpointing = False
 
     def __init__(self, dim: int, mixer: Mamba) -> None:
         super().__init__()
@@ -99,6 +106,11 @@ class MambaBlock(nn.Module):
         self.mlp = SwiGLU(dim, dim * 8 // 3)
 
     def forward(self, x: Tensor, **mixer_kwargs: Any) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return cast(Tensor, checkpoint(self._forward, x, use_reentrant=False, **mixer_kwargs))
+        return self._forward(x, **mixer_kwargs)
+
+    def _forward(self, x: Tensor, **mixer_kwargs: Any) -> Tensor:
         x = x + self.mixer(self.norm1(x), **mixer_kwargs)
         return x + self.mlp(self.norm2(x))
 
@@ -125,6 +137,11 @@ def _init_mamba_stack(module: nn.Module, depth: int) -> None:
 
 def _mixers(embed_dim: int, depth: int, mixer_cls: type[Mamba], **mamba: Any) -> nn.ModuleList:
     return nn.ModuleList(MambaBlock(embed_dim, mixer_cls(embed_dim, **mamba)) for _ in range(depth))
+
+
+def _set_grad_checkpointing(blocks: nn.ModuleList, enable: bool) -> None:
+    for block in blocks:
+        cast(MambaBlock, block).grad_checkpointing = enable
 
 
 # ----------------------------------------------------------------------------- configs
@@ -182,6 +199,13 @@ def _resolve(cfg: Any, flavors: dict[str, Any]) -> dict[str, Any]:
 
 def _validate_common(cfg: Any, flavors: dict[str, Any], k: str) -> None:
     check(cfg.flavor in flavors, f"{k}flavor", cfg.flavor, "one of " + ", ".join(flavors))
+    check(cfg.scan in SCAN_IMPLS, f"{k}scan", cfg.scan, "one of " + ", ".join(SCAN_IMPLS))
+    check(
+        cfg.scan != "cuda" or cfg.use_cuda_kernels,
+        f"{k}scan",
+        cfg.scan,
+        "auto, reference or chunked while use_cuda_kernels is false",
+    )
     for name in ("embed_dim", "depth", "patch_size", "d_state"):
         value = getattr(cfg, name)
         check(value is None or value > 0, f"{k}{name}", value, "a positive integer")
@@ -200,6 +224,10 @@ class VisionMambaARGConfig:
     decoder_dim: int | None = None
     decoder_heads: int | None = None
     use_cuda_kernels: bool = True  # mamba-ssm's scan on GPUs when it is installed
+    # auto: mamba-ssm's kernel on GPUs when it imports, else the chunked scan; the reference
+    # on CPU. reference | chunked | cuda force one (cuda: mamba-ssm's, the reference on CPU).
+    scan: str = "auto"
+    grad_checkpointing: bool = False  # recompute each block in backward: less memory
 
     def resolved(self) -> dict[str, Any]:
         return _resolve(self, VISION_MAMBA_ARG_FLAVORS)
@@ -237,6 +265,8 @@ class VisionMambaConfig:
     patch_size: int | None = None
     d_state: int | None = None
     use_cuda_kernels: bool = True
+    scan: str = "auto"  # as in VisionMambaARGConfig
+    grad_checkpointing: bool = False
     # A stage-1 `vision_mamba_arg` export (folder or its encoder.json) to start from.
     init_from: str | None = None
 
@@ -277,6 +307,8 @@ class VisionMambaEncoder(PatchGrid, nn.Module):
         d_conv: int,
         expand: int,
         use_cuda_kernels: bool = True,
+        scan: str = "auto",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self._image_size = (image_size, image_size)
@@ -294,8 +326,9 @@ class VisionMambaEncoder(PatchGrid, nn.Module):
         )
         self.layers = _mixers(
             embed_dim, depth, Mamba, d_state=d_state, d_conv=d_conv, expand=expand,
-            use_cuda_kernels=use_cuda_kernels,
+            use_cuda_kernels=use_cuda_kernels, scan_impl=scan,
         )  # fmt: skip
+        _set_grad_checkpointing(self.layers, grad_checkpointing)
         self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in feature_layers)
         self.init_weights()
 
@@ -306,6 +339,10 @@ class VisionMambaEncoder(PatchGrid, nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return 0  # unidirectional: no CLS
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (timm's name for it)."""
+        _set_grad_checkpointing(self.layers, enable)
 
     @property
     def num_clusters(self) -> int:
@@ -536,6 +573,8 @@ def build_vision_mamba_arg(
         d_conv=a.d_conv,
         expand=a.expand,
         use_cuda_kernels=cfg.use_cuda_kernels,
+        scan=cfg.scan,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
     decoder = ARGDecoder(
         grid_size=encoder.grid_size,
@@ -583,6 +622,8 @@ class BiVisionMambaEncoder(PatchGrid, nn.Module):
         d_conv: int,
         expand: int,
         use_cuda_kernels: bool = True,
+        scan: str = "auto",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self._image_size = (image_size, image_size)
@@ -596,8 +637,9 @@ class BiVisionMambaEncoder(PatchGrid, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim))
         self.layers = _mixers(
             embed_dim, depth, Mamba4D, d_state=d_state, d_conv=d_conv, expand=expand,
-            use_cuda_kernels=use_cuda_kernels,
+            use_cuda_kernels=use_cuda_kernels, scan_impl=scan,
         )  # fmt: skip
+        _set_grad_checkpointing(self.layers, grad_checkpointing)
         self.norm = nn.LayerNorm(embed_dim)
         self.init_weights()
 
@@ -608,6 +650,10 @@ class BiVisionMambaEncoder(PatchGrid, nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return 1  # CLS, returned first
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (timm's name for it)."""
+        _set_grad_checkpointing(self.layers, enable)
 
     @property
     def cls_index(self) -> int:
@@ -741,6 +787,8 @@ def build_vision_mamba(cfg: VisionMambaConfig, *, image_size: int, in_chans: int
         d_conv=a.d_conv,
         expand=a.expand,
         use_cuda_kernels=cfg.use_cuda_kernels,
+        scan=cfg.scan,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
     if cfg.init_from and not is_meta(encoder):
         load_arg_export(encoder, cfg.init_from)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from raydiology.config_base import check, to_dict
 from raydiology.models.clip import LOGIT_SCALE_MAX, ImageReportClip, save_clip
 from raydiology.registry import OBJECTIVES
+from raydiology.train import collectives
 
 
 @dataclass(kw_only=True)
@@ -44,13 +45,10 @@ class ClipObjectiveConfig:
 
 def gather_with_local_grad(x: Tensor) -> Tensor:
     """[B, P] on each rank -> [world x B, P] in rank order; gradient flows to the local rows."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not collectives.active():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
+    parts = collectives.all_gather(x)
+    parts[collectives.rank()] = x
     return torch.cat(parts)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from raydiology.config_base import check
 from raydiology.models.dinov2 import DINOv2Model
 from raydiology.registry import OBJECTIVES
+from raydiology.train import collectives
 
 GLOBAL_CROPS = 2  # DINO's loss pairs each global crop with the other one
 
@@ -303,30 +304,19 @@ def koleo_loss(x: Tensor) -> Tensor:
     return -torch.log(distance + 1e-8).mean()
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """Teacher targets by Sinkhorn-Knopp (DINOv2's option): logits [n, K] -> probabilities
     [n, K] whose prototypes are used equally across the batch of every rank."""
-    import torch.distributed as dist
-
     scaled = logits.float() / temp
     top = scaled.max() if scaled.numel() else scaled.new_tensor(-math.inf)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)  # one shift for all ranks: no overflow
+    collectives.all_reduce_(top, "max")  # one shift for all ranks: no overflow
     q = torch.exp(scaled - top).T  # [K, n]
     k = q.shape[0]
-    total = _all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
-    q /= _all_reduce_sum(q.sum())
+    total = collectives.all_reduce_(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= collectives.all_reduce_(q.sum())
     for _ in range(iterations):
-        rows = _all_reduce_sum(q.sum(dim=1, keepdim=True))
+        rows = collectives.all_reduce_(q.sum(dim=1, keepdim=True))
         q /= rows.clamp_min(torch.finfo(q.dtype).tiny)  # each prototype: mass 1/K
         q /= k
         q /= q.sum(dim=0, keepdim=True)  # each sample: mass 1/n
@@ -465,7 +455,7 @@ class DINOv2Objective(nn.Module):
         probs = torch.softmax((logits - center) / temp, dim=-1)
         if self.training:
             stats = torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])])
-            stats = _all_reduce_sum(stats)
+            stats = collectives.all_reduce_(stats)
             batch_center = stats[:-1] / stats[-1].clamp(min=1.0)
             # no tokens anywhere (e.g. no masks this step): the centre stays where it is
             batch_center = torch.where(stats[-1] > 0, batch_center[None], center)

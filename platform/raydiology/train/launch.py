@@ -46,17 +46,17 @@ def run_experiment(
     save_resolved(exp, run_dir / "config.yaml")
 
     corpus_dir = resolve_corpus(exp, console=console)
-    dashboard = connect_ray(address, dashboard_host=dashboard_host, console=console)
+    connected = connect_ray(address, dashboard_host=dashboard_host, console=console)
     console.print(f"[bold]run[/] {exp.run_name}  ->  {run_dir}")
-    if dashboard:
-        console.print(f"[bold]dashboard[/] {dashboard}  (token in ~/.ray/auth_token)")
+    if connected.dashboard_url:
+        console.print(f"[bold]dashboard[/] {connected.dashboard_url}  (token in ~/.ray/auth_token)")
 
     import ray.data
 
     # The driver shows one progress bar (below); Ray Data's per-operator bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = _build_trainer(
-        exp, corpus_dir, run_dir, embedded=address is None, console=console, callbacks=callbacks
+        exp, corpus_dir, run_dir, embedded=connected.embedded, console=console, callbacks=callbacks
     )
     with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
         result = trainer.fit()
@@ -124,11 +124,34 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
     return str(folder)
 
 
-def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -> str | None:
-    """Connect to `address`, or start a local Ray sized to this machine.
+@dataclass(frozen=True)
+class RayConnection:
+    """What `connect_ray` joined: the dashboard's URL (None when unknown) and whether this
+    process started the Ray it runs on (`embedded`: sized to this machine, so the trainer
+    leaves CPUs for Ray Data) rather than joining a cluster someone else sized."""
 
-    The embedded Ray binds its dashboard to `dashboard_host` (127.0.0.1 unless the user says
-    otherwise) and keeps Ray's token authentication on.
+    dashboard_url: str | None
+    embedded: bool
+
+
+# Where Ray looks for a cluster's address: `ray.init()`, and every Ray API that talks to the
+# dashboard (the State API behind Ray Train's placement-group cleaner, the Jobs SDK).
+ADDRESS_ENV = "RAY_ADDRESS"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -> RayConnection:
+    """Join the cluster named by `address` or `RAY_ADDRESS`, or the Ray this process already
+    runs on; with none of these, start a local Ray sized to this machine.
+
+    A Ray job's driver (`ray job submit`, `raydiology submit`, a KubeRay RayJob) has
+    `RAY_ADDRESS` set by Ray, and joining a cluster takes no local-only options (num_cpus,
+    the dashboard's bind address). The embedded Ray binds its dashboard to `dashboard_host`
+    (127.0.0.1 unless the user says otherwise) and keeps Ray's token authentication on.
+
+    Either way the job's workers are told which cluster is theirs: Ray processes that find it
+    for themselves (Ray Train's placement-group cleaner asks the State API) otherwise fail
+    with "Found multiple active Ray instances" when another Ray runs on the machine.
     """
     import ray
 
@@ -139,31 +162,71 @@ def connect_ray(address: str | None, *, dashboard_host: str, console: Console) -
             "CVE-2023-48022): it needs Ray's token authentication; unset RAY_AUTH_MODE="
             f"{os.environ['RAY_AUTH_MODE']} or keep the dashboard on 127.0.0.1"
         )
-    if ray.is_initialized():  # e.g. a test session's cluster
-        return _dashboard_url()
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return _dashboard_url()
+    # Ray's own precedence: RAY_ADDRESS stands in for a missing or "auto" address.
+    env_address = os.environ.get(ADDRESS_ENV, "").strip()
+    target = address if address and address != "auto" else (env_address or address)
+    if ray.is_initialized():  # a test session's Ray, a Tune trial inside a sweep
+        return RayConnection(dashboard_url=None, embedded=not target)
+    if target:
+        if "://" in target and not target.startswith("ray://"):
+            raise RuntimeError(
+                f"{target} is a dashboard (Jobs API) address, for `ray job submit` or "
+                "`raydiology submit` (Ray's RAY_API_SERVER_ADDRESS); joining a cluster takes "
+                "its GCS address (host:6379), or no address at all to start a local Ray"
+            )
+        # A job's workers do not inherit the driver's RAY_ADDRESS: hand it on.
+        known = "://" not in target and target != "auto"
+        runtime_env = {"env_vars": {ADDRESS_ENV: target}} if known else None
+        context = ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
+        return RayConnection(dashboard_url=_dashboard_url(context), embedded=False)
     if exposed:
         console.print(
             f"[yellow]warning[/]: the dashboard and Jobs API will listen on {dashboard_host}; "
             "anyone who reaches it with the token can run code on this machine"
         )
-    ray.init(
+    # The dashboard's port is picked here, not by Ray, so the workers can be told where
+    # their cluster's API is before it starts (the GCS port is only known afterwards).
+    port = _dashboard_port(dashboard_host)
+    context = ray.init(
+        address="local",  # ours, even where `ray start` left a cluster for ray.init() to join
         num_cpus=os.cpu_count(),
         include_dashboard=True,
         dashboard_host=dashboard_host,
+        dashboard_port=port,
+        runtime_env={"env_vars": {API_SERVER_ENV: _local_url(dashboard_host, port)}},
         log_to_driver=True,
     )
-    return _dashboard_url()
+    return RayConnection(dashboard_url=_dashboard_url(context), embedded=True)
 
 
-def _dashboard_url() -> str | None:
-
-    from ray._private.worker import get_dashboard_url  # no public getter once connected
-
-    url = get_dashboard_url()
+def _dashboard_url(context: Any) -> str | None:
+    """The dashboard's URL from the context `ray.init` returned, with its scheme."""
+    url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _dashboard_port(host: str, preferred: int = 8265) -> int:
+    """Ray's usual dashboard port when it is free on `host`, else any free port."""
+    import socket
+
+    family = socket.getaddrinfo(host, None)[0][0]
+    for port in (preferred, 0):
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port for the dashboard on {host}")
+
+
+def _local_url(host: str, port: int) -> str:
+    """How this machine reaches a dashboard bound to `host` (a wildcard: via loopback)."""
+    if host in ("0.0.0.0", "", "localhost"):
+        host = "127.0.0.1"
+    elif host in ("::", "::1"):
+        host = "[::1]"
+    return f"http://{host}:{port}"
 
 
 def _build_trainer(

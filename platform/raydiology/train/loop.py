@@ -23,8 +23,13 @@ from raydiology.cluster.metrics import TrainMetrics
 from raydiology.config import Experiment, experiment_from_dict
 from raydiology.data.pipeline import collate, to_model_input
 from raydiology.registry import build_model, build_objective
-from raydiology.train.deepspeed_config import deepspeed_config, match_norm_buffers
-from raydiology.train.schedules import lr_factor, param_groups, weight_decay_at
+from raydiology.train import collectives
+from raydiology.train.deepspeed_config import (
+    deepspeed_config,
+    prepare_cuda_builds,
+    training_engine,
+)
+from raydiology.train.schedules import weight_decay_at
 
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "export"
@@ -45,7 +50,6 @@ class TrainState:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
 
     from raydiology.train import validation
@@ -55,23 +59,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(exp)
 
+    collectives.bind_device(device)
+    prepare_cuda_builds()
+
     train = exp.train
     ds_config = deepspeed_config(train, world_size=world, on_gpu=device.type == "cuda")
     model, objective, zero3 = build_for_training(exp, ds_config)
     if rank == 0 and zero3 is not None:
         log.info("ZeRO-3: Hugging Face models were built partitioned over %d ranks", world)
-    engine, *_ = deepspeed.initialize(
-        model=objective,
-        model_parameters=param_groups(objective, train.optimizer.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: lr_factor(
-                s, schedule=train.schedule, base_lr=train.optimizer.lr, max_steps=train.max_steps
-            ),
-        ),
-    )
-    match_norm_buffers(engine.module)  # bf16 BatchNorm statistics (ResNet trunks)
+    engine = training_engine(objective, train, ds_config)
     state, consumed = _restore(engine)
     if rank == 0 and state.step:
         log.info("resumed from step %d (epoch %d, %d images of it already seen)",
@@ -93,15 +89,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while state.step < train.max_steps:
         seen: list[np.ndarray] = []  # row keys this rank trained on in this epoch
-        batches = _epoch_batches(shard, train, skip=consumed)
-        waited_since = time.perf_counter()
-        while True:
-            batch = next(batches, None)
-            # Ranks stop an epoch together: sampling and resumes can leave them unequal.
-            if not _every_rank(batch is not None):
-                break
-            assert batch is not None
-            window.data_wait += time.perf_counter() - waited_since
+        # Ranks stop an epoch together (sampling and resumes can leave them unequal),
+        # agreeing once per `sync_every` micro-batches rather than once per micro-batch.
+        batches = _Timed(_epoch_batches(shard, train, skip=consumed), window)
+        for batch in collectives.in_step(batches, lookahead=train.sync_every):
             seen.append(batch.pop("row_key").numpy())
             batch = {  # text columns (e.g. reports) stay lists of str
                 k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -123,7 +114,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()  # the optimizer steps only on the boundary micro-batch
             window.add(out, images=batch["image"].shape[0])
             if not boundary:
-                waited_since = time.perf_counter()
                 continue
             state.step += 1
             # e.g. an EMA teacher's update or a temperature schedule (DINOv2)
@@ -138,6 +128,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save = save or validating
             if save or state.step % train.log_every == 0:
                 metrics = window.report(engine, state, world)
+                if device.type == "cuda":
+                    metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 telemetry.record(metrics, world=world, images=window.images, device=device)
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
@@ -167,7 +159,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window.reset()  # time spent reporting and saving is not training throughput
             if last:
                 break
-            waited_since = time.perf_counter()
         if state.step >= train.max_steps:
             break
         if not seen and not len(consumed):
@@ -249,14 +240,21 @@ def _concat(parts: list[Any]) -> torch.Tensor | list[str]:
     return [text for part in parts for text in part]
 
 
-def _every_rank(flag: bool) -> bool:
-    import torch.distributed as dist
+class _Timed:
+    """Adds the time its consumer waits in `next` to the window's data wait."""
 
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    def __init__(self, items: Iterator[Batch], window: _Window) -> None:
+        self.items, self.window = items, window
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self) -> Batch:
+        started = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.window.data_wait += time.perf_counter() - started
 
 
 def _device(exp: Experiment) -> torch.device:
@@ -279,36 +277,37 @@ def _set_weight_decay(engine, value: float) -> None:
 
 
 class _Window:
-    """Running sums between two reports."""
+    """Running sums between two reports, kept on the device: no host sync per micro-batch."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.count = 0
         self.images = 0
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
-    def add(self, out: dict[str, torch.Tensor], *, images: int) -> None:
+    def add(self, out: dict[str, Any], *, images: int) -> None:
         for key, value in out.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach().float())
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
         self.images += images
 
     def report(self, engine, state: TrainState, world: int) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        # The loss is averaged over every rank so all ranks report the same number.
-        values = torch.tensor([self.sums.get("loss", 0.0), float(self.count)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
+        # The host waits for the device here, once per report. The loss is averaged over
+        # every rank so all ranks report the same number.
+        sums = {key: float(value) for key, value in self.sums.items()}
+        loss = collectives.all_reduce_(
+            torch.tensor([sums.get("loss", 0.0), self.count], dtype=torch.float64)
+        )
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = {
             "step": state.step,
             "epoch": state.epoch,
-            "loss": float(values[0] / values[1].clamp(min=1)),
+            "loss": float(loss[0] / loss[1].clamp(min=1)),
             "lr": float(engine.get_lr()[0]),
             "images_per_s": self.images * world / elapsed,
             "data_wait_s_per_step": self.data_wait / max(1, self.count),
@@ -316,9 +315,7 @@ class _Window:
         grad_norm = engine.get_global_grad_norm()  # cached by DeepSpeed at the last step
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        for key, value in self.sums.items():
-            if key != "loss":
-                metrics[key] = value / max(1, self.count)
+        metrics.update({k: v / max(1, self.count) for k, v in sums.items() if k != "loss"})
         return metrics
 
 

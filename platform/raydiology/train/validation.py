@@ -108,26 +108,23 @@ def gather_scores(rows: list[Row], selection: Any) -> tuple[dict[str, float], li
     Rank 0 gathers every rank's rows and scores them; the others receive the numbers (or
     rank 0's error, so that every rank fails together rather than hang in a collective).
     """
-    import torch.distributed as dist
+    from raydiology.train import collectives
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not collectives.active():
         return score_rows(rows, selection), rows
-    rank, world = dist.get_rank(), dist.get_world_size()
-    everyone: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(rows, everyone, dst=0)
+    everyone = collectives.gather_objects(rows, dst=0)
     every_row: list[Row] = []
-    outcome: list[Any] = [None]
-    if rank == 0:
-        assert everyone is not None
+    outcome: Any = None
+    if everyone is not None:  # rank 0
         every_row = [row for part in everyone for row in part]
         try:
-            outcome[0] = score_rows(every_row, selection)
+            outcome = score_rows(every_row, selection)
         except Exception as error:  # sent to every rank, raised there
-            outcome[0] = f"{type(error).__name__}: {error}"
-    dist.broadcast_object_list(outcome, src=0)
-    if isinstance(outcome[0], str):
-        raise RuntimeError(f"validation failed on rank 0: {outcome[0]}")
-    return outcome[0], every_row
+            outcome = f"{type(error).__name__}: {error}"
+    outcome = collectives.broadcast_object(outcome, src=0)
+    if isinstance(outcome, str):
+        raise RuntimeError(f"validation failed on rank 0: {outcome}")
+    return outcome, every_row
 
 
 def validate(
@@ -146,24 +143,17 @@ def validate(
     this rank's wall time) and, on rank 0, the rows scored.
     """
     import torch
-    import torch.distributed as dist
 
     from raydiology.data.pipeline import collate, to_model_input
-    from raydiology.train.loop import _every_rank
+    from raydiology.train import collectives
 
-    synced = exp.train.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
-    batches = iter(
-        shard.iter_torch_batches(
-            batch_size=objective.validation_batch_size, drop_last=False, collate_fn=collate
-        )
+    synced = exp.train.zero_stage == 3 and collectives.active()
+    batches = shard.iter_torch_batches(
+        batch_size=objective.validation_batch_size, drop_last=False, collate_fn=collate
     )
     started = time.perf_counter()
     rows: list[Row] = []
-    while True:
-        batch = next(batches, None)
-        if not _every_rank(batch is not None):
-            break
-        assert batch is not None
+    for batch in collectives.in_step(batches, lookahead=exp.train.sync_every):
         batch.pop("row_key", None)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["image"] = to_model_input(batch["image"], exp.data, dtype=dtype)

@@ -375,6 +375,9 @@ def run_sweep(
     from raydiology.tune.results import write_results
 
     console = console or Console()
+    # A sweep sent as a Ray job has its cluster in RAY_ADDRESS: check against that cluster,
+    # not against the head's own cores.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         check_resources(plan, planned_resources(None))
     sweep_dir = Path(plan.sweep_dir)
