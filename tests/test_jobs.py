@@ -1,7 +1,8 @@
 """`raydiology submit | status | logs | stop | list` against a real local Ray head with its
 dashboard on 127.0.0.1 and token authentication on: the HD-MAE smoke experiment runs to
 SUCCEEDED as a Ray job, a second job is stopped, and requests without the right token are
-refused at once."""
+refused at once. Without Ray: what a submitted sweep's command carries (--out, --resume,
+--max-cluster) and the refusal of relative folders."""
 
 from __future__ import annotations
 
@@ -15,11 +16,21 @@ import requests
 from typer.testing import CliRunner
 
 from raydiology.cli import app
-from raydiology.cluster.jobs import TERMINAL, JobsClient
+from raydiology.cluster.jobs import (
+    TERMINAL,
+    JobsClient,
+    check_shared_dir,
+    job_options,
+    sweep_job_args,
+)
 from raydiology.cluster.localhead import LocalHead
+from raydiology.cluster.manifests import job_entrypoint
+from raydiology.cluster.workload import load_workload
+from raydiology.config_base import ConfigError
+from raydiology.tune.capacity import format_resources, preset_capacity
 
-pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
+SWEEP = "experiments/sweeps/mask_ratio.yaml"
 
 
 def cli(*args: str, code: int = 0) -> str:
@@ -39,6 +50,49 @@ def submit(address: str, runs: Path, *sets: str) -> str:
     return job_id
 
 
+def test_submitted_sweep_carries_its_folder_resume_and_maximum_size(monkeypatch):
+    """`submit SWEEP --out --resume --cluster` -> the job runs `raydiology sweep` with the same
+    --out and --resume and the preset's maximum size as --max-cluster."""
+    monkeypatch.chdir(REPO)
+    options = job_options(Path(SWEEP), out="/mnt/runs/sweeps", resume="mask_ratio", cluster="a800")
+    work = load_workload(Path(SWEEP), root=REPO, profile="smoke", cluster="a800", extra=options)
+    command = job_entrypoint(work.args)
+    maximum = format_resources(preset_capacity("a800"))
+    assert work.kind == "sweep" and command.startswith(f"raydiology sweep {SWEEP}")
+    for part in ("--address auto", "--out /mnt/runs/sweeps", "--resume mask_ratio",
+                 f"--max-cluster {maximum}"):  # fmt: skip
+        assert part in command, command
+    assert sweep_job_args(max_cluster="GPU=16", fresh=True) == [
+        "--fresh",
+        "--max-cluster",
+        "GPU=16",
+    ]
+    assert job_options(Path("experiments/hd_mae_cam.yaml")) == ["--address", "auto"]
+    with pytest.raises(ConfigError, match="--resume"):  # a sweep's option on an experiment
+        job_options(Path("experiments/hd_mae_cam.yaml"), resume="x")
+
+
+def test_submit_refuses_relative_folders_before_contacting_the_cluster(monkeypatch):
+    """A relative output.dir (an experiment's, a sweep file's or --out) would land in the
+    job's temporary working dir on the head: refused with a hint at shared storage, before
+    any request (the address below does not answer)."""
+    monkeypatch.chdir(REPO)
+    nowhere = "http://127.0.0.1:9"
+    out = cli("submit", "experiments/hd_mae_cam.yaml", "--profile", "smoke",
+              "--set", "output.dir=runs", "--address", nowhere, code=2)  # fmt: skip
+    text = " ".join(out.split())
+    assert "output.dir" in text and "'runs'" in text and "shared storage" in text, text
+    assert "temporary working dir on the head" in text and "/mnt/runs" in text, text
+    out = cli("submit", SWEEP, "--profile", "smoke", "--address", nowhere, code=2)
+    assert "output.dir" in out and "runs/sweeps" in out, out  # the sweep file's own
+    out = cli("submit", SWEEP, "--profile", "smoke", "--out", "sweeps", "--address", nowhere,
+              code=2)  # fmt: skip
+    assert "--out" in out, out
+    check_shared_dir("/mnt/runs", "output.dir")
+    check_shared_dir("s3://bucket/runs", "output.dir")  # not resolved into a local folder
+
+
+@pytest.mark.ray
 def test_submit_status_logs_stop_list(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     monkeypatch.chdir(REPO)  # the working dir that gets uploaded

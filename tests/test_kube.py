@@ -15,7 +15,13 @@ from typer.testing import CliRunner
 from raydiology.cli import app
 from raydiology.cluster import manifests
 from raydiology.cluster.metrics import METRIC_NAMES
-from raydiology.cluster.presets import load_preset, load_versions, preset_names
+from raydiology.cluster.presets import (
+    DEFAULT_RDMA_RESOURCE,
+    NCCL_DEFAULTS,
+    load_preset,
+    load_versions,
+    preset_names,
+)
 from raydiology.cluster.workload import load_workload
 from raydiology.config import load_experiment
 from raydiology.config_base import ConfigError
@@ -87,10 +93,92 @@ def test_raycluster_shape(cluster):
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": preset.gpu_nodes.shm}
-    # the CPU-only group decodes for Ray Data: no GPU, no GPU node selector
+    # multi-node NCCL: the RDMA device, NCCL's variables, and the right to pin memory
+    container = pod["containers"][0]
+    network = preset.network
+    assert network.rdma_resource == DEFAULT_RDMA_RESOURCE
+    for amounts in container["resources"].values():
+        assert amounts[network.rdma_resource] == "1"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert {k: v for k, v in env.items() if k.startswith("NCCL_")} == NCCL_DEFAULTS
+    assert env["NCCL_DEBUG"] == "WARN"
+    assert container["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    # the CPU-only group decodes for Ray Data: no GPU, no GPU node selector, no RDMA or NCCL
     cpu_pod = cpu["template"]["spec"]
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
     assert "nodeSelector" not in cpu_pod
+    for other in (cpu_pod, head["template"]["spec"]):
+        body = other["containers"][0]
+        assert network.rdma_resource not in body["resources"]["limits"]
+        assert not any(e["name"].startswith("NCCL_") for e in body["env"])
+        assert "securityContext" not in body
+
+
+def _preset_with(tmp_path, network):
+    raw = yaml.safe_load((REPO / "ray_configs" / "a800.yaml").read_text())
+    if network is None:
+        raw.pop("network")
+    else:
+        raw["network"] = network
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_preset(path)
+
+
+def _gpu_container(doc):
+    return doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
+def test_a_site_overrides_the_rdma_resource_and_nccl_settings(tmp_path, crds):
+    preset = _preset_with(
+        tmp_path,
+        {
+            "rdma_resource": "nvidia.com/hostdev",
+            "rdma_devices": 2,
+            "attachments": "ray/roce-net",
+            "env": {"NCCL_SOCKET_IFNAME": "net1", "NCCL_IB_GID_INDEX": None, "NCCL_IB_TIMEOUT": 22},
+        },
+    )
+    doc = manifests.raycluster(preset, load_versions())
+    manifests.validate(doc, crds, source="site override")
+    container = _gpu_container(doc)
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/hostdev"] == "2" and DEFAULT_RDMA_RESOURCE not in limits
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["NCCL_SOCKET_IFNAME"] == "net1"  # replaced
+    assert "NCCL_IB_GID_INDEX" not in env  # null: NCCL chooses
+    assert env["NCCL_IB_TIMEOUT"] == "22"  # added
+    assert env["NCCL_IB_HCA"] == NCCL_DEFAULTS["NCCL_IB_HCA"]  # not named: the default
+    metadata = doc["spec"]["workerGroupSpecs"][0]["template"]["metadata"]
+    assert metadata["annotations"] == {manifests.MULTUS_ANNOTATION: "ray/roce-net"}
+    assert "annotations" not in doc["spec"]["workerGroupSpecs"][1]["template"]["metadata"]
+
+
+def test_a_site_without_rdma_and_a_preset_without_network(tmp_path, crds):
+    doc = manifests.raycluster(_preset_with(tmp_path, {"rdma_resource": None}), load_versions())
+    manifests.validate(doc, crds)
+    container = _gpu_container(doc)
+    assert not any("/" in k and k != "nvidia.com/gpu" for k in container["resources"]["limits"])
+    assert "securityContext" not in container  # no RDMA, no memory pinning
+    assert {e["name"] for e in container["env"]} >= set(NCCL_DEFAULTS)  # TCP still uses NCCL_*
+    # a preset that says nothing about the network gets the documented defaults
+    defaults = _preset_with(tmp_path, None).network
+    assert defaults.rdma_resource == DEFAULT_RDMA_RESOURCE and defaults.nccl_env() == NCCL_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "network, key",
+    [
+        ({"rdma_resource": "hca"}, "network.rdma_resource"),
+        ({"rdma_devices": 0}, "network.rdma_devices"),
+        ({"env": {"NCCL-DEBUG": "INFO"}}, "network.env.NCCL-DEBUG"),
+        ({"env": {"NCCL_IB_HCA": ["mlx5_0"]}}, "network.env.NCCL_IB_HCA"),
+        ({"rdma_resorce": "rdma/hca"}, "network.rdma_resorce"),
+    ],
+)
+def test_bad_network_settings_name_the_key(tmp_path, network, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _preset_with(tmp_path, network)
 
 
 def test_image_and_versions_pinned_in_one_place():

@@ -653,12 +653,49 @@ def submit(
     pip: Annotated[
         list[str] | None, typer.Option(help="extra pip requirement for the job (repeatable)")
     ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            help="a sweep: its sweeps folder on shared storage, e.g. /mnt/runs/sweeps "
+            "(default: the sweep's output.dir)",
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="a sweep: resume this sweep folder, or this sweep name under --out"),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="a sweep: start anew, refusing if its folder exists")
+    ] = False,
+    max_cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--max-cluster",
+            help="a sweep: the cluster's size fully scaled up, e.g. GPU=16,CPU=128 "
+            "(default: the --cluster preset's)",
+        ),
+    ] = None,
 ) -> None:
-    """Submit an experiment (or sweep) as a Ray job over the Jobs API, with Ray's token."""
-    from raydiology.cluster.jobs import JobsClient, job_id_for
+    """Submit an experiment (or sweep) as a Ray job over the Jobs API, with Ray's token.
+
+    The job writes to shared storage: a relative output.dir (or sweep --out) is refused."""
+    import os
+
+    from raydiology.cluster.jobs import JobsClient, check_shared_dir, job_id_for, job_options
     from raydiology.cluster.manifests import job_entrypoint
     from raydiology.cluster.workload import load_workload
 
+    options = _cluster_call(
+        lambda: job_options(
+            experiment,
+            out=out,
+            resume=resume,
+            fresh=fresh,
+            max_cluster=max_cluster,
+            cluster=cluster,
+        )
+    )
     work = _cluster_call(
         lambda: load_workload(
             experiment,
@@ -666,15 +703,11 @@ def submit(
             profile=profile,
             sets=set_,
             cluster=cluster,
-            extra=["--address", "auto"],
+            extra=options,
         )
     )
-    if work.output_dir and not Path(work.output_dir).is_absolute():
-        err.print(
-            f"[yellow]warning[/]: output.dir {work.output_dir!r} is relative: the run directory "
-            "lands in the job's temporary copy of the working dir. Use shared storage, e.g. "
-            "--set output.dir=/mnt/runs (a sweep: its file's output.dir)"
-        )
+    folder = resume if resume and os.path.isabs(resume) else out or work.output_dir
+    _cluster_call(lambda: check_shared_dir(folder, "--out" if out else "output.dir"))
     client = _cluster_call(lambda: JobsClient(address))
     job = _cluster_call(
         lambda: client.submit(
@@ -751,30 +784,70 @@ def sweep(
     ] = None,
     resume: Annotated[
         str | None,
-        typer.Option(help="resume a sweep: its folder, or its name under the sweep's output.dir"),
+        typer.Option(
+            help="resume this sweep folder, or the sweep of this name under --out/output.dir "
+            "(running a sweep again resumes its own folder without this)"
+        ),
     ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="start the sweep anew: refuse if its folder exists"),
+    ] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="sweeps folder; default: the sweep's output.dir")
+        str | None,
+        typer.Option(
+            "--out",
+            help="sweeps folder (shared storage on a cluster); default: the sweep's output.dir",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="preset in ray_configs/ (a800, a100): where trials run, and the cluster's "
+            "maximum size for the resource check"
+        ),
+    ] = None,
+    max_cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--max-cluster",
+            envvar="RAYDIOLOGY_MAX_CLUSTER",
+            help="the cluster's size when fully scaled up, e.g. GPU=16,CPU=128 (over the "
+            "--cluster preset's); a sweep is refused only when it does not fit this",
+        ),
     ] = None,
 ) -> None:
-    """Hyperparameter sweep on Ray Tune: one Ray Train run per trial, ASHA, table + plots."""
-    import time as _time
+    """Hyperparameter sweep on Ray Tune: one Ray Train run per trial, ASHA, table + plots.
 
+    Its folder is OUT (or output.dir)/(output.name or the sweep's name): running the same
+    sweep again resumes it there (a RayJob's retry too)."""
+    import os
+
+    from raydiology.cluster.jobs import check_shared_dir
+    from raydiology.tune.capacity import cluster_maximum, preset_sweep_sets
     from raydiology.tune.runner import find_sweep, run_sweep
-    from raydiology.tune.spec import Plan, load_sweep, make_plan
+    from raydiology.tune.spec import Plan, load_sweep, local_folder, make_plan
 
     try:
+        cfg = load_sweep(sweep_file)
+        key, folder = ("--out", out) if out else ("output.dir", cfg.output.dir)
+        if address or os.environ.get("RAY_ADDRESS"):  # a cluster: the folder must be shared
+            check_shared_dir(resume if resume and os.path.isabs(resume) else folder, key)
+        maximum = cluster_maximum(cluster, max_cluster)
         if resume:
-            folder = out or Path(load_sweep(sweep_file).output.dir).expanduser()
-            plan = Plan.load(find_sweep(resume, folder))
+            plan = Plan.load(find_sweep(resume, local_folder(folder, key)))
         else:
-            stamp = _time.strftime("%Y%m%d-%H%M%S")
-            cfg = load_sweep(sweep_file)
-            sweep_dir = (out / (cfg.output.name or f"{cfg.name}-{stamp}")) if out else None
-            plan = make_plan(
-                sweep_file, profile=profile, sets=set_ or [], sweep_dir=sweep_dir, stamp=stamp
-            )
-        run_sweep(plan, address=address, resume=bool(resume), console=console)
+            sets = [*(preset_sweep_sets(cluster) if cluster else []), *(set_ or [])]
+            sweep_dir = local_folder(out, key) / (cfg.output.name or cfg.name) if out else None
+            plan = make_plan(sweep_file, profile=profile, sets=sets, sweep_dir=sweep_dir)
+        run_sweep(
+            plan,
+            address=address,
+            resume=bool(resume),
+            fresh=fresh,
+            maximum=maximum,
+            console=console,
+        )
     except ConfigError as e:
         err.print(f"[red]invalid sweep {sweep_file}[/]: {e}")
         raise typer.Exit(2) from None

@@ -218,10 +218,27 @@ class ScalingSection:
     gpus_per_worker: float = 1.0  # used only with use_gpu
     accelerator_type: str | None = None  # e.g. "A100" / "A800": Ray's accelerator label
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
+    # Custom Ray resources each worker reserves besides its CPUs/GPUs, e.g. {trainer_slot: 1}
+    # to keep workers on the nodes started with `ray start --resources '{"trainer_slot": 1}'`
+    # (and off CPU-only data nodes). null = none.
+    resources_per_worker: dict[str, float] | None = None
 
     def validate(self, key: str) -> None:
         check(self.num_workers >= 1, f"{key}.num_workers", self.num_workers, "at least 1")
         check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "> 0")
+        for name, amount in (self.resources_per_worker or {}).items():
+            check(
+                isinstance(name, str) and bool(name) and name not in ("CPU", "GPU"),
+                f"{key}.resources_per_worker",
+                name,
+                "a custom resource name (CPUs and GPUs: cpus_per_worker, gpus_per_worker)",
+            )
+            check(
+                isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                f"{key}.resources_per_worker.{name}",
+                amount,
+                "a positive amount",
+            )
         check(
             self.max_failures >= -1,
             f"{key}.max_failures",
@@ -232,8 +249,19 @@ class ScalingSection:
 
 @dataclass(kw_only=True)
 class OutputConfig:
-    dir: str = "runs"  # Ray Train storage path; shared storage on a multi-node cluster
+    # Ray Train's storage: a path, file:///abs/path or s3://, gs://...; on a multi-node
+    # cluster, storage every node reaches (NFS, object storage)
+    dir: str = "runs"
     name: str | None = None  # run name; null = the experiment name. Same name = resume.
+
+    def validate(self, key: str) -> None:
+        scheme, sep, rest = self.dir.partition("://")
+        check(
+            not sep or scheme != "file" or rest.startswith("/"),
+            f"{key}.dir",
+            self.dir,
+            "a path, an absolute file:// URI (file:///mnt/runs) or a storage URI (s3://...)",
+        )
 
 
 @dataclass

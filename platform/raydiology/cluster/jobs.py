@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydiology.config_base import ConfigError, check
+
 # Uploading these would be slow (the venv), private (runs, corpora) or pointless.
 WORKING_DIR_EXCLUDES = [
     ".venv",
@@ -189,3 +191,85 @@ def job_id_for(run: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_-]+", "-", run).strip("-") or "run"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return f"raydiology-{safe}-{stamp}-{secrets.token_hex(2)}"
+
+
+def check_shared_dir(value: str | os.PathLike | None, key: str) -> None:
+    """Refuse a relative run or sweep folder for a cluster: it would resolve against the job's
+    working dir, a temporary copy on the head that no other node sees and that goes with the
+    job (and with it a sweep's Tune state, so a retried job could never resume)."""
+    text = str(value or "")
+    if "://" in text or os.path.isabs(text):
+        return
+    raise ConfigError(
+        key,
+        text,
+        "shared storage on a cluster: a relative folder would land in the job's temporary "
+        "working dir on the head; give a folder that every node mounts, e.g. /mnt/runs (the "
+        "presets' volume): --set output.dir=/mnt/runs for a run, --out /mnt/runs/sweeps for a "
+        "sweep",
+    )
+
+
+def sweep_job_args(
+    *,
+    out: str | None = None,
+    resume: str | None = None,
+    fresh: bool = False,
+    max_cluster: str | None = None,
+    cluster: str | None = None,
+) -> list[str]:
+    """The `raydiology sweep` options of a submitted sweep: its sweeps folder, what to resume,
+    and the cluster's maximum size (`--cluster`'s preset, with `--max-cluster` over it), so
+    that the job checks the sweep against the grown cluster rather than the fresh one."""
+    from raydiology.tune.capacity import cluster_maximum, format_resources
+
+    args = ["--out", out] if out else []
+    args += ["--resume", resume] if resume else []
+    args += ["--fresh"] if fresh else []
+    maximum = cluster_maximum(cluster, max_cluster)
+    args += ["--max-cluster", format_resources(maximum)] if maximum else []
+    return args
+
+
+def job_options(
+    path: Path,
+    *,
+    out: str | None = None,
+    resume: str | None = None,
+    fresh: bool = False,
+    max_cluster: str | None = None,
+    cluster: str | None = None,
+) -> list[str]:
+    """Options after the job's `raydiology run|sweep PATH ...`: `--address auto`, and for a
+    sweep `sweep_job_args`. The sweep-only options on an experiment are refused by name."""
+    import yaml
+
+    from raydiology.cluster.workload import is_sweep
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError("experiment", str(path), f"a readable YAML file ({e})") from None
+    options = ["--address", "auto"]
+    if is_sweep(raw):
+        return options + sweep_job_args(
+            out=out, resume=resume, fresh=fresh, max_cluster=max_cluster, cluster=cluster
+        )
+    given = [
+        name
+        for name, value in (
+            ("--out", out),
+            ("--resume", resume),
+            ("--fresh", fresh),
+            ("--max-cluster", max_cluster),
+        )
+        if value
+    ]
+    check(
+        not given,
+        ", ".join(given),
+        str(path),
+        "a sweep file for these options; an experiment's run folder is output.dir/output.name "
+        "(--set output.dir=/mnt/runs), and submitting it again continues that run",
+    )
+    return options

@@ -22,11 +22,18 @@ from typing import Any
 
 import yaml
 
-from raydiology.cluster.presets import ClusterPreset, Versions, _bytes, load_versions
+from raydiology.cluster.presets import (
+    ClusterPreset,
+    NetworkConfig,
+    Versions,
+    _bytes,
+    load_versions,
+)
 
 API_VERSION = "ray.io/v1"
 RUNS_MOUNT = "/mnt/runs"  # the shared PVC: Ray Train's storage_path must be shared across nodes
 METRICS_PORT = 8080
+MULTUS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 HEADER = (
     "# Rendered by `raydiology kube cluster --cluster {name}` from ray_configs/{name}.yaml and\n"
     "# ray_configs/versions.yaml. Do not edit by hand: change the preset and re-render.\n"
@@ -123,6 +130,7 @@ def cluster_spec(preset: ClusterPreset, versions: Versions) -> dict[str, Any]:
                     memory=gpu.memory,
                     gpus=gpu.gpus,
                     shm=gpu.shm,
+                    network=preset.network,
                 ),
             },
             {
@@ -225,10 +233,13 @@ def _start_params(object_store: str | None) -> dict[str, str]:
     return params
 
 
-def _resources(*, cpus: int, memory: str, gpus: int = 0) -> dict[str, Any]:
+def _resources(
+    *, cpus: int, memory: str, gpus: int = 0, extra: dict[str, int] | None = None
+) -> dict[str, Any]:
     amounts = {"cpu": str(cpus), "memory": memory}
     if gpus:
         amounts["nvidia.com/gpu"] = str(gpus)
+    amounts.update({name: str(count) for name, count in (extra or {}).items()})
     return {"limits": dict(amounts), "requests": dict(amounts)}
 
 
@@ -243,21 +254,33 @@ def _pod(
     shm: str,
     gpus: int = 0,
     ports: list[tuple[str, int]] | None = None,
+    network: NetworkConfig | None = None,
 ) -> dict[str, Any]:
+    """One group's pod template; `network` (GPU groups) adds the RDMA device and NCCL's env."""
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "runs", "mountPath": RUNS_MOUNT}]
+    env = {
+        "RAYDIOLOGY_VERSION": versions.raydiology_version,
+        # DeepSpeed JIT-builds small ops once; keep them on the shared volume.
+        "TORCH_EXTENSIONS_DIR": f"{RUNS_MOUNT}/.torch_extensions",
+    }
+    rdma = {}
+    if network is not None:
+        env.update(network.nccl_env())
+        if network.rdma_resource:
+            rdma[network.rdma_resource] = network.rdma_devices
     body: dict[str, Any] = {
         "name": container,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": versions.workdir,
-        "env": [
-            {"name": "RAYDIOLOGY_VERSION", "value": versions.raydiology_version},
-            # DeepSpeed JIT-builds small ops once; keep them on the shared volume.
-            {"name": "TORCH_EXTENSIONS_DIR", "value": f"{RUNS_MOUNT}/.torch_extensions"},
-        ],
-        "resources": _resources(cpus=cpus, memory=memory, gpus=gpus),
+        "env": [{"name": name, "value": value} for name, value in env.items()],
+        "resources": _resources(cpus=cpus, memory=memory, gpus=gpus, extra=rdma),
         "volumeMounts": mounts,
     }
+    if rdma:
+        # RDMA registers (pins) NCCL's buffers: the container may lock memory beyond the
+        # default memlock limit. /dev/shm (above) is memory-backed for NCCL's intra-node path.
+        body["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
     body["ports"] = [
         *({"name": n, "containerPort": p} for n, p in ports or []),
         {"name": "metrics", "containerPort": METRICS_PORT},
@@ -275,7 +298,10 @@ def _pod(
         spec["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-    return {"metadata": {"labels": _labels(preset)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": _labels(preset)}
+    if network is not None and network.attachments:
+        metadata["annotations"] = {MULTUS_ANNOTATION: network.attachments}
+    return {"metadata": metadata, "spec": spec}
 
 
 # --------------------------------------------------------------------------- validation

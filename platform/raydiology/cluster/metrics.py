@@ -15,7 +15,7 @@ PREFIX = "raydiology_train_"
 DATA_WAIT_BOUNDARIES = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 GAUGES = {
-    "images_per_second": "images/s trained by this worker (last report window)",
+    "images_per_second": "images/s trained by this worker itself (last report window)",
     "tokens_per_second": "image patch tokens per second on this worker (every patch, masked or not)",
     "loss": "training loss, averaged over every rank (last report window)",
     "learning_rate": "learning rate of the first parameter group",
@@ -26,7 +26,7 @@ GAUGES = {
     "gpu_memory_reserved_bytes": "GPU memory held by the caching allocator",
 }
 COUNTERS = {"images": "images trained by this worker"}
-HISTOGRAMS = {"data_wait_seconds": "per-step batch wait, one sample per report window"}
+HISTOGRAMS = {"data_wait_seconds": "seconds each optimizer step waited for its batches"}
 
 METRIC_NAMES = sorted(PREFIX + n for n in [*GAUGES, *COUNTERS, *HISTOGRAMS])
 
@@ -64,28 +64,37 @@ class TrainMetrics:
             tokens_per_image=tokens_per_image(model, exp.data.resolution),
         )
 
-    def record(self, metrics: dict[str, Any], *, world: int, images: int, device: Any) -> None:
-        """`metrics` is the loop's report dict (images_per_s is the whole job's rate);
-        `images` are this worker's since the last report."""
-        per_worker = float(metrics["images_per_s"]) / max(world, 1)
+    def record(
+        self,
+        metrics: dict[str, Any],
+        *,
+        images: int,
+        seconds: float,
+        step_waits: list[float],
+        device: Any,
+    ) -> None:
+        """`metrics` is the loop's report dict (the same on every rank); `images` and
+        `seconds` are this worker's own since the last report, `step_waits` its data wait
+        per optimizer step in that window (one histogram sample each)."""
+        own_rate = images / max(seconds, 1e-9)
         values = {
-            "images_per_second": per_worker,
+            "images_per_second": own_rate,
             "loss": metrics.get("loss"),
             "learning_rate": metrics.get("lr"),
             "grad_norm": metrics.get("grad_norm"),
             "step": metrics.get("step"),
-            "data_wait_seconds_per_step": metrics.get("data_wait_s_per_step"),
+            "data_wait_seconds_per_step": sum(step_waits) / len(step_waits) if step_waits else None,
         }
         if self.tokens_per_image:
-            values["tokens_per_second"] = per_worker * self.tokens_per_image
+            values["tokens_per_second"] = own_rate * self.tokens_per_image
         values.update(_gpu_memory(device))
         for name, value in values.items():
             if value is not None:
                 self.gauges[name].set(float(value))
         if images:
             self.images.inc(images)
-        if metrics.get("data_wait_s_per_step") is not None:
-            self.data_wait.observe(float(metrics["data_wait_s_per_step"]))
+        for wait in step_waits:
+            self.data_wait.observe(wait)
 
 
 def tokens_per_image(model: Any, resolution: int) -> int | None:

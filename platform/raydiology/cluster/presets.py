@@ -3,11 +3,15 @@
 One preset feeds three things: the RayCluster manifest in `kube/`, the RayJob that
 `raydiology kube render` writes, and the scaling that `raydiology run --cluster NAME` overlays
 onto an experiment. Keeping them in one file keeps the three from drifting apart.
+
+`versions.yaml` also drives the image build (`kube/image/build.sh` runs
+`docker_build_command()`), so the tag the manifests pull is the tag that was built.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,65 @@ class RedisConfig:
     password_secret: str  # a Secret with key `password`
 
 
+# NCCL settings for multi-node jobs over the RDMA fabric (InfiniBand or RoCE). A preset's
+# `network.env` is merged onto these: a key it names replaces the default, a key set to null is
+# left out (NCCL then decides), and any other variable it adds is set as well.
+NCCL_DEFAULTS: dict[str, str] = {
+    "NCCL_IB_HCA": "mlx5",  # every mlx5_* port; list the compute ports to leave storage NICs out
+    "NCCL_SOCKET_IFNAME": "eth0",  # bootstrap and TCP fallback: the pod's primary interface
+    "NCCL_IB_GID_INDEX": "3",  # RoCE v2 over IPv4 on most NICs (NCCL reads it in RoCE mode only)
+    "NCCL_NET_GDR_LEVEL": "PHB",  # GPUDirect RDMA when GPU and NIC sit under one host bridge
+    "NCCL_DEBUG": "WARN",  # INFO prints the rings/transports chosen: use it to debug a fabric
+}
+DEFAULT_RDMA_RESOURCE = "rdma/rdma_shared_device_a"  # NVIDIA Network Operator's shared RDMA plugin
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESOURCE_NAME = re.compile(
+    r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+)
+
+
+@dataclass(kw_only=True)
+class NetworkConfig:
+    """The fast fabric a multi-node job needs on the GPU pods: the RDMA device the site's device
+    plugin advertises, the NCCL variables that steer traffic onto it, and optionally a Multus
+    secondary network (RoCE setups usually attach the RDMA NIC that way)."""
+
+    # Extended resource of the site's RDMA device plugin; null = no RDMA (NCCL falls back to
+    # TCP sockets: fine on one node, slow across nodes).
+    rdma_resource: str | None = DEFAULT_RDMA_RESOURCE
+    rdma_devices: int = 1  # how many of that resource each GPU pod requests
+    env: dict[str, Any] = field(default_factory=dict)  # merged onto NCCL_DEFAULTS
+    attachments: str | None = None  # pod annotation k8s.v1.cni.cncf.io/networks (Multus)
+
+    def validate(self, key: str) -> None:
+        if self.rdma_resource is not None:
+            check(
+                bool(_RESOURCE_NAME.fullmatch(self.rdma_resource)),
+                f"{key}.rdma_resource",
+                self.rdma_resource,
+                "an extended resource name such as 'rdma/rdma_shared_device_a', or null",
+            )
+        check(self.rdma_devices >= 1, f"{key}.rdma_devices", self.rdma_devices, "at least 1")
+        for name, value in self.env.items():
+            check(
+                bool(_ENV_NAME.fullmatch(str(name))),
+                f"{key}.env.{name}",
+                value,
+                "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            )
+            check(
+                value is None or isinstance(value, (str, int, float, bool)),
+                f"{key}.env.{name}",
+                value,
+                "a string, a number or null",
+            )
+
+    def nccl_env(self) -> dict[str, str]:
+        """NCCL_DEFAULTS with this preset's `env` merged on (null drops a variable)."""
+        merged: dict[str, Any] = {**NCCL_DEFAULTS, **self.env}
+        return {name: _env_value(value) for name, value in merged.items() if value is not None}
+
+
 @dataclass(kw_only=True)
 class ClusterPreset:
     name: str
@@ -75,6 +138,7 @@ class ClusterPreset:
     cpu_nodes: NodeGroup
     head: HeadGroup = field(default_factory=HeadGroup)
     redis: RedisConfig
+    network: NetworkConfig = field(default_factory=NetworkConfig)  # the GPU pods' RDMA + NCCL
     runs_claim: str = "raydiology-runs"
     idle_timeout_s: int = 600
     image: str | None = None  # only for a cluster that needs another build than versions.yaml
@@ -100,12 +164,57 @@ class ClusterPreset:
         return [f"scaling.{k}={_yaml_scalar(v)}" for k, v in scaling.items()]
 
 
+DOCKERFILE = "kube/image/Dockerfile"  # relative to the repository root
+
+
 @dataclass(frozen=True, kw_only=True)
 class Versions:
+    """`ray_configs/versions.yaml`: what the image holds and the tag the manifests pull."""
+
     ray_version: str
     raydiology_version: str
+    python_version: str = "3.11"
+    cuda_version: str = "12.8"
+    cuda_arch_list: str = "8.0"  # TORCH_CUDA_ARCH_LIST for the image's CUDA builds (A100/A800)
     image: str
     workdir: str = "/opt/raydiology"
+
+    @property
+    def flavor(self) -> str:
+        """The Python/CUDA part of rayproject/ray's tags, e.g. 'py311-cu128'."""
+        return f"py{self.python_version.replace('.', '')}-cu{self.cuda_version.replace('.', '')}"
+
+    @property
+    def base_image(self) -> str:
+        """The rayproject/ray image the Dockerfile builds FROM (a tag Ray publishes per release)."""
+        return f"rayproject/ray:{self.ray_version}-{self.flavor}"
+
+    @property
+    def image_tag(self) -> str:
+        """The tag `image` must carry: what is in it, so two builds never share a tag."""
+        return f"{self.raydiology_version}-ray{self.ray_version}-{self.flavor}"
+
+    def build_args(self) -> dict[str, str]:
+        """`--build-arg`s for kube/image/Dockerfile (its ARG defaults repeat these)."""
+        return {
+            "BASE_IMAGE": self.base_image,
+            "RAY_VERSION": self.ray_version,
+            "PYTHON_VERSION": self.python_version,
+            "CUDA_VERSION": self.cuda_version,
+            "CUDA_ARCH_LIST": self.cuda_arch_list,
+            "RAYDIOLOGY_VERSION": self.raydiology_version,
+            "WORKDIR": self.workdir,
+        }
+
+
+def docker_build_command(versions: Versions | None = None) -> list[str]:
+    """`docker build` arguments (without `docker`) for the image versions.yaml names, run from
+    the repository root."""
+    versions = versions or load_versions()
+    command = ["build", "--file", DOCKERFILE]
+    for name, value in versions.build_args().items():
+        command += ["--build-arg", f"{name}={value}"]
+    return [*command, "--tag", versions.image, "."]
 
 
 def ray_configs_dir() -> Path:
@@ -138,6 +247,12 @@ def load_preset(name_or_path: str | Path) -> ClusterPreset:
 def load_versions(folder: Path | None = None) -> Versions:
     raw = yaml.safe_load(((folder or ray_configs_dir()) / "versions.yaml").read_text())
     return Versions(**{k: str(v) for k, v in raw.items()})
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
 
 
 def _yaml_scalar(value: Any) -> str:

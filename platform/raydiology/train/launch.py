@@ -38,16 +38,37 @@ def run_experiment(
     console: Console | None = None,
     callbacks: Sequence[Any] = (),
 ) -> RunResult:
-    """`callbacks`: extra Ray Train callbacks, e.g. Tune's report callback in a sweep trial."""
+    """`callbacks`: extra Ray Train callbacks, e.g. Tune's report callback in a sweep trial.
+
+    `output.dir` is Ray Train's storage_path and reaches Ray as written: a local path, a
+    file:// URI or a remote URI (s3://, gs://, anything pyarrow opens; shared storage is
+    what a multi-node run needs). The run directory (config.yaml, metrics.jsonl,
+    summary.json, the export's copy) is <dir>/<name> for a local path or file:// URI. For a
+    remote URI it is ./runs/<name> on the driver (with the phantom corpus, which the
+    cluster's nodes must then be able to read), and config.yaml, metrics.jsonl and
+    summary.json are uploaded beside the run's checkpoints when the run ends; the export
+    travels inside the final checkpoint.
+    """
+    import dataclasses
+
     console = console or Console()
-    run_dir = Path(exp.output.dir).expanduser().resolve() / exp.run_name
+    storage = exp.output.dir
+    scheme, _, rest = storage.partition("://") if "://" in storage else ("", "", storage)
+    remote = scheme not in ("", "file")
+    local_root = Path("runs" if remote else rest).expanduser().resolve()
+    if not scheme:
+        storage = str(local_root)
+    run_dir = local_root / exp.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     pin_tokenizer(exp, run_dir, console=console)
     save_resolved(exp, run_dir / "config.yaml")
 
-    corpus_dir = resolve_corpus(exp, console=console)
+    local = dataclasses.replace(exp, output=dataclasses.replace(exp.output, dir=str(local_root)))
+    corpus_dir = resolve_corpus(local, console=console)
     connected = connect_ray(address, dashboard_host=dashboard_host, console=console)
     console.print(f"[bold]run[/] {exp.run_name}  ->  {run_dir}")
+    if remote:
+        console.print(f"[bold]storage[/] {storage.rstrip('/')}/{exp.run_name}  (checkpoints)")
     if connected.dashboard_url:
         console.print(f"[bold]dashboard[/] {connected.dashboard_url}  (token in ~/.ray/auth_token)")
 
@@ -56,11 +77,29 @@ def run_experiment(
     # The driver shows one progress bar (below); Ray Data's per-operator bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = _build_trainer(
-        exp, corpus_dir, run_dir, embedded=connected.embedded, console=console, callbacks=callbacks
+        exp,
+        corpus_dir,
+        run_dir,
+        embedded=connected.embedded,
+        console=console,
+        callbacks=callbacks,
+        storage_path=storage,
     )
-    with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
-        result = trainer.fit()
-    return _summarise(result, run_dir, console, select=selection_of(exp) is not None)
+    try:
+        with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
+            result = trainer.fit()
+        return _summarise(result, run_dir, console, select=selection_of(exp) is not None)
+    finally:
+        if remote:  # failed runs too: their config and metrics are what one debugs with
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+            target = f"{root.rstrip('/')}/{exp.run_name}"
+            for name in ("config.yaml", METRICS_FILE, "summary.json"):
+                if (run_dir / name).is_file():
+                    with fs.open_output_stream(f"{target}/{name}") as out:
+                        out.write((run_dir / name).read_bytes())
+            console.print(f"  run files       uploaded to {storage.rstrip('/')}/{exp.run_name}")
 
 
 TOKENIZER_DIR = "tokenizer"
@@ -237,7 +276,10 @@ def _build_trainer(
     embedded: bool,
     console: Console,
     callbacks: Sequence[Any] = (),
+    storage_path: str | None = None,
 ):
+    """`storage_path`: Ray Train's, as the user wrote it (a URI stays a URI); by default the
+    run directory's parent."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -259,6 +301,7 @@ def _build_trainer(
     resources: dict[str, float] = {"CPU": cpus}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    resources.update(scaling.resources_per_worker or {})
     columns = _corpus_columns(exp)
     datasets = {"train": build_dataset(exp.data, corpus_dir, extra_columns=columns)}
     # Ray keeps the latest checkpoint besides these (for resumes); with validation on, the
@@ -286,7 +329,7 @@ def _build_trainer(
         ),
         run_config=RunConfig(
             name=exp.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_path or str(run_dir.parent),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=checkpoints,
             callbacks=[MetricsLog(str(run_dir / METRICS_FILE)), *callbacks],  # type: ignore[list-item]  # V2 UserCallback

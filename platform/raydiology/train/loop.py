@@ -116,6 +116,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             state.step += 1
+            window.end_step()
             # e.g. an EMA teacher's update or a temperature schedule (DINOv2)
             after_step = getattr(engine.module, "after_step", None)
             if after_step is not None:
@@ -130,7 +131,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = window.report(engine, state, world)
                 if device.type == "cuda":
                     metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                telemetry.record(metrics, world=world, images=window.images, device=device)
+                telemetry.record(
+                    metrics,
+                    images=window.images,
+                    seconds=window.elapsed(),
+                    step_waits=window.step_waits,
+                    device=device,
+                )
                 if rank == 0:
                     _print_progress(metrics, train.max_steps)
                 if validating:
@@ -287,7 +294,16 @@ class _Window:
         self.count = 0
         self.images = 0
         self.data_wait = 0.0
+        self.step_waits: list[float] = []  # data wait of each optimizer step, for the histogram
+        self._waited_before = 0.0
         self.started = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.step_waits.append(self.data_wait - self._waited_before)
+        self._waited_before = self.data_wait
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
 
     def add(self, out: dict[str, Any], *, images: int) -> None:
         for key, value in out.items():
@@ -303,14 +319,14 @@ class _Window:
         loss = collectives.all_reduce_(
             torch.tensor([sums.get("loss", 0.0), self.count], dtype=torch.float64)
         )
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = self.elapsed()
         metrics = {
             "step": state.step,
             "epoch": state.epoch,
             "loss": float(loss[0] / loss[1].clamp(min=1)),
             "lr": float(engine.get_lr()[0]),
             "images_per_s": self.images * world / elapsed,
-            "data_wait_s_per_step": self.data_wait / max(1, self.count),
+            "data_wait_s_per_step": self.data_wait / max(1, len(self.step_waits)),
         }
         grad_norm = engine.get_global_grad_norm()  # cached by DeepSpeed at the last step
         if grad_norm is not None:
@@ -346,7 +362,13 @@ def _print_validation(scores: dict[str, float], rows: list[dict[str, str]]) -> N
 
 
 def _restore(engine) -> tuple[TrainState, np.ndarray]:
-    """Engine state, where the run is, and the row keys every rank saw in the current epoch."""
+    """Engine state, where the run is, and the row keys every rank saw in the current epoch.
+
+    Ray hands every rank the run's latest checkpoint. One whose files do not match the
+    manifests its ranks wrote (a truncated upload, a file lost on shared storage) is
+    skipped, with a warning naming it, for the newest intact checkpoint Ray kept. Rank 0
+    checks and tells the others, so every rank loads the same one.
+    """
     import ray.train
 
     from raydiology.train.safe_load import weights_only_checkpoint_engine
@@ -354,6 +376,16 @@ def _restore(engine) -> tuple[TrainState, np.ndarray]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState(), np.zeros(0, dtype=np.int64)
+    chosen = collectives.broadcast_object(
+        _intact_checkpoint(checkpoint) if collectives.rank() == 0 else None
+    )
+    if chosen is None:
+        raise RuntimeError(
+            f"no intact checkpoint to resume from (the latest: {checkpoint.path}); delete the "
+            "run's folder or pick another output.name to start afresh"
+        )
+    if chosen != checkpoint.path:
+        checkpoint = ray.train.Checkpoint(chosen, filesystem=checkpoint.filesystem)
     with checkpoint.as_directory() as folder, weights_only_checkpoint_engine(engine):
         _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         seen = [
@@ -431,4 +463,93 @@ def _checkpoint(
                 )
         if rank == 0:
             (Path(folder) / "train_state.json").write_text(json.dumps(asdict(state)))
+        # Last: the files this rank wrote, so a restore can tell a damaged checkpoint.
+        _write_manifest(Path(folder), rank=rank, world=ray.train.get_context().get_world_size())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+MANIFEST = "manifest"  # per-rank {"world", "files": {path: {size, sha256}}} in a checkpoint
+
+
+def _write_manifest(folder: Path, *, rank: int, world: int) -> None:
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    (folder / MANIFEST).mkdir()
+    record = {"world": world, "files": files}
+    (folder / MANIFEST / f"rank-{rank:05d}.json").write_text(json.dumps(record, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder against its ranks' manifests, or None.
+
+    A file listed by several ranks (each wrote its own copy) must match one of them. A
+    checkpoint without manifests (written before they existed) cannot be checked: None.
+    """
+    folder = Path(folder)
+    records = sorted((folder / MANIFEST).glob("rank-*.json"))
+    if not records:
+        return None
+    wanted: dict[str, list[dict[str, Any]]] = {}
+    worlds = set()
+    for path in records:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return f"{path.relative_to(folder)} is unreadable"
+        worlds.add(record["world"])
+        for name, entry in record["files"].items():
+            wanted.setdefault(name, []).append(entry)
+    world = max(worlds)
+    if len(records) != world:
+        return f"{MANIFEST}/ holds {len(records)} rank manifests of a {world}-rank checkpoint"
+    for name, entries in sorted(wanted.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if all(size != e["size"] for e in entries):
+            return f"{name} has {size} bytes, {entries[0]['size']} were written"
+        digest = _sha256(path)
+        if all(digest != e["sha256"] for e in entries):
+            return f"{name} differs from what was written (sha256)"
+    return None
+
+
+def _intact_checkpoint(latest) -> str | None:
+    """The latest checkpoint's path if it is intact, else the newest intact one Ray kept."""
+    import ray.train
+
+    def problem(checkpoint) -> str | None:
+        with checkpoint.as_directory() as folder:
+            return checkpoint_problem(folder)
+
+    found = problem(latest)
+    if found is None:
+        return str(latest.path)
+    log.warning("checkpoint %s is damaged: %s; looking for an earlier one", latest.path, found)
+    kept = sorted(
+        (r for r in ray.train.get_all_reported_checkpoints() if r.checkpoint.path != latest.path),
+        key=lambda r: r.metrics.get("step", -1),
+        reverse=True,
+    )
+    for reported in kept:
+        found = problem(reported.checkpoint)
+        if found is None:
+            log.warning("resuming from the checkpoint before it, %s (step %s)",
+                        reported.checkpoint.path, reported.metrics.get("step"))  # fmt: skip
+            return str(reported.checkpoint.path)
+        log.warning("checkpoint %s is damaged too: %s", reported.checkpoint.path, found)
+    return None

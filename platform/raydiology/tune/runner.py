@@ -2,19 +2,19 @@
 trial's driver builds one TorchTrainer (through `raydiology.train.launch.run_experiment`,
 the same path as `raydiology run`) whose run directory is a normal raydiology run directory.
 
-Sweep folder::
+Sweep folder (one per sweep: running the sweep again resumes it)::
 
-    <output.dir>/<sweep run>/
-      plan.json, sweep.yaml     what runs (read again by --resume)
+    <output.dir>/<output.name or sweep name>/
+      plan.json, sweep.yaml     what runs (a rerun or --resume reads it again)
       tune/                     Ray Tune's experiment state (Tuner.restore)
       trials/<trial id>/        one raydiology run per trial (+ trial.json, cost.json)
       trials/_corpora/          the phantom corpus, made once before the trials start
+      probe_corpora/            the yardstick's bounded sample of a large corpus
       results.md, results.csv, best.yaml, plots/
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -25,8 +25,10 @@ from typing import Any
 
 from rich.console import Console
 
-from raydiology.config_base import ConfigError, check
+from raydiology.config_base import check
+from raydiology.tune.capacity import check_cluster, check_resources
 from raydiology.tune.spec import (
+    PLAN_FILE,
     TUNE_DIR,
     YARDSTICK_METRICS,
     Param,
@@ -57,45 +59,6 @@ def planned_resources(address: str | None) -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def check_resources(plan: Plan, total: dict[str, float]) -> None:
-    """Every trial fits, `parallel` trials fit together, and CPU-only trials leave Ray Data
-    a CPU (with every CPU reserved by trainers the read tasks never start; DESIGN.md)."""
-    res = plan.config.resources
-    need_cpu = need_gpu = 0.0
-    any_cpu_only = False
-    for exp in trial_experiments(plan):
-        s = exp.scaling
-        need_cpu = max(need_cpu, s.num_workers * s.cpus_per_worker)
-        if s.use_gpu:
-            need_gpu = max(need_gpu, s.num_workers * s.gpus_per_worker)
-        else:
-            any_cpu_only = True
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    data_cpus = 1.0 if any_cpu_only else 0.0
-    per_trial_cpu = need_cpu + res.driver_cpus
-    check(
-        per_trial_cpu + data_cpus <= cpus,
-        "scaling.cpus_per_worker",
-        per_trial_cpu,
-        f"a trial within the cluster's {cpus:g} CPUs"
-        + (" with 1 left for Ray Data" if data_cpus else ""),
-    )
-    check(
-        need_gpu <= gpus,
-        "scaling.gpus_per_worker",
-        need_gpu,
-        f"a trial within the cluster's {gpus:g} GPUs",
-    )
-    check(
-        res.parallel * per_trial_cpu + data_cpus <= cpus
-        and res.parallel * need_gpu <= max(gpus, 0.0),
-        "resources.parallel",
-        res.parallel,
-        f"at most as many trials as fit at once: {res.parallel} x ({per_trial_cpu:g} CPU, "
-        f"{need_gpu:g} GPU) on {cpus:g} CPUs and {gpus:g} GPUs",
-    )
-
-
 def prepare_corpora(plan: Plan, console: Console) -> None:
     """Make each phantom corpus the trials use once, before parallel trials could race."""
     from raydiology.train.launch import resolve_corpus
@@ -108,6 +71,39 @@ def prepare_corpora(plan: Plan, console: Console) -> None:
             resolve_corpus(exp, console=console)
 
 
+def probe_sources(plan: Plan) -> list[str]:
+    """The corpora the trials' yardstick samples: the probe's, else each trial's own."""
+    from raydiology.train.launch import resolve_corpus
+
+    probe = plan.config.probe
+    if probe is None:
+        return []
+    if probe.corpus:
+        return [probe.corpus]
+    quiet = Console(quiet=True)
+    return sorted({resolve_corpus(exp, console=quiet) for exp in trial_experiments(plan)})
+
+
+def prepare_probe_corpora(plan: Plan, console: Console) -> None:
+    """Sample each large probe corpus down to `probe.max_images` once, before the trials, in
+    a Ray task holding a CPU (on a cluster: on a worker, not the head)."""
+    import ray
+
+    from raydiology.tune.yardstick import bounded_corpus, probe_corpus
+
+    probe = plan.config.probe
+    if probe is None or probe.max_images is None:
+        return
+    todo = {s: probe_corpus(plan, s) for s in probe_sources(plan)}
+    todo = {s: d for s, d in todo.items() if d != s and not (Path(d) / "manifest.json").is_file()}
+    if not todo:
+        return
+    make = ray.remote(bounded_corpus).options(num_cpus=1, scheduling_strategy="DEFAULT")
+    ray.get([make.remote(s, d, probe.max_images) for s, d in todo.items()])
+    for source, made in todo.items():
+        console.print(f"probe corpus: {probe.max_images} images of {source}  ->  {made}")
+
+
 # ----------------------------------------------------------------------------- the trial
 
 
@@ -116,9 +112,11 @@ def trial_driver(config: dict[str, Any], plan: dict[str, Any]) -> None:
     report callback, then report the final metrics with the trial's cost (and yardstick)."""
     import ray
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from raydiology.train.launch import read_metrics, resolve_corpus
+    from raydiology.tune.reporting import ReportToTrial, drain
+    from raydiology.tune.yardstick import probe_corpus, score, score_options
 
     p = Plan(**plan)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -131,23 +129,38 @@ def trial_driver(config: dict[str, Any], plan: dict[str, Any]) -> None:
     info.update({"trial_id": trial_id, "values": values, "attempts": info.get("attempts", 0) + 1})
     info_path.write_text(json.dumps(info, indent=2))
 
-    # The run goes through `raydiology run`'s path in a task this actor owns, so stopping the
-    # trial (ASHA, a retry) takes its TorchTrainer down with it (see _Reaper).
-    fit = ray.remote(_fit).options(num_cpus=0)
-    with _WallClock(run_dir / COST_FILE):
-        metrics, export = ray.get(fit.remote(exp.to_dict(), TuneReportCallback()))
-    final = dict(metrics)
-    # A run that validates (report SFT) exports its best checkpoint: rank it by that one's
-    # figures (val_score, val_BLEU_4, ...), not by the last validation's.
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        selected = json.loads(summary.read_text()).get("selected") or {}
-        final.update({k: v for k, v in selected.items() if k.startswith("val_")})
-    final.update(trial_cost(exp, run_dir))
+    # The run goes through `raydiology run`'s path in a task this trial owns and ends when
+    # Tune stops the trial (_EndsItsTasks). One run per worker process: Ray Train's Ctrl-C
+    # handler, which that ending relies on, must not outlive it in a reused worker. Its
+    # reports come back through `reports` and go on to Tune from here (tune.reporting).
+    fit = ray.remote(num_cpus=0, max_calls=1)(_fit)
+    reports = Queue(actor_options={"num_cpus": 0})
+
+    def forward() -> None:
+        for item in drain(reports):
+            ray.tune.report(item)
+
     cfg = p.config
-    if cfg.probe is not None and export is not None:
-        corpus = resolve_corpus(exp, console=Console(quiet=True))  # made before the sweep
-        final.update(yardstick(Path(export), cfg.probe, corpus, run_dir))
+    try:
+        with _WallClock(run_dir / COST_FILE):
+            ref = fit.remote(exp.to_dict(), ReportToTrial(reports))
+            metrics, export = _TASKS.wait(ref, every_second=forward)
+        final = dict(metrics)
+        # A run that validates (report SFT) exports its best checkpoint: rank it by that
+        # one's figures (val_score, val_BLEU_4, ...), not by the last validation's.
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            selected = json.loads(summary.read_text()).get("selected") or {}
+            final.update({k: v for k, v in selected.items() if k.startswith("val_")})
+        final.update(trial_cost(exp, run_dir))
+        if cfg.probe is not None and export is not None:
+            source = cfg.probe.corpus or resolve_corpus(exp, console=Console(quiet=True))
+            task = ray.remote(score).options(**score_options(exp.scaling))
+            corpus = probe_corpus(p, source)  # sampled before the trials started
+            args = (export, cfg.probe, corpus, str(run_dir), exp.scaling.use_gpu)
+            final.update(_TASKS.wait(task.remote(*args)))
+    except _TrialStopped:
+        return  # Tune stopped the trial; its time is in cost.json
     info["final"] = {k: v for k, v in final.items() if isinstance(v, (int, float, str))}
     info_path.write_text(json.dumps(info, indent=2))
     final.setdefault("step", (read_metrics(run_dir) or [{}])[-1].get("step", 0))
@@ -162,6 +175,91 @@ def _fit(exp_dict: dict[str, Any], callback: Any) -> tuple[dict[str, Any], str |
     console = Console(force_terminal=False)
     result = run_experiment(experiment_from_dict(exp_dict), console=console, callbacks=[callback])
     return dict(result.metrics), str(result.export) if result.export else None
+
+
+class _TrialStopped(Exception):
+    """Tune stopped the trial while its driver waited on a task."""
+
+
+class _TrialTasks:
+    """The Ray task a trial's driver waits on (its run, then its yardstick), so that stopping
+    the trial ends it first.
+
+    Ending the run: `ray.cancel` interrupts the task's main thread the way Ctrl-C would, and
+    Ray Train answers Ctrl-C by aborting the run, which shuts its workers down and removes
+    their placement group. Left to die with the trial's actor instead, the run's controller
+    would go down uncleanly and its placement group would stay reserved until the sweep ends
+    (Ray Train's own cleaner for that case needs the dashboard's State API), holding the
+    CPUs/GPUs the next trial needs. A trial owns its actor process (Tune does not reuse
+    actors here), so one instance per process serves.
+    """
+
+    def __init__(self, stop_timeout_s: float = 60.0) -> None:
+        self.stop_timeout_s = stop_timeout_s
+        self._lock = threading.Lock()
+        self._running: Any = None
+        self._stopping = False
+
+    def wait(self, ref: Any, every_second: Any = None) -> Any:
+        """`ray.get(ref)` (calling `every_second()` while it runs and once after), or
+        _TrialStopped once the trial is being stopped. Leaving early for any other reason
+        (Tune ending the driver's thread inside `tune.report`) ends the task too."""
+        import ray
+
+        with self._lock:
+            if self._stopping:
+                self._end(ref)
+                raise _TrialStopped
+            self._running = ref
+        done = False
+        try:
+            while not done:
+                done = bool(ray.wait([ref], timeout=1.0)[0])
+                if every_second is not None:
+                    every_second()
+            return ray.get(ref)
+        except Exception:
+            if self._stopping:
+                raise _TrialStopped from None
+            raise
+        except BaseException:  # SystemExit from tune.report of a stopped trial
+            if not done:
+                self._end(ref)
+            raise
+        finally:
+            with self._lock:
+                self._running = None
+
+    def stop(self) -> None:
+        """End the running task (see the class)."""
+        with self._lock:
+            self._stopping = True
+            ref = self._running
+        if ref is not None:
+            self._end(ref)
+
+    def _end(self, ref: Any) -> None:
+        """Interrupt the task's own thread (not its children: Ray Train aborts them) and wait
+        for it; kill it if it hangs (its workers' placement group then stays reserved until
+        the sweep ends)."""
+        import ray
+
+        ray.cancel(ref, recursive=False)
+        if not ray.wait([ref], timeout=self.stop_timeout_s)[0]:
+            ray.cancel(ref, force=True)
+
+
+_TASKS = _TrialTasks()
+
+
+class _EndsItsTasks:
+    """Mixed into the trial's Tune trainable (through `__mixins__`, which Tune's function
+    wrapper inherits from): Tune calls `Trainable.cleanup` when it stops a trial (ASHA, the
+    end or interruption of the sweep), before the actor goes."""
+
+    def cleanup(self) -> None:
+        _TASKS.stop()
+        super().cleanup()  # type: ignore[misc]
 
 
 class _WallClock:
@@ -215,87 +313,7 @@ def trial_cost(exp, run_dir: Path) -> dict[str, float]:
     return out
 
 
-def yardstick(export: Path, probe, corpus: str, run_dir: Path) -> dict[str, float | None]:
-    """The frozen-encoder yardstick of `raydiology evaluate probe` / `retrieval` on the
-    trial's export, on the probe corpus or else the trial's own corpus, from one set of
-    features: probe_auroc (mean test AUROC of an MLP probe) and retrieval_precision (mean
-    Precision@k of test queries against the train gallery). Details go to probe.json and
-    retrieval.json in the trial's run directory."""
-    from raydiology.data.corpus import read_manifest
-    from raydiology.evaluation.features import load_features, resolve_labels
-    from raydiology.evaluation.probe import ProbeConfig, fraction_name, probe_features
-    from raydiology.evaluation.retrieval import retrieve_features
-
-    corpus = probe.corpus or corpus
-    columns = resolve_labels(list(probe.labels), read_manifest(corpus).label_columns)
-    fs = load_features(
-        export, corpus, pooling=probe.pool, cache_dir=run_dir / "probe_features",
-        batch_size=probe.batch_size, device="cpu", progress=False,
-    )  # fmt: skip
-    pcfg = ProbeConfig(fractions=(probe.fraction,), seeds=probe.seeds, max_epochs=probe.max_epochs)
-    probed = probe_features(fs, columns, pcfg)
-    (run_dir / "probe.json").write_text(json.dumps(probed, indent=2, default=str))
-    retrieved = retrieve_features(fs, columns, ks=(probe.retrieval_k,))
-    (run_dir / "retrieval.json").write_text(json.dumps(retrieved, indent=2, default=str))
-    return {
-        "probe_auroc": probed["fractions"][fraction_name(probe.fraction)]["auroc_mean"]["mean"],
-        "retrieval_precision": retrieved["precision"][str(probe.retrieval_k)],
-    }
-
-
 # ----------------------------------------------------------------------------- the sweep
-
-
-class _Reaper:
-    """Frees the workers' placement group of a trial Tune has stopped.
-
-    A stopped trial's TorchTrainer controller dies with its driver, but the placement group
-    it made lives as long as the job (the sweep), keeping its CPUs/GPUs reserved, so the next
-    trial's data pipeline never starts. Ray Train's own PlacementGroupCleaner asks the state
-    API, which fails on a machine running several Ray instances or without a dashboard.
-    This asks the GCS directly: a placement group whose creator was a TrainController that
-    is now dead is removed.
-    """
-
-    def __init__(self, period_s: float = 2.0) -> None:
-        self.period_s = period_s
-        self._stop = threading.Event()
-
-    def __enter__(self) -> _Reaper:
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            with contextlib.suppress(Exception):  # best effort; Ray's cleaner may still do it
-                self.reap()
-
-    @staticmethod
-    def reap() -> int:
-        import ray
-        from ray._private.state import actors, state  # no public API names the creator
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        removed = 0
-        for raw in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)  # type: ignore[attr-defined]
-            created = gcs_pb2.PlacementGroupTableData.CREATED  # type: ignore[attr-defined]
-            if pg.state != created or pg.is_detached:
-                continue
-            creator = pg.creator_actor_id.hex()
-            if not pg.creator_actor_dead or not creator or set(creator) == {"f"}:
-                continue  # alive, or made by a driver (e.g. Tune's own trial groups)
-            info = actors(creator)
-            if info.get("ActorClassName", "").endswith("TrainController"):
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-                removed += 1
-        return removed
 
 
 class _Draw:
@@ -353,10 +371,59 @@ def _trainable(plan: Plan):
     from ray import tune
 
     driver = tune.with_parameters(trial_driver, plan=plan.to_dict())
+    driver.__mixins__ = (_EndsItsTasks,)  # type: ignore[attr-defined]
     cpus = plan.config.resources.driver_cpus
     # Tune refuses an empty request; a nominal MiB of Ray's logical memory stands in for a
     # driver that holds no CPU (on a small machine its CPU would starve Ray Data).
     return tune.with_resources(driver, {"cpu": cpus} if cpus else {"cpu": 0, "memory": 2**20})
+
+
+def sweep_mode(plan: Plan, *, resume: bool, fresh: bool, console: Console) -> bool:
+    """Whether this run resumes the sweep in `plan.sweep_dir` (True) or starts it (False).
+
+    A sweep folder holding Ray Tune's state is resumed (the same sweep run again: a RayJob's
+    retry, a rerun after the driver died); `resume` insists on that state, `fresh` on a
+    folder that does not exist yet. A folder holding another sweep (its file, profile or
+    --set changed) is refused rather than mixed into."""
+    from ray import tune
+
+    sweep_dir = Path(plan.sweep_dir)
+    tune_path = sweep_dir / TUNE_DIR
+    check(not (resume and fresh), "--fresh", True, "not together with --resume")
+    if fresh:
+        check(
+            not sweep_dir.exists(),
+            "--fresh",
+            str(sweep_dir),
+            "a sweep folder that does not exist yet; it holds an earlier run of this sweep: "
+            "run without --fresh to resume it, or start over elsewhere with --out DIR (or "
+            "output.name in the sweep file), or delete the folder",
+        )
+        return False
+    restorable = tune.Tuner.can_restore(str(tune_path))
+    if resume:
+        check(restorable, "--resume", str(sweep_dir),
+              f"a sweep folder with Ray Tune's state ({tune_path} has none)")  # fmt: skip
+        return True
+    if not restorable:
+        if tune_path.exists():
+            console.print(f"{sweep_dir}: no Tune state was saved; the sweep starts over there")
+        return False
+    saved = Plan.load(sweep_dir) if (sweep_dir / PLAN_FILE).is_file() else None
+    changed = plan.differences(saved) if saved is not None else []
+    check(
+        not changed,
+        "output.name",
+        str(sweep_dir),
+        f"the folder of this sweep, but it holds a sweep that differs in {', '.join(changed)}: "
+        f"resume that one as it was with --resume {sweep_dir}, or start this one elsewhere "
+        "with --out DIR (or output.name in the sweep file)",
+    )
+    console.print(
+        f"[bold]resuming[/] the sweep in {sweep_dir} (Ray Tune's state found; "
+        "--fresh refuses instead of resuming)"
+    )
+    return True
 
 
 def run_sweep(
@@ -364,9 +431,13 @@ def run_sweep(
     *,
     address: str | None = None,
     resume: bool = False,
+    fresh: bool = False,
+    maximum: dict[str, float] | None = None,
     console: Console | None = None,
 ):
-    """Validate resources, start or join Ray, run (or restore) the Tuner, write the results.
+    """Check resources, start or join Ray, start the Tuner or restore it (see `sweep_mode`),
+    write the results. `maximum`: the cluster's size when fully grown (autoscaling), against
+    which a sweep on a cluster is checked (`raydiology.tune.capacity`).
 
     Returns the results rows (see `raydiology.tune.results`)."""
     from ray import tune
@@ -379,23 +450,24 @@ def run_sweep(
     # not against the head's own cores.
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
+        if maximum is not None:
+            console.print("[yellow]warning[/]: the local Ray cannot grow; --cluster/--max-cluster"
+                          " size a cluster given by --address or RAY_ADDRESS")  # fmt: skip
         check_resources(plan, planned_resources(None))
-    sweep_dir = Path(plan.sweep_dir)
-    tune_path = sweep_dir / TUNE_DIR
-    if not resume and tune_path.exists():
-        raise ConfigError(
-            "output.name", sweep_dir.name, f"a new sweep folder ({sweep_dir} exists; --resume it)"
-        )
-    plan.save()
-    prepare_corpora(plan, console)
+    resume = sweep_mode(plan, resume=resume, fresh=fresh, console=console)
     connect_ray(address, dashboard_host="127.0.0.1", console=console)
     if address:
-        check_resources(plan, planned_resources(address))
+        check_cluster(plan, planned_resources(address), maximum, console=console)
+    plan.save()
+    prepare_corpora(plan, console)
+    prepare_probe_corpora(plan, console)
 
     # Save Tune's state every few seconds, so a driver killed right after a trial finished
     # does not forget it (Tune's default waits 10 s or more).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     cfg = plan.config
+    sweep_dir = Path(plan.sweep_dir)
+    tune_path = sweep_dir / TUNE_DIR
     if resume:
         console.print(f"[bold]resume sweep[/] {sweep_dir.name}  ({tune_path})")
         tuner = tune.Tuner.restore(
@@ -418,14 +490,15 @@ def run_sweep(
                 verbose=1,
             ),
         )
-    with _Reaper():
-        grid = tuner.fit()
+    grid = tuner.fit()
     return write_results(plan, grid, console=console)
 
 
-def find_sweep(resume: str, plan_dir_default: Path) -> Path:
-    """`--resume RUN`: a sweep folder, or a sweep run name under the sweep's output.dir."""
-    path = Path(resume).expanduser()
-    if (path / "plan.json").is_file():
-        return path.resolve()
-    return (plan_dir_default / resume).resolve()
+def find_sweep(resume: str, folder: Path) -> Path:
+    """`--resume RUN`: a sweep folder, or a sweep's name under `folder` (--out/output.dir)."""
+    from raydiology.tune.spec import local_folder
+
+    path = local_folder(resume, "--resume")
+    if (path / PLAN_FILE).is_file():
+        return path
+    return folder / resume

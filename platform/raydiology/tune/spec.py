@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,9 +128,18 @@ class ProbeMetricConfig:
     max_epochs: int = 50
     batch_size: int = 64
     retrieval_k: int = 10
+    # Images of the corpus the yardstick embeds: a fixed sample (by image id) made once per
+    # sweep; null = every image (one task embeds the whole corpus: slow on a large one)
+    max_images: int | None = 2000
 
     def validate(self, key: str) -> None:
         check(self.retrieval_k >= 1, f"{key}.retrieval_k", self.retrieval_k, "at least 1")
+        check(
+            self.max_images is None or self.max_images >= 10,
+            f"{key}.max_images",
+            self.max_images,
+            "at least 10 (a probe needs train and test images), or null for all",
+        )
         check(0 < self.fraction <= 1, f"{key}.fraction", self.fraction, "a fraction in (0, 1]")
         check(self.seeds >= 1, f"{key}.seeds", self.seeds, "at least 1")
         check(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "at least 1")
@@ -138,8 +148,11 @@ class ProbeMetricConfig:
 
 @dataclass(kw_only=True)
 class SweepOutput:
-    dir: str = "runs/sweeps"  # relative to the working directory, like an experiment's
-    name: str | None = None  # null = <sweep name>-<date>-<time>
+    # Relative to the working directory, like an experiment's; on a cluster: shared storage
+    dir: str = "runs/sweeps"
+    # The sweep folder's name; null = the sweep's name. One folder per sweep: running the
+    # sweep again resumes it (`raydiology sweep --fresh` refuses instead)
+    name: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -341,6 +354,19 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def differences(self, other: Plan) -> list[str]:
+        """What makes `other` another sweep than this one (where its file lives aside)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        names = ("sweep", "profile", "sets", "base_raw", "points")
+        out = [n for n in names if json.dumps(mine[n], sort_keys=True, default=str)
+               != json.dumps(theirs[n], sort_keys=True, default=str)]  # fmt: skip
+        if "sweep" in out:  # say which keys of the sweep file
+            a, b = mine["sweep"], theirs["sweep"]
+            keys = sorted(k for k in {*a, *b} if json.dumps(a.get(k), sort_keys=True, default=str)
+                          != json.dumps(b.get(k), sort_keys=True, default=str))  # fmt: skip
+            out[out.index("sweep")] = ", ".join(keys)
+        return out
+
     def save(self) -> None:
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.sweep_dir) / PLAN_FILE).write_text(json.dumps(self.to_dict(), indent=2))
@@ -376,10 +402,10 @@ def make_plan(
     profile: str | None = None,
     sets: list[str] | tuple[str, ...] = (),
     sweep_dir: str | Path | None = None,
-    stamp: str = "",
 ) -> Plan:
     """Load the sweep and its base experiment, and validate every trial it can produce.
 
+    The sweep folder is `sweep_dir`, else `output.dir`/(`output.name` or the sweep's name).
     Raises ConfigError naming the key (and, for a trial's value, the search point) before
     anything starts.
     """
@@ -405,19 +431,38 @@ def make_plan(
               "a key the sweep does not search")  # fmt: skip
 
     if sweep_dir is None:
-        name = cfg.output.name or (f"{cfg.name}-{stamp}" if stamp else cfg.name)
-        sweep_dir = Path(cfg.output.dir).expanduser().resolve() / name
+        sweep_dir = local_folder(cfg.output.dir, "output.dir") / (cfg.output.name or cfg.name)
     plan = Plan(
         sweep=to_dict(cfg),
         sweep_file=str(sweep_file.resolve()),
         profile=profile,
         sets=list(sets),
         base_raw=raw,
-        sweep_dir=str(Path(sweep_dir).resolve()),
+        sweep_dir=str(local_folder(sweep_dir, "--out")),
         points=grid_points(params),
     )
     trial_experiments(plan)  # validates every value a trial can get
     return plan
+
+
+def local_folder(value: str | Path, key: str) -> Path:
+    """A sweep folder as an absolute filesystem path (a volume every node mounts, on a
+    cluster): a path, made absolute against the working directory, or a `file://` URI.
+    Object-store URIs are refused by name: the trials' run directories are written by
+    `raydiology run`'s path, which works on files. Never `Path.resolve()`d: a URI would
+    turn into a folder named `s3:` under the working directory."""
+    text = str(value)
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        check(
+            scheme == "file",
+            key,
+            text,
+            "a filesystem path or file:// URI; for object storage mount the bucket on every "
+            "node (e.g. at /mnt/runs) and give that path",
+        )
+        return Path(rest)
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def validation_points(points: list[dict[str, Any]], params: list[Param]) -> list[dict[str, Any]]:
