@@ -114,12 +114,13 @@ def test_raycluster_shape(cluster):
         assert "securityContext" not in body
 
 
-def _preset_with(tmp_path, network):
+def _preset_with(tmp_path, value, section="network"):
+    """The a800 preset with `section` replaced by `value` (None: left out)."""
     raw = yaml.safe_load((REPO / "ray_configs" / "a800.yaml").read_text())
-    if network is None:
-        raw.pop("network")
+    if value is None:
+        raw.pop(section)
     else:
-        raw["network"] = network
+        raw[section] = value
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_preset(path)
@@ -179,6 +180,88 @@ def test_a_site_without_rdma_and_a_preset_without_network(tmp_path, crds):
 def test_bad_network_settings_name_the_key(tmp_path, network, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _preset_with(tmp_path, network)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_checked_in_pod_monitors_are_what_the_preset_renders(cluster):
+    path = KUBE / "monitoring" / f"podmonitors-{cluster}.yaml"
+    assert path.read_text() == cli("kube", "monitors", "--cluster", cluster), (
+        f"{path.relative_to(REPO)} is stale: "
+        f"raydiology kube monitors --cluster {cluster} --out {path.relative_to(REPO)}"
+    )
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_pod_monitors_scrape_every_metrics_port_of_every_cluster_of_the_preset(cluster):
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    preset = load_preset(cluster)
+    monitors = list(
+        yaml.safe_load_all((KUBE / "monitoring" / f"podmonitors-{cluster}.yaml").read_text())
+    )
+    by_type = {m["spec"]["selector"]["matchLabels"]["ray.io/node-type"]: m for m in monitors}
+    assert [m["kind"] for m in monitors] == ["PodMonitor", "PodMonitor"]
+    assert sorted(by_type) == ["head", "worker"]
+    # the long-running cluster and the cluster each RayJob brings up
+    for spec in (
+        yaml.safe_load((KUBE / f"raycluster-{cluster}.yaml").read_text())["spec"],
+        render_job(cluster)["spec"]["rayClusterSpec"],
+    ):
+        pods = {"head": [spec["headGroupSpec"]["template"]],
+                "worker": [group["template"] for group in spec["workerGroupSpecs"]]}  # fmt: skip
+        for node_type, templates in pods.items():
+            monitor = by_type[node_type]
+            assert monitor["metadata"]["labels"]["release"] == preset.monitoring.release
+            assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ray"]}
+            for pod in templates:
+                # KubeRay adds ray.io/node-type; the rest of the selector is on our template
+                labels = {**pod["metadata"]["labels"], "ray.io/node-type": node_type}
+                assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+                ports = {
+                    p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]
+                }
+                for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                    assert endpoint["port"] in ports, (node_type, endpoint["port"])
+                    assert endpoint["relabelings"] == [{
+                        "action": "replace",
+                        "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                        "targetLabel": "ray_io_cluster",
+                    }]  # fmt: skip
+        head_ports = {p["name"]: p["containerPort"]
+                      for p in pods["head"][0]["spec"]["containers"][0]["ports"]}  # fmt: skip
+        assert head_ports["as-metrics"] == AUTOSCALER_METRIC_PORT  # Ray's own defaults
+        assert head_ports["dash-metrics"] == DASHBOARD_METRIC_PORT
+    assert [e["port"] for e in by_type["head"]["spec"]["podMetricsEndpoints"]] == [
+        "metrics", "as-metrics", "dash-metrics"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_the_head_tells_its_dashboard_where_prometheus_and_grafana_are(cluster):
+    spec = yaml.safe_load((KUBE / f"raycluster-{cluster}.yaml").read_text())["spec"]
+    env = lambda template: {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}  # noqa: E731
+    head = env(spec["headGroupSpec"]["template"])
+    monitoring = load_preset(cluster).monitoring
+    assert head["RAY_PROMETHEUS_HOST"] == monitoring.prometheus_host
+    assert head["RAY_GRAFANA_HOST"] == monitoring.grafana_host
+    assert head["RAY_GRAFANA_IFRAME_HOST"] == monitoring.grafana_iframe_host
+    for group in spec["workerGroupSpecs"]:  # only the head's dashboard reads them
+        assert not any(name.startswith("RAY_GRAFANA") for name in env(group["template"]))
+
+
+def test_a_site_without_grafana_and_bad_monitoring_settings(tmp_path, crds):
+    preset = _preset_with(
+        tmp_path, {"grafana_host": None, "grafana_iframe_host": None}, section="monitoring"
+    )
+    doc = manifests.raycluster(preset, load_versions())
+    manifests.validate(doc, crds)
+    head = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    names = {e["name"] for e in head["env"]}
+    assert "RAY_PROMETHEUS_HOST" in names and not any("GRAFANA" in n for n in names)
+    with pytest.raises(ConfigError, match=r"monitoring\.prometheus_host"):
+        _preset_with(tmp_path, {"prometheus_host": "prometheus:9090"}, section="monitoring")
+    with pytest.raises(ConfigError, match=r"monitoring\.grafana"):
+        _preset_with(tmp_path, {"grafana": "http://g"}, section="monitoring")
 
 
 def test_image_and_versions_pinned_in_one_place():
@@ -333,7 +416,11 @@ def test_sweep_files_run_as_raydiology_sweep(crds):
     )
     manifests.validate(doc, crds)
     assert doc["metadata"]["name"] == "mask-ratio-a100"
-    assert " raydiology sweep experiments/sweeps/mask_ratio.yaml " in doc["spec"]["entrypoint"]
+    entrypoint = doc["spec"]["entrypoint"]
+    assert " raydiology sweep experiments/sweeps/mask_ratio.yaml " in entrypoint
+    # the job checks the sweep against the cluster grown to the preset's maximum (4 GPU nodes)
+    assert "--out /mnt/runs/sweeps " in entrypoint and "--address auto" in entrypoint
+    assert "--max-cluster CPU=" in entrypoint and ",GPU=32" in entrypoint, entrypoint
 
 
 def test_experiment_outside_the_root_is_refused(tmp_path):

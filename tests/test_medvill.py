@@ -250,9 +250,13 @@ def test_paper_shape_on_the_meta_device():
 # rate, at 64 px (2x2 grid; a third of the step time at 128 px), on a corpus with ~100 test
 # rows (the paper's 100 candidates per query). Measured: Recall@5 2.3-2.4x random and MRR
 # 1.5-1.8x at 1200 steps (1.9-2.2x and 1.3-1.6x at 1000); the margin widens with training.
-RETRIEVAL_RUN = ["train.max_steps=1200", "train.schedule.name=constant", "train.log_every=50",
-                 "train.checkpoint_every=1200", "data.resolution=64",
+# When the head leaves chance varies from run to run (data order): on 2026-12-05 it left at
+# step ~800 in one run and was still at chance at step 1200 in four others (three of them CI
+# runs). So a run that has not clearly left chance by step 1200 is trained on to 2400 steps
+# by running it again with that budget, as a user extends a run: it resumes from step 1200.
+RETRIEVAL_RUN = ["train.schedule.name=constant", "train.log_every=50", "data.resolution=64",
                  "data.phantom.images=1000"]  # fmt: skip
+RETRIEVAL_STEPS = (1200, 2400)
 
 
 @pytest.mark.ray
@@ -262,11 +266,15 @@ def test_smoke_pretraining_learns_and_retrieves_held_out_pairs_above_random(ray_
     from raydiology.evaluation.medvill_eval import retrieval_run
     from raydiology.train.launch import read_metrics, resolve_corpus, run_experiment
 
-    exp = load_experiment(EXPERIMENT, profile="medvill_smoke",
-                          overrides=[f"output.dir={tmp_path}", *RETRIEVAL_RUN])  # fmt: skip
-    result = run_experiment(exp, console=Console(quiet=True))
-    rows = read_metrics(result.run_dir)
-    assert rows[-1]["step"] == exp.train.max_steps
+    for steps in RETRIEVAL_STEPS:
+        budget = [f"train.max_steps={steps}", f"train.checkpoint_every={steps}"]
+        exp = load_experiment(EXPERIMENT, profile="medvill_smoke",
+                              overrides=[f"output.dir={tmp_path}", *RETRIEVAL_RUN, *budget])  # fmt: skip
+        result = run_experiment(exp, console=Console(quiet=True))
+        rows = read_metrics(result.run_dir)
+        assert rows[-1]["step"] == steps
+        if sum(r["itm_acc"] for r in rows[-2:]) / 2 > 0.65:  # the head left chance a while ago
+            break
     first, last = rows[:2], rows[-2:]
     for key in ("loss", "mlm", "itm"):
         before, after = (sum(r[key] for r in part) / 2 for part in (first, last))

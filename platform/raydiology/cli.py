@@ -552,7 +552,24 @@ def kube_cluster(
 
     preset = _cluster_call(lambda: load_preset(cluster))
     doc = manifests.raycluster(preset)
-    _write_or_print(manifests.dump(doc, manifests.HEADER.format(name=preset.name)), out)
+    header = manifests.HEADER.format(command="cluster", name=preset.name)
+    _write_or_print(manifests.dump(doc, header), out)
+
+
+@kube_app.command("monitors")
+def kube_monitors(
+    cluster: ClusterName,
+    out: Annotated[Path | None, typer.Option(help="file to write; default: stdout")] = None,
+) -> None:
+    """Render the PodMonitors that scrape a preset's clusters into the site's Prometheus
+    (kube/monitoring/podmonitors-NAME.yaml is this, checked in)."""
+    from raydiology.cluster import manifests
+    from raydiology.cluster.presets import load_preset
+
+    preset = _cluster_call(lambda: load_preset(cluster))
+    header = manifests.HEADER.format(command="monitors", name=preset.name)
+    text = "---\n".join(manifests.dump(doc) for doc in manifests.pod_monitors(preset))
+    _write_or_print(header + text, out)
 
 
 @kube_app.command("render")
@@ -574,6 +591,7 @@ def kube_render(
 ) -> None:
     """Write a RayJob that runs EXPERIMENT_OR_SWEEP from the image's copy of this repository."""
     from raydiology.cluster import manifests
+    from raydiology.cluster.jobs import job_options
     from raydiology.cluster.presets import load_preset, load_versions
     from raydiology.cluster.workload import load_workload
 
@@ -586,7 +604,8 @@ def kube_render(
             profile=profile,
             sets=set_,
             cluster=cluster,
-            extra=["--address", "auto"],
+            # a sweep is checked against the preset's fully scaled-up size
+            extra=job_options(experiment, cluster=cluster),
             output_root=manifests.RUNS_MOUNT,  # runs on the shared volume
         )
     )

@@ -1,7 +1,8 @@
 """KubeRay manifests: one template (this module) + a preset (`ray_configs/NAME.yaml`).
 
 `raycluster(preset)` is the long-running cluster checked in as `kube/raycluster-NAME.yaml`;
-`rayjob(...)` wraps the same cluster spec around one experiment or sweep.
+`rayjob(...)` wraps the same cluster spec around one experiment or sweep; `pod_monitors(preset)`
+are the Prometheus-operator PodMonitors that scrape both (`kube/monitoring/podmonitors-NAME.yaml`).
 
 Validation against the KubeRay CRDs (the v1 `openAPIV3Schema`) happens in the tests and, on
 demand, in `raydiology kube validate --crds DIR`: the platform does not ship a copy of the
@@ -33,9 +34,14 @@ from raydiology.cluster.presets import (
 API_VERSION = "ray.io/v1"
 RUNS_MOUNT = "/mnt/runs"  # the shared PVC: Ray Train's storage_path must be shared across nodes
 METRICS_PORT = 8080
+# The head's other Prometheus endpoints: Ray's defaults for the autoscaler
+# (ray/autoscaler/_private/constants.py AUTOSCALER_METRIC_PORT) and the dashboard
+# (ray/dashboard/consts.py DASHBOARD_METRIC_PORT), named as KubeRay's monitoring guide names them.
+HEAD_METRICS_PORTS = {"as-metrics": 44217, "dash-metrics": 44227}
+MONITORING_API_VERSION = "monitoring.coreos.com/v1"
 MULTUS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 HEADER = (
-    "# Rendered by `raydiology kube cluster --cluster {name}` from ray_configs/{name}.yaml and\n"
+    "# Rendered by `raydiology kube {command} --cluster {name}` from ray_configs/{name}.yaml and\n"
     "# ray_configs/versions.yaml. Do not edit by hand: change the preset and re-render.\n"
 )
 
@@ -106,7 +112,14 @@ def cluster_spec(preset: ClusterPreset, versions: Versions) -> dict[str, Any]:
                 cpus=preset.head.cpus,
                 memory=preset.head.memory,
                 shm="8Gi",
-                ports=[("gcs-server", 6379), ("dashboard", 8265), ("client", 10001)],
+                ports=[
+                    ("gcs-server", 6379),
+                    ("dashboard", 8265),
+                    ("client", 10001),
+                    *HEAD_METRICS_PORTS.items(),
+                ],
+                # the dashboard's Metrics tab: Prometheus to query, Grafana to embed
+                env=preset.monitoring.head_env(),
             ),
         },
         "workerGroupSpecs": [
@@ -152,6 +165,39 @@ def cluster_spec(preset: ClusterPreset, versions: Versions) -> dict[str, Any]:
             },
         ],
     }
+
+
+def pod_monitors(preset: ClusterPreset) -> list[dict[str, Any]]:
+    """Prometheus-operator PodMonitors for every cluster of `preset` (the long-running one and
+    each RayJob's): the head's three endpoints and every worker's, each series labelled with
+    its RayCluster's name (`ray_io_cluster`) as KubeRay's monitoring guide does."""
+    monitoring = preset.monitoring
+    relabel = [
+        {
+            "action": "replace",
+            "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+            "targetLabel": "ray_io_cluster",
+        }
+    ]
+
+    def monitor(node_type: str, ports: list[str]) -> dict[str, Any]:
+        return {
+            "apiVersion": MONITORING_API_VERSION,
+            "kind": "PodMonitor",
+            "metadata": {
+                "name": f"{cluster_name(preset)}-{node_type}",
+                "namespace": monitoring.namespace,
+                "labels": {"release": monitoring.release, **_labels(preset)},
+            },
+            "spec": {
+                "namespaceSelector": {"matchNames": [monitoring.ray_namespace]},
+                # KubeRay labels every pod with its node type; ours carry the preset's name
+                "selector": {"matchLabels": {**_labels(preset), "ray.io/node-type": node_type}},
+                "podMetricsEndpoints": [{"port": port, "relabelings": relabel} for port in ports],
+            },
+        }
+
+    return [monitor("head", ["metrics", *HEAD_METRICS_PORTS]), monitor("worker", ["metrics"])]
 
 
 def rayjob(
@@ -209,7 +255,11 @@ def label_value(text: str) -> str:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (runtimeEnvYAML) as `|` blocks, so the YAML inside stays readable."""
+    """Multi-line strings (runtimeEnvYAML) as `|` blocks, so the YAML inside stays readable;
+    a repeated value written out each time, never as an anchor and alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(
@@ -255,6 +305,7 @@ def _pod(
     gpus: int = 0,
     ports: list[tuple[str, int]] | None = None,
     network: NetworkConfig | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One group's pod template; `network` (GPU groups) adds the RDMA device and NCCL's env."""
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "runs", "mountPath": RUNS_MOUNT}]
@@ -262,6 +313,7 @@ def _pod(
         "RAYDIOLOGY_VERSION": versions.raydiology_version,
         # DeepSpeed JIT-builds small ops once; keep them on the shared volume.
         "TORCH_EXTENSIONS_DIR": f"{RUNS_MOUNT}/.torch_extensions",
+        **(env or {}),
     }
     rdma = {}
     if network is not None:

@@ -126,6 +126,43 @@ class NetworkConfig:
         return {name: _env_value(value) for name, value in merged.items() if value is not None}
 
 
+# The kube-prometheus-stack that KubeRay's monitoring guide installs (Ray docs, "Using Prometheus
+# and Grafana", step 2 and the env of ray-cluster.embed-grafana.yaml): Helm release
+# `prometheus` in namespace `prometheus-system`.
+@dataclass(kw_only=True)
+class MonitoringConfig:
+    """The site's Prometheus operator and Grafana: where the PodMonitors go, and the addresses
+    the head's dashboard needs to fill its Metrics tab (Ray reads RAY_PROMETHEUS_HOST and
+    RAY_GRAFANA_HOST from the head; the browser loads panels from RAY_GRAFANA_IFRAME_HOST)."""
+
+    namespace: str = "prometheus-system"  # where the PodMonitors are created
+    release: str = "prometheus"  # label value the Prometheus selects PodMonitors by
+    ray_namespace: str = "ray"  # where the Ray pods run
+    prometheus_host: str | None = (
+        "http://prometheus-kube-prometheus-prometheus.prometheus-system.svc:9090"
+    )
+    grafana_host: str | None = "http://prometheus-grafana.prometheus-system.svc:80"
+    grafana_iframe_host: str | None = "http://127.0.0.1:3000"  # `kubectl port-forward` to Grafana
+
+    def validate(self, key: str) -> None:
+        for name in ("prometheus_host", "grafana_host", "grafana_iframe_host"):
+            value = getattr(self, name)
+            check(
+                value is None or bool(re.match(r"https?://[^/\s]+", value)),
+                f"{key}.{name}",
+                value,
+                "a URL with its scheme (http:// or https://), or null",
+            )
+
+    def head_env(self) -> dict[str, str]:
+        hosts = {
+            "RAY_PROMETHEUS_HOST": self.prometheus_host,
+            "RAY_GRAFANA_HOST": self.grafana_host,
+            "RAY_GRAFANA_IFRAME_HOST": self.grafana_iframe_host,
+        }
+        return {name: value for name, value in hosts.items() if value is not None}
+
+
 @dataclass(kw_only=True)
 class ClusterPreset:
     name: str
@@ -139,6 +176,7 @@ class ClusterPreset:
     head: HeadGroup = field(default_factory=HeadGroup)
     redis: RedisConfig
     network: NetworkConfig = field(default_factory=NetworkConfig)  # the GPU pods' RDMA + NCCL
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     runs_claim: str = "raydiology-runs"
     idle_timeout_s: int = 600
     image: str | None = None  # only for a cluster that needs another build than versions.yaml

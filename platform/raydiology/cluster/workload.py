@@ -60,14 +60,12 @@ def load_workload(
     raw = yaml.safe_load(path.read_text())
     options: list[str] = ["--profile", profile] if profile else []
     sets = sets or []
-    from raydiology.cluster.presets import load_preset
-
-    overlay = load_preset(cluster).scaling_overrides() if cluster else []
     if is_sweep(raw):
+        from raydiology.tune.capacity import preset_sweep_sets
         from raydiology.tune.spec import make_plan
 
-        # `raydiology sweep` has no --cluster: the preset travels as --set on the base experiment
-        overlay = [o for o in overlay if o.split("=")[0].split(".")[1] in SWEEP_SCALING_KEYS]
+        # the preset travels as --set on the base experiment (what `sweep --cluster` does)
+        overlay = preset_sweep_sets(cluster) if cluster else []
         plan = make_plan(path, profile=profile, sets=[*overlay, *sets])  # checks every trial
         for item in [*overlay, *sets]:
             options += ["--set", item]
@@ -77,8 +75,10 @@ def load_workload(
         args = ["sweep", str(relative), *options, *(extra or [])]
         return Workload("sweep", name, name, args, str(plan.sweep["output"]["dir"]))
 
+    from raydiology.cluster.presets import load_preset
     from raydiology.config import load_experiment
 
+    overlay = load_preset(cluster).scaling_overrides() if cluster else []
     if output_root:
         sets = [f"output.dir={output_root}", *sets]
     exp = load_experiment(path, profile=profile, overrides=[*overlay, *sets])

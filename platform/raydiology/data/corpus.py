@@ -260,7 +260,7 @@ def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
 def _publish_shard(out_dir: Path, tmp: Path, final: Path, rows: int) -> ShardInfo:
     os.replace(tmp, final)
     return ShardInfo(
-        path=final.relative_to(out_dir).as_posix(), rows=rows, sha256=_file_sha256(final)
+        path=final.relative_to(out_dir).as_posix(), rows=rows, sha256=file_sha256(final)
     )
 
 
@@ -452,7 +452,8 @@ class CorpusWriter:
             Path(str(self._shard_path()) + ".tmp").unlink(missing_ok=True)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks (shards and checkpoint files are large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
@@ -510,7 +511,7 @@ def verify_corpus(corpus_dir: str | os.PathLike) -> Manifest:
         path = Path(corpus_dir) / shard.path
         if not path.is_file():
             raise CorpusError(f"{corpus_dir}: shard {shard.path} is missing")
-        actual = _file_sha256(path)
+        actual = file_sha256(path)
         if actual != shard.sha256:
             raise CorpusError(
                 f"{corpus_dir}: shard {shard.path} has sha256 {actual[:12]}…, manifest says "

@@ -21,6 +21,7 @@ import torch
 
 from raydiology.cluster.metrics import TrainMetrics
 from raydiology.config import Experiment, experiment_from_dict
+from raydiology.data.corpus import file_sha256
 from raydiology.data.pipeline import collate, to_model_input
 from raydiology.registry import build_model, build_objective
 from raydiology.train import collectives
@@ -473,23 +474,16 @@ MANIFEST = "manifest"  # per-rank {"world", "files": {path: {size, sha256}}} in 
 
 def _write_manifest(folder: Path, *, rank: int, world: int) -> None:
     files = {
-        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        path.relative_to(folder).as_posix(): {
+            "size": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
     (folder / MANIFEST).mkdir()
     record = {"world": world, "files": files}
     (folder / MANIFEST / f"rank-{rank:05d}.json").write_text(json.dumps(record, indent=1))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:
@@ -522,7 +516,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         size = path.stat().st_size
         if all(size != e["size"] for e in entries):
             return f"{name} has {size} bytes, {entries[0]['size']} were written"
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if all(digest != e["sha256"] for e in entries):
             return f"{name} differs from what was written (sha256)"
     return None
