@@ -199,10 +199,11 @@ def test_damaged_latest_checkpoint_is_skipped_for_the_one_before(
     cluster: LocalCluster, killed_worker_run: Run
 ) -> None:
     run = killed_worker_run
+    # a folder the killed attempt began but never finished has no train_state.json
     kept = sorted(
         (json.loads((c / "train_state.json").read_text())["step"], c)
         for c in run.run_dir.glob("checkpoint_*")
-        if c.is_dir()
+        if (c / "train_state.json").is_file()
     )
     (previous_step, previous), (latest_step, latest) = kept[-2:]
     assert latest_step == MAX_STEPS
