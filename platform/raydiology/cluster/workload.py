@@ -22,11 +22,6 @@ class Workload:
     output_dir: str | None  # the experiment's output.dir; None for a sweep
 
 
-# A sweep runs several trials: the cluster preset sets where each trial runs (accelerator,
-# per-worker GPUs/CPUs), while the sweep's own `resources` keep deciding the workers per trial.
-SWEEP_SCALING_KEYS = ("accelerator_type", "use_gpu", "gpus_per_worker", "cpus_per_worker")
-
-
 def is_sweep(raw: Any) -> bool:
     """A sweep file (experiments/sweeps/) searches over a base experiment: `base:` + `search:`."""
     return isinstance(raw, dict) and "base" in raw and "search" in raw

@@ -163,12 +163,16 @@ def cluster_maximum(cluster: str | None, max_cluster: str | None) -> dict[str, f
     return out
 
 
+# A sweep runs several trials: the cluster preset sets where each trial runs (accelerator,
+# per-worker GPUs/CPUs), while the sweep's own `resources` keep deciding the workers per trial.
+SWEEP_SCALING_KEYS = ("accelerator_type", "use_gpu", "gpus_per_worker", "cpus_per_worker")
+
+
 def preset_sweep_sets(cluster: str) -> list[str]:
     """A preset's scaling as `--set` items on the sweep's base experiment: where each trial
     runs (accelerator, per-worker GPUs/CPUs); the sweep's own `resources` keep deciding the
     workers per trial (as `raydiology submit --cluster` does for a sweep)."""
     from raydiology.cluster.presets import load_preset
-    from raydiology.cluster.workload import SWEEP_SCALING_KEYS
 
     items = load_preset(cluster).scaling_overrides()
     return [i for i in items if i.split("=", 1)[0].removeprefix("scaling.") in SWEEP_SCALING_KEYS]
