@@ -121,6 +121,58 @@ def test_verify_names_changed_and_missing_shard(tmp_path):
         verify_corpus(corpus)
 
 
+def test_verify_names_every_bad_shard(tmp_path):
+    corpus = tmp_path / "c"
+    _write(corpus, _rows(12), shard_rows=4, row_group_rows=2)
+    flipped = corpus / "shards" / "part-00001.parquet"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit, inside the pixel pages
+    flipped.write_bytes(bytes(data))
+    truncated = corpus / "shards" / "part-00002.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:-200])  # a copy cut short: footer lost
+    with pytest.raises(CorpusError) as caught:
+        verify_corpus(corpus)
+    message = str(caught.value)
+    assert "2 of 3 shard(s) bad" in message and "part-00000" not in message
+    assert "shards/part-00001.parquet: has sha256" in message
+    assert "shards/part-00002.parquet: has sha256" in message and "unreadable" in message
+
+
+def test_verify_reads_every_row_group_not_only_the_hash(tmp_path):
+    # A manifest written after the damage (e.g. re-hashed by hand) vouches for a file that
+    # cannot be read: readability is checked on its own.
+    corpus = tmp_path / "c"
+    _write(corpus, _rows(8), shard_rows=8, row_group_rows=2)
+    shard = corpus / "shards" / "part-00000.parquet"
+    meta = pq.ParquetFile(shard).metadata
+    offset = meta.row_group(3).column(1).data_page_offset  # pixels of the last row group
+    data = bytearray(shard.read_bytes())
+    data[offset : offset + 64] = bytes(64)  # its page header zeroed; the footer is intact
+    shard.write_bytes(bytes(data))
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match=r"part-00000.parquet: row group 3 unreadable"):
+        verify_corpus(corpus)
+
+
+def test_corpus_verify_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from raydiology.cli import app
+
+    corpus = tmp_path / "c"
+    _write(corpus, _rows(10), shard_rows=4)
+    ok = CliRunner().invoke(app, ["corpus", "verify", str(corpus)])
+    assert ok.exit_code == 0, ok.output
+    assert "3 shard(s), 10 rows" in ok.output
+    shard = corpus / "shards" / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    bad = CliRunner().invoke(app, ["corpus", "verify", str(corpus)])
+    assert bad.exit_code == 1
+    assert "part-00002.parquet" in bad.output and "part-00001" not in bad.output
+
+
 def test_manifest_errors(tmp_path):
     corpus = tmp_path / "c"
     with pytest.raises(CorpusError, match="no manifest"):

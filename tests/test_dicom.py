@@ -123,7 +123,6 @@ def test_monochrome1_is_stored_dense_bright(rg1: LoadedImage):
     lung_right = mean(0.25, 0.50, 0.18, 0.32)  # patient's right, image left
     lung_left = mean(0.25, 0.50, 0.68, 0.82)
     assert centre > lung_right + 10000 and centre > lung_left + 10000
-    assert rg1.pixels.min() == 0 and rg1.pixels.max() == 65535
 
 
 def test_monochrome2_is_not_inverted(rg1: LoadedImage, rg1_uncr: Path, tmp_path: Path):
@@ -140,8 +139,8 @@ def test_window_is_applied(rg1: LoadedImage, rg1_uncr: Path, tmp_path: Path):
     windowed = load_dicom(
         _edited_copy(rg1_uncr, tmp_path / "w.dcm", WindowCenter=centre, WindowWidth=width)
     ).pixels
-    # DICOM's LINEAR window (PS3.3 C.11.2.1.2.1), then MONOCHROME1 inverted; the window
-    # saturates both ends here, so the min..max stretch maps it onto 0..65535 exactly.
+    # DICOM's LINEAR window (PS3.3 C.11.2.1.2.1), then MONOCHROME1 inverted; the window's
+    # output range is what the intensity rule maps onto 0..65535.
     expected = np.clip((stored - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
     expected = np.round((1.0 - expected) * 65535)
     assert np.abs(windowed.astype(np.float64) - expected).max() <= 1
@@ -161,12 +160,13 @@ def test_first_of_several_windows_is_used(rg1_uncr: Path, tmp_path: Path):
     assert np.array_equal(one, two)
 
 
-def test_without_window_the_full_range_is_used(rg1_uncr: Path, tmp_path: Path):
+def test_without_window_bits_stored_set_the_range(rg1_uncr: Path, tmp_path: Path):
+    """No window: RG1's 15 bits stored (0..32767), not its own min..max, map to 0..65535."""
     plain = load_dicom(
         _edited_copy(rg1_uncr, tmp_path / "nowin.dcm", WindowCenter=None, WindowWidth=None)
     ).pixels
     stored = pydicom.dcmread(rg1_uncr).pixel_array.astype(np.float64)
-    expected = np.round((stored.max() - stored) * 65535 / (stored.max() - stored.min()))
+    expected = np.round((32767 - stored) * 65535 / 32767)  # MONOCHROME1: inverted
     assert np.abs(plain.astype(np.float64) - expected).max() <= 1
 
 
@@ -187,7 +187,7 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path):
     flipped = load_dicom(
         _small_dicom(tmp_path / "b.dcm", ramp, RescaleSlope=-2, RescaleIntercept=100)
     ).pixels
-    assert plain[0, 0] == 0 and plain[-1, -1] == 65535
+    assert plain[0, 0] == 0 and plain[-1, -1] == ramp[-1, -1]  # 16 bits stored: same scale
     assert np.abs(flipped.astype(np.int64) - (65535 - plain.astype(np.int64))).max() <= 1
 
 
@@ -392,11 +392,8 @@ def _encapsulated(path: Path, syntax: str) -> Path:
 
 
 def _jpeg_ls(tmp_path: Path, rg1_uncr: Path) -> tuple[Path, str]:
-    path = _encapsulated(tmp_path / "jls.dcm", JPEGLSLossless)
-    return path, (
-        "transfer syntax 1.2.840.10008.1.2.4.80 (JPEG-LS Lossless Image Compression) "
-        "cannot be decoded with the installed plugins"
-    )
+    # pylibjpeg-libjpeg is a dependency, so a JPEG-LS file gets as far as its decoder.
+    return _encapsulated(tmp_path / "jls.dcm", JPEGLSLossless), "undecodable pixel data"
 
 
 def _mpeg2(tmp_path: Path, rg1_uncr: Path) -> tuple[Path, str]:
@@ -422,8 +419,6 @@ def _mpeg2(tmp_path: Path, rg1_uncr: Path) -> tuple[Path, str]:
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_files_raise_bad_image(make, rg1_uncr: Path, tmp_path: Path):
-    if make is _jpeg_ls and pydicom.pixels.get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS plugin is installed here")
     path, reason = make(tmp_path, rg1_uncr)
     with pytest.raises(BadImage) as raised:
         load_dicom(path)
@@ -448,3 +443,104 @@ def test_dicom_without_extension_loads(rg1: LoadedImage, rg1_uncr: Path, tmp_pat
     shutil.copyfile(rg1_uncr, bare)
     assert is_dicom(bare) and os.path.splitext(bare)[1] == ""
     assert np.array_equal(load_dicom(bare).pixels, rg1.pixels)
+
+
+# ---- hospital transfer syntaxes (issue 19) -------------------------------------------------
+
+
+def test_jpeg_lossless_decodes_to_pydicoms_reference_values():
+    """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70), the usual PACS archive syntax, decodes with
+    the declared dependencies. Reference values: pydicom's tests/pixels/pixels_reference.py
+    (JPGS_16_16_1_1_1F_M2, "JPEG-LL.dcm")."""
+    path = _testdata("JPEG-LL.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    pixels = load_dicom(path).pixels.astype(np.int64)
+    # 16 bits stored, signed, no rescale or window: the rule's range is -32768..32767, so a
+    # stored value v is kept as v + 32768.
+    assert tuple(pixels[400, 124:132] - 32768) == (60, 58, 61, 68, 59, 65, 64, 67)
+    assert tuple(pixels[600, 124:132] - 32768) == (3, 1, 2, 0, 2, 1, 2, 0)
+
+
+def test_jpeg_ls_decodes_exactly_like_the_uncompressed_copy():
+    """JPEG-LS lossless (1.2.840.10008.1.2.4.80) gives exactly the uncompressed file's image."""
+    path = _testdata("MR_small_jpeg_ls_lossless.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    loaded, reference = load_dicom(path), load_dicom(_testdata("MR_small.dcm"))
+    assert loaded.pixels.shape == (64, 64)
+    assert np.array_equal(loaded.pixels, reference.pixels)
+
+
+def test_documented_syntaxes_have_installed_decoders():
+    """Every syntax the module docstring lists has an installed decoder."""
+    promised = [
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    ]
+    missing = [uid for uid in promised if not pydicom.pixels.get_decoder(uid).is_available]
+    assert not missing, f"no installed decoder for {missing}"
+
+
+# ---- burned-in annotation (issue 19) -------------------------------------------------------
+
+
+def test_burned_in_annotation_is_refused_by_default(rg1_uncr: Path, tmp_path: Path):
+    burned = _edited_copy(rg1_uncr, tmp_path / "burned.dcm", BurnedInAnnotation="YES", **PLANTED)
+    with pytest.raises(BadImage, match="burned-in annotation") as raised:
+        load_dicom(burned)
+    for value in PLANTED.values():
+        assert value not in str(raised.value)
+    kept = load_dicom(burned, allow_burned_in=True)
+    assert kept.pixels.shape == (1955, 1841)
+    clean = _edited_copy(rg1_uncr, tmp_path / "clean.dcm", BurnedInAnnotation="NO")
+    assert np.array_equal(load_dicom(clean).pixels, kept.pixels)
+
+
+def test_ingest_quarantines_burned_in_unless_allowed(rg1_uncr: Path, tmp_path: Path):
+    from raydiology.data.ingest import ingest_images
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _edited_copy(rg1_uncr, src / "burned.dcm", BurnedInAnnotation="YES", **PLANTED)
+    refused = ingest_images(
+        [src], tmp_path / "refused", size=64, salt="s", parallel=False, progress=False
+    )
+    assert (refused.ingested, refused.quarantined) == (0, 1)
+    assert "burned-in annotation" in refused.reasons
+    side_files = "".join(p.read_text() for p in (tmp_path / "refused").glob("*.jsonl"))
+    for value in PLANTED.values():
+        assert value not in side_files
+    allowed = ingest_images(
+        [src],
+        tmp_path / "allowed",
+        size=64,
+        salt="s",
+        allow_burned_in=True,
+        parallel=False,
+        progress=False,
+    )
+    assert (allowed.ingested, allowed.quarantined) == (1, 0)
+
+
+def test_cli_ingest_offers_allow_burned_in():
+    from typer.testing import CliRunner
+
+    from raydiology.cli import app
+
+    result = CliRunner().invoke(app, ["ingest", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--allow-burned-in" in result.output

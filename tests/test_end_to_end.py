@@ -24,10 +24,12 @@ def run_cli(*args: str) -> str:
     return result.output
 
 
-def smoke_run(out: Path, *sets: str) -> Path:
+def smoke_run(out: Path, *sets: str, allow: str = "") -> Path:
     args = ["run", EXPERIMENT, "--profile", "smoke", "--set", f"output.dir={out}"]
     for s in sets:
         args += ["--set", s]
+    if allow:  # settings a rerun may change (`--allow-changes`)
+        args += ["--allow-changes", allow]
     output = run_cli(*args)
     assert "encoder export" in output and "picture" in output
     name = next((s.split("=", 1)[1] for s in sets if s.startswith("output.name=")), "hd_mae_cam")
@@ -117,7 +119,14 @@ def test_rerun_with_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_pa
     )
     run_dir = smoke_run(tmp_path, *sets, "train.max_steps=4")
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
-    smoke_run(tmp_path, *sets, "train.max_steps=8")
+    # A longer budget is a changed setting: refused unless allowed, the run left as it was.
+    base = ["run", EXPERIMENT, "--profile", "smoke", "--set", f"output.dir={tmp_path}"]
+    for s in (*sets, "train.max_steps=8"):
+        base += ["--set", s]
+    refused = CliRunner().invoke(app, base)
+    assert refused.exit_code == 2 and "train.max_steps: 4 -> 8" in refused.output, refused.output
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    smoke_run(tmp_path, *sets, "train.max_steps=8", allow="train.max_steps")
     steps = [r["step"] for r in read_metrics(run_dir)]
     # The second launch continues at step 5; a restart from 0 would log 1, 2, ... again.
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8], steps

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from raydiology.data.corpus import decode_pixels, read_rows, verify_corpus
-from raydiology.data.ingest import image_id_for, ingest_images
+from raydiology.data.ingest import find_sources, image_id_for, ingest_images
 
 HANNOVER = Path(__file__).resolve().parents[1].parent / "shared/data/hannover-cxr/png"
 SIZE = 96
@@ -100,24 +100,82 @@ def test_bad_files_quarantined_and_duplicates_counted(tmp_path, real_pngs):
     Image.fromarray(wide).save(src / "sixteen.PNG")
     (src / "notes.txt").write_text("not an image")
 
-    summary = ingest_images([src], tmp_path / "out", size=SIZE, progress=False)
+    summary = ingest_images([src], tmp_path / "out", size=SIZE, salt="s", progress=False)
     assert summary.found == 12
     assert (summary.ingested, summary.quarantined, summary.duplicates) == (7, 4, 1)
     assert summary.found == summary.ingested + summary.quarantined + summary.duplicates
     assert summary.manifest.rows == 7 and summary.manifest.dtype == "uint8"
 
+    # Side files name files by salted id, never by path (hospital paths carry patient ids).
+    names = {image_id_for(f.relative_to(src).as_posix(), "s"): f.name for f in src.rglob("*")}
     lines = Path(summary.quarantine_file).read_text().splitlines()
-    reasons = {Path(r["path"]).name: r["reason"] for r in map(json.loads, lines)}
+    records = list(map(json.loads, lines))
+    assert all(set(r) == {"file_id", "reason"} for r in records)
+    reasons = {names[r["file_id"]]: r["reason"] for r in records}
     assert set(reasons) == {"corrupt.png", "truncated.png", "empty.png", "grey.png"}
     assert "empty" in reasons["empty.png"]
     assert "zero variance" in reasons["grey.png"]
     assert "unreadable" in reasons["corrupt.png"] and "unreadable" in reasons["truncated.png"]
 
     (dup,) = map(json.loads, (tmp_path / "out" / "duplicates.jsonl").read_text().splitlines())
-    assert Path(dup["path"]).name == "zz_copy.png"
-    assert dup["duplicate_of"] == image_id_for(real_pngs[0].name, "")
+    assert set(dup) == {"image_id", "duplicate_of", "kind"} and dup["kind"] == "exact"
+    # Which copy is kept follows the seeded row order; the other is recorded by id.
+    assert {names[dup["image_id"]], names[dup["duplicate_of"]]} == {
+        "zz_copy.png",
+        real_pngs[0].name,
+    }
     ids = read_rows(tmp_path / "out", ["image_id"]).column("image_id").to_pylist()
-    assert dup["duplicate_of"] in ids
+    assert dup["duplicate_of"] in ids and dup["image_id"] not in ids
+    for side in ("quarantine.jsonl", "duplicates.jsonl"):
+        text = (tmp_path / "out" / side).read_text()
+        assert str(tmp_path) not in text and ".png" not in text, f"a file name leaked into {side}"
+
+
+def test_side_files_carry_paths_only_with_a_source_map(tmp_path, real_pngs):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(real_pngs[0], src / "a.png")
+    shutil.copy(real_pngs[0], src / "b.png")
+    (src / "c.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    ingest_images([src], out, size=SIZE, salt="s", write_source_map=True, progress=False)
+    (dup,) = map(json.loads, (out / "duplicates.jsonl").read_text().splitlines())
+    (bad,) = map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())
+    assert Path(dup["path"]).name in {"a.png", "b.png"} and bad["path"] == str(src / "c.png")
+    assert bad["file_id"] == image_id_for("c.png", "s")
+    assert "c.png" not in bad["reason"]  # PIL quotes the path; the reason never does
+
+
+def test_catch_all_quarantine_reason_is_scrubbed(tmp_path, real_pngs):
+    # A listed file that vanished raises FileNotFoundError, whose message quotes the path:
+    # the decoder's catch-all keeps only the exception type.
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path\n{real_pngs[0]}\nPID-314159/ACC-2718.png\n")
+    summary = ingest_images([listing], tmp_path / "out", size=SIZE, salt="s", progress=False)
+    assert (summary.ingested, summary.quarantined) == (1, 1)
+    text = (tmp_path / "out" / "quarantine.jsonl").read_text()
+    assert "FileNotFoundError" in text
+    for needle in ("314159", "2718", str(tmp_path)):
+        assert needle not in text
+
+
+def test_no_salt_warns_and_dicom_without_salt_is_refused(tmp_path, real_pngs, caplog):
+    with caplog.at_level("WARNING", logger="raydiology.ingest"):
+        ingest_images(real_pngs[:1], tmp_path / "png", size=SIZE, progress=False)
+    assert "no id salt" in caplog.text and "RAYDIOLOGY_INGEST_SALT" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raydiology.ingest"):
+        ingest_images(real_pngs[:1], tmp_path / "salted", size=SIZE, salt="s", progress=False)
+    assert "salt" not in caplog.text
+
+    data = pytest.importorskip("pydicom.data", reason="pydicom-data is not installed")
+    dicom = tmp_path / "export" / "1.2.840.113619.2.55"  # named by UID: found by its magic
+    dicom.parent.mkdir()
+    shutil.copy(data.get_testdata_file("CT_small.dcm"), dicom)
+    assert [f.key for f in find_sources([dicom.parent])] == [dicom.name]
+    with pytest.raises(ValueError, match=r"DICOM input needs an id salt.*RAYDIOLOGY_INGEST_SALT"):
+        ingest_images([dicom.parent], tmp_path / "dicom", size=SIZE, progress=False)
+    assert not (tmp_path / "dicom").exists()  # refused before anything was written
 
 
 def test_missing_source_is_an_error(tmp_path):

@@ -25,8 +25,10 @@ from raydiology.data.ingest import (
     IngestOptions,
     decode_chunk,
     find_sources,
+    image_id_for,
     ingest_images,
     report_columns,
+    shuffled,
 )
 
 PHI = {
@@ -62,19 +64,22 @@ def test_hannover_folder_with_planted_bad_files_on_ray(ray_cluster, tmp_path, ha
     shutil.copy(good[1], src / "copy_of_one.png")
     out = tmp_path / "corpus"
 
-    summary = ingest_images([src], out, size=64, chunk_rows=64, parallel=True, progress=False)
+    summary = ingest_images(
+        [src], out, size=64, chunk_rows=64, salt="s", parallel=True, progress=False
+    )
 
     assert summary.found == len(good) + 5
     assert summary.found == summary.ingested + summary.quarantined + summary.duplicates
+    names = {image_id_for(f.relative_to(src).as_posix(), "s"): f.name for f in src.rglob("*")}
     quarantine = {
-        Path(q["path"]).name: q["reason"]
+        names[q["file_id"]]: q["reason"]
         for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())
     }
     assert set(quarantine) == {"corrupt.png", "truncated.png", "empty.png", "flat.png"}
     assert "zero variance" in quarantine["flat.png"] and "empty" in quarantine["empty.png"]
     duplicates = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
     (exact,) = [d for d in duplicates if d["kind"] == "exact"]
-    assert Path(exact["path"]).name in {"copy_of_one.png", good[1].name}
+    assert names[exact["image_id"]] in {"copy_of_one.png", good[1].name}
     # Real data has near duplicates too (follow-up films of one patient); each is recorded
     # with its distance and what it duplicates, and everything else is in the corpus.
     near = [d for d in duplicates if d["kind"] == "near"]
@@ -83,7 +88,9 @@ def test_hannover_folder_with_planted_bad_files_on_ray(ray_cluster, tmp_path, ha
     verify_corpus(out)
     assert not (out / STAGING_DIR).exists()
 
-    again = ingest_images([src], out, size=64, chunk_rows=64, parallel=True, progress=False)
+    again = ingest_images(
+        [src], out, size=64, chunk_rows=64, salt="s", parallel=True, progress=False
+    )
     assert again.skipped_chunks == -1 and again.ingested == summary.ingested  # a no-op
 
 
@@ -93,7 +100,7 @@ def test_interrupted_ingest_reuses_finished_chunks(tmp_path, hannover_png):
     for path in sorted(hannover_png.glob("*.png"))[:12]:
         shutil.copy(path, src / path.name)
     out = tmp_path / "corpus"
-    files = find_sources([src])
+    files = shuffled(find_sources([src]), {}, seed=0)  # the order ingest stores them in
     # An earlier run got as far as the first chunk before it died.
     (out / STAGING_DIR).mkdir(parents=True)
     decode_chunk(0, files[:4], 0, IngestOptions(size=48), "", str(out / STAGING_DIR))
@@ -101,7 +108,7 @@ def test_interrupted_ingest_reuses_finished_chunks(tmp_path, hannover_png):
     summary = ingest_images([src], out, size=48, chunk_rows=4, parallel=False, progress=False)
     assert summary.skipped_chunks == 1 and summary.ingested == 12
 
-    with pytest.raises(FileExistsError, match="other sources or options"):
+    with pytest.raises(FileExistsError, match=r"other sources or options \(changed: size\)"):
         ingest_images([src], out, size=64, chunk_rows=4, parallel=False, progress=False)
 
 
@@ -110,12 +117,12 @@ def test_dicom_ingest_is_not_inverted_and_lossless_copy_is_a_duplicate(tmp_path)
     src.mkdir()
     shutil.copy(_dicom_file("RG1_UNCR.dcm"), src / "a_uncompressed.dcm")
     shutil.copy(_dicom_file("RG1_J2KR.dcm"), src / "b_jpeg2000")  # no extension: found by magic
-    summary = ingest_images([src], tmp_path / "c", size=256, bit_depth=16, progress=False)
+    summary = ingest_images([src], tmp_path / "c", size=256, bit_depth=16, salt="s", progress=False)
     assert (summary.found, summary.ingested, summary.duplicates) == (2, 1, 1)
     (dup,) = map(json.loads, (tmp_path / "c" / "duplicates.jsonl").read_text().splitlines())
-    assert dup["kind"] == "exact" and dup["path"].endswith("b_jpeg2000")
-
     table = read_rows(tmp_path / "c")
+    assert dup["kind"] == "exact" and dup["duplicate_of"] == table.column("image_id")[0].as_py()
+
     image = decode_pixels(_batch(table))[0].astype(float)
     assert table.column("dtype")[0].as_py() == "uint16"
     assert table.column("view")[0].as_py() is not None  # from ViewPosition
@@ -188,7 +195,8 @@ def test_file_list_metadata_and_joined_reports(tmp_path, hannover_png):
     reports = report_columns([record], clean="iu")
     summary = ingest_images([listing], tmp_path / "c", size=64, reports=reports, progress=False)
     assert summary.ingested == 3
-    table = read_rows(tmp_path / "c").to_pylist()
+    by_id = {r["image_id"]: r for r in read_rows(tmp_path / "c").to_pylist()}
+    table = [by_id[image_id_for(str(image), "")] for image in images]  # in listed order
     assert [r["view"] for r in table] == ["AP", "PA", "PA"]
     assert [r["label_effusion"] for r in table] == [0, 1, 0]
     assert table[0]["report"] == "heart normal . lungs clear ." and table[0]["split"] == "train"
@@ -298,3 +306,104 @@ def test_parallel_shard_writing_equals_serial_and_resumes(ray_cluster, tmp_path,
     assert _shard_hashes(out) == _shard_hashes(tmp_path / "serial")
     assert read_rows(out).equals(read_rows(tmp_path / "serial"))
     verify_corpus(out)
+
+
+# --- resume keyed by the exact files: a changed list never mixes old rows with new ones ---
+
+
+def _interrupted(src: Path, out: Path, *, chunk_rows: int) -> None:
+    """An ingest that decoded every chunk, then died writing shard 0 (staging left)."""
+    blocker = _block_shard(out, 0)
+    with pytest.raises(OSError, match="part-00000"):
+        ingest_images([src], out, size=32, chunk_rows=chunk_rows, shard_rows=4, progress=False)
+    blocker.rmdir()
+    assert list((out / STAGING_DIR).glob("chunk-*.json"))
+
+
+def _ingest_resumable(src: Path, out: Path, *, chunk_rows: int):
+    return ingest_images([src], out, size=32, chunk_rows=chunk_rows, shard_rows=4, progress=False)
+
+
+def _equal_corpora(a: Path, b: Path) -> None:
+    rows = read_rows(a)
+    ids = rows.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert rows.equals(read_rows(b))  # the same ids on the same pixels, in the same order
+
+
+def test_resume_after_a_file_is_added_equals_a_fresh_ingest(tmp_path, hannover_png):
+    src = tmp_path / "src"
+    src.mkdir()
+    images = sorted(hannover_png.glob("*.png"))
+    for path in images[:6]:
+        shutil.copy(path, src / path.name)
+    out = tmp_path / "resumed"
+    _interrupted(src, out, chunk_rows=3)
+    shutil.copy(images[6], src / "0000_added.png")  # sorts first: every index shifts
+
+    resumed = _ingest_resumable(src, out, chunk_rows=3)
+    fresh = _ingest_resumable(src, tmp_path / "fresh", chunk_rows=3)
+    assert (resumed.found, resumed.ingested, resumed.quarantined) == (7, 7, 0)
+    _equal_corpora(out, tmp_path / "fresh")
+    assert fresh.ingested == 7
+
+
+def test_resume_with_other_chunk_rows_equals_a_fresh_ingest(tmp_path, hannover_png):
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted(hannover_png.glob("*.png"))[:6]:
+        shutil.copy(path, src / path.name)
+    out = tmp_path / "resumed"
+    _interrupted(src, out, chunk_rows=3)
+
+    # Before: "found 6, ingested 7, quarantined 1" and one image id twice.
+    resumed = _ingest_resumable(src, out, chunk_rows=2)
+    assert (resumed.found, resumed.ingested, resumed.quarantined) == (6, 6, 0)
+    assert resumed.skipped_chunks == 0  # every chunk holds other files now
+    _ingest_resumable(src, tmp_path / "fresh", chunk_rows=2)
+    _equal_corpora(out, tmp_path / "fresh")
+
+
+def test_truncated_done_markers_are_redone_not_fatal(tmp_path, hannover_24):
+    reference = tmp_path / "reference"
+    _ingest_resumable(hannover_24, reference, chunk_rows=8)
+    out = tmp_path / "cut"
+    blocker = _block_shard(out, 2)
+    with pytest.raises(OSError, match="part-00002"):
+        _ingest_resumable(hannover_24, out, chunk_rows=8)
+    blocker.rmdir()
+    # What an older, non-atomic writer left when it died mid-write.
+    for marker in ("chunk-00001.json", "shard-00000.json"):
+        path = out / STAGING_DIR / marker
+        path.write_text(path.read_text()[:20])
+
+    resumed = _ingest_resumable(hannover_24, out, chunk_rows=8)
+    assert resumed.skipped_chunks == 2 and resumed.skipped_shards == 1  # chunk 1, shard 0 redone
+    _equal_corpora(out, reference)
+    verify_corpus(out)
+
+
+# --- stored order: seeded shuffle, studies kept together ------------------------------
+
+
+def test_rows_are_stored_in_a_seeded_order_that_keeps_studies_together(tmp_path, hannover_png):
+    images = sorted(hannover_png.glob("*.png"))[:24]
+    listing = tmp_path / "list.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "study_id"])
+        for i, image in enumerate(images):
+            writer.writerow([str(image), f"study-{i // 2:02d}"])  # two views per study
+
+    def stored(out: str, seed: int) -> list[str]:
+        ingest_images([listing], tmp_path / out, size=16, salt="s", shuffle_seed=seed,
+                      progress=False)  # fmt: skip
+        return read_rows(tmp_path / out, ["study_id"]).column("study_id").to_pylist()
+
+    order = stored("a", 0)
+    assert sorted(order) == sorted(f"study-{i // 2:02d}" for i in range(24))
+    assert order != sorted(order)  # not the path order: a row group mixes studies
+    assert all(order[i] == order[i + 1] for i in range(0, 24, 2))  # views stay adjacent
+    assert stored("b", 0) == order  # deterministic for the same files and seed
+    assert stored("c", 1) != order
+    assert read_manifest(tmp_path / "a").made_by["options"]["shuffle_seed"] == 0

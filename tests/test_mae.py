@@ -123,6 +123,57 @@ def test_encoder_sees_only_visible_tokens() -> None:
     assert lengths == [1 + 7]
 
 
+def _embed_all_then_keep(encoder, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """The encoder as it ran before: every patch embedded, then the visible ones kept."""
+    x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # [B, N, D]
+    x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for block in encoder.blocks:
+        x = block(x)
+    return encoder.norm(x)
+
+
+@pytest.mark.parametrize("patch_embed", ["conv_stack", "linear"])
+def test_visible_only_embedding_equals_embedding_everything(patch_embed: str) -> None:
+    model = _tiny(in_chans=2, patch_embed=patch_embed)
+    # random masking: kept ids in shuffled order, not sorted, and different per image
+    m = _objective(model, masking=MaskingConfig(strategy="random", ratio=0.75)).masking(
+        4, generator=_gen()
+    )
+    images = _images(c=2).requires_grad_()
+    got = model.encoder(images, m.ids_keep)
+    weights = torch.randn(got.shape, generator=_gen(1))
+    (got * weights).sum().backward()
+    got_grads = [p.grad.clone() for p in model.encoder.parameters()]
+    got_image_grad = images.grad.clone()
+    model.encoder.zero_grad()
+    images.grad = None
+    want = _embed_all_then_keep(model.encoder, images, m.ids_keep)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.encoder.parameters(), got_grads, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_image_grad, images.grad, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(images.grad) < images.numel()  # masked pixels get no gradient
+
+
+def test_masked_patches_are_never_embedded() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny()
+    m = _objective(model).masking(4, generator=_gen())  # 7 of 64 patches visible
+
+    def embed_flops(ids_keep):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.encoder(_images(), ids_keep)
+        return sum(counter.get_flop_counts()["ViTEncoder.patch_embed"].values())
+
+    full = embed_flops(None)
+    assert embed_flops(m.ids_keep) == full * 7 // 64
+
+
 def test_a_few_steps_reduce_the_loss() -> None:
     model = _tiny()
     obj = _objective(model)
@@ -266,3 +317,28 @@ def test_meta_build_then_materialise() -> None:
     assert torch.equal(model.encoder.pos_embed, reference.encoder.pos_embed)
     assert torch.equal(model.decoder.decoder_pos_embed, reference.decoder.decoder_pos_embed)
     assert torch.isfinite(_objective(model)({"image": _images()})["loss"])
+
+
+# --- the paper's recipe ------------------------------------------------------------------
+
+
+def test_paper_experiment_runs_the_papers_recipe() -> None:
+    import math
+    from pathlib import Path
+
+    from raydiology.cluster.presets import load_preset
+    from raydiology.config import load_experiment
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    cam = load_experiment(experiments / "hd_mae_cam.yaml")
+    train = cam.train
+    for preset in ("a800", "a100"):  # 8 GPUs: accumulation makes up the paper's batch
+        workers = load_preset(preset).scaling["num_workers"]
+        assert train.micro_batch_size * workers * train.grad_accum == 1024
+    assert cam.scaling.num_workers * train.micro_batch_size * train.grad_accum == 1024
+    assert train.max_steps == math.ceil(83 * 1_050_000 / 1024)  # 83 epochs of ~1.05 M images
+    assert train.optimizer.lr == pytest.approx(2.5e-4 * 1024 / 256)  # linear scaling rule
+    assert train.schedule.warmup_steps == math.ceil(10 * 1_050_000 / 1024)  # 10 epochs
+    # the random-masking ablation trains with the same recipe; smoke runs stay one pass a step
+    assert load_experiment(experiments / "hd_mae_random.yaml").train == train
+    assert load_experiment(experiments / "hd_mae_cam.yaml", profile="smoke").train.grad_accum == 1

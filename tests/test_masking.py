@@ -198,3 +198,91 @@ def test_per_image_boxes_from_the_corpus_reach_the_masking():
         {"image": images, "region": grids}, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(from_boxes["loss"], from_grids["loss"])
+
+
+def _box_batch(images, boxes) -> dict:
+    """A decode chunk with a list<float> region column, as Ray hands it over (None = null)."""
+    import numpy as np
+
+    pixels = np.empty(len(images), dtype=object)
+    pixels[:] = [a.tobytes() for a in images]
+    column = np.empty(len(boxes), dtype=object)
+    column[:] = [None if b is None else np.array(b) for b in boxes]
+    return {
+        "image_id": np.array([f"img{i}" for i in range(len(images))], dtype=object),
+        "pixels": pixels,
+        "height": np.array([a.shape[0] for a in images]),
+        "width": np.array([a.shape[1] for a in images]),
+        "dtype": np.array([str(a.dtype) for a in images], dtype=object),
+        "chest_box": column,
+    }
+
+
+@pytest.mark.parametrize("boxes", [[(0.0, 0.5, 0.5, 1.0), None], [None, None]])
+def test_a_row_without_a_region_gets_the_configured_one(boxes):
+    """A null region used to crash `np.stack`; now it arrives as NaN and the objective puts
+    `masking.region` in its place."""
+    import numpy as np
+
+    from raydiology.config import DataConfig
+    from raydiology.data.pipeline import preprocess_batch
+    from raydiology.models.hd_mae import HDMAEConfig, build_hd_mae
+    from raydiology.objectives.mae import MAEObjective, MAEObjectiveConfig
+    from raydiology.objectives.masking import boxes_to_grid
+
+    images = [np.full((64, 64), 100, np.uint8)] * 2
+    out = preprocess_batch(
+        _box_batch(images, boxes),
+        data=to_dict(DataConfig(resolution=64)),
+        label_columns=[],
+        extra_columns={"region": "chest_box"},
+    )
+    assert out["region"].shape == (2, 4) and np.isnan(out["region"][1]).all()
+
+    cfg = MAEObjectiveConfig(masking=MaskingConfig(region_column="chest_box"))
+    model = build_hd_mae(HDMAEConfig(flavor="tiny"), image_size=64, in_chans=1)
+    objective = MAEObjective(cfg, model)
+    grids = objective._region({"region": torch.from_numpy(out["region"])})
+    assert grids is not None
+    expected = [region_to_grid(cfg.masking.region, 4, 4) if b is None else b for b in boxes]
+    for want, got in zip(expected, grids, strict=True):
+        if not isinstance(want, torch.Tensor):
+            want = boxes_to_grid(torch.tensor([want]), 4, 4)[0]
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("crop_scale", [None, (0.5, 1.0)])
+@pytest.mark.parametrize("fit", ["pad", "stretch", "crop"])
+def test_region_moves_with_the_fit_crop_and_flip(fit, crop_scale):
+    """The box must still frame the same pixels after fitting, cropping and flipping: a bright
+    rectangle drawn exactly at the box is bright inside the moved box and dark outside it."""
+    import numpy as np
+
+    from raydiology.config import AugmentConfig, DataConfig
+    from raydiology.data.pipeline import preprocess_batch
+
+    box = (0.25, 0.25, 0.75, 0.625)  # rows 12..36, columns 24..60 of a 48x96 image
+    image = np.zeros((48, 96), np.uint8)
+    image[12:36, 24:60] = 250
+    n, r = 24, 64
+    data = DataConfig(
+        resolution=r, fit=fit, augment=AugmentConfig(hflip=True, crop_scale=crop_scale)
+    )
+    out = preprocess_batch(
+        _box_batch([image] * n, [box] * n),
+        data=to_dict(data),
+        label_columns=[],
+        extra_columns={"region": "chest_box"},
+    )
+    for picture, (top, left, bottom, right) in zip(out["image"][:, 0], out["region"], strict=True):
+        rows = slice(int(np.ceil(top * r)) + 1, int(bottom * r) - 1)
+        cols = slice(int(np.ceil(left * r)) + 1, int(right * r) - 1)
+        if rows.start < rows.stop and cols.start < cols.stop:
+            assert picture[rows, cols].min() > 200
+        outside = np.ones((r, r), bool)
+        outside[max(int(top * r) - 2, 0) : int(np.ceil(bottom * r)) + 2,
+                max(int(left * r) - 2, 0) : int(np.ceil(right * r)) + 2] = False  # fmt: skip
+        assert picture[outside].max() < 20
+    if crop_scale is None:  # both flips were drawn: the box's centre on either side
+        centres = set(np.round(out["region"][:, [1, 3]].sum(axis=1), 3).tolist())
+        assert len(centres) == 2 and sum(centres) == pytest.approx(2.0)

@@ -70,10 +70,12 @@ class Run:
         return self.root / f"{self.name}-{self.attempt}.log"
 
 
-def start(cluster: LocalCluster, run: Run, *sets: str) -> subprocess.Popen[bytes]:
+def start(cluster: LocalCluster, run: Run, *sets: str, allow: str = "") -> subprocess.Popen[bytes]:
     args = ["run", EXPERIMENT, "--profile", "smoke"]
     for s in (*SETTINGS, f"output.dir=file://{run.root}", f"output.name={run.name}", *sets):
         args += ["--set", s]
+    if allow:  # settings a rerun may change (`--allow-changes`)
+        args += ["--allow-changes", allow]
     run.root.mkdir(parents=True, exist_ok=True)
     return cluster.raydiology(*args, log=run.log_path)
 
@@ -212,7 +214,9 @@ def test_damaged_latest_checkpoint_is_skipped_for_the_one_before(
     before = len(metrics(run))
 
     rerun = Run(run.root, run.name, attempt="2")
-    finish(start(cluster, rerun, f"train.max_steps={MAX_STEPS + 2}"), rerun)
+    finish(
+        start(cluster, rerun, f"train.max_steps={MAX_STEPS + 2}", allow="train.max_steps"), rerun
+    )
     assert f"checkpoint {latest} is damaged" in rerun.log, rerun.log[-8000:]
     assert "mp_rank_00_model_states.pt has" in rerun.log
     assert f"resuming from the checkpoint before it, {previous}" in rerun.log
@@ -301,7 +305,8 @@ def test_output_uris_reach_ray_unchanged(tmp_path: Path, monkeypatch: pytest.Mon
     (bucket / "runs" / "hd_mae_cam").mkdir(parents=True)
     exp = load_experiment(EXPERIMENT, profile="smoke", overrides=["output.dir=s3://bucket/runs"])
     run_experiment(exp, console=quiet)
-    assert seen["storage"] == "s3://bucket/runs" and uploads == ["s3://bucket/runs"]
+    # opened twice: the run's saved config read (none yet), then its files uploaded
+    assert seen["storage"] == "s3://bucket/runs" and set(uploads) == {"s3://bucket/runs"}
     local = tmp_path / "runs" / "hd_mae_cam"
     assert seen["run_dir"] == local and seen["corpus_root"] == str(tmp_path / "runs")
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):

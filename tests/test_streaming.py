@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydiology.config import DataConfig, TrainConfig
+from raydiology.config import AugmentConfig, DataConfig, TrainConfig
 from raydiology.data.corpus import CorpusWriter, read_rows
 from raydiology.data.phantom import write_phantom_corpus
 from raydiology.data.pipeline import build_dataset, preprocess_batch, row_keys, to_model_input
@@ -126,3 +126,65 @@ def test_mixed_stored_sizes_are_padded_to_square(tmp_path):
     # The 20x40 image sits centred with zero bands above and below (XR-0's padding).
     assert image[0, 0, 0].max() == 0 and image[0, 0, 10].min() > 150
     assert image[1, 0].min() > 90
+
+
+def _epoch(split) -> list[tuple[int, bytes]]:
+    """One pass over a split: (row key, image bytes) in arrival order."""
+    out = []
+    for batch in split.iter_batches(batch_size=8, batch_format="numpy"):
+        out += [
+            (int(k), im.tobytes()) for k, im in zip(batch["row_key"], batch["image"], strict=True)
+        ]
+    return out
+
+
+def test_each_epoch_differs_and_a_resume_replays_its_epoch(ray_cluster, phantoms):
+    """Row-group order and augmentation are drawn per epoch; a dataset built to resume at
+    epoch 1 (`first_epoch`) replays epoch 1's order and crops, not epoch 0's."""
+    data = DataConfig(
+        resolution=32,
+        shuffle_seed=0,
+        decode_concurrency=1,  # one task at a time: arrival order = row-group order
+        augment=AugmentConfig(hflip=True, crop_scale=(0.5, 1.0)),
+    )
+    (split,) = build_dataset(data, str(phantoms)).streaming_split(1, equal=True)
+    first, second = _epoch(split), _epoch(split)
+    (resumed,) = build_dataset(data, str(phantoms), first_epoch=1).streaming_split(1, equal=True)
+    again = _epoch(resumed)
+    assert len(first) == len(second) == 40
+    assert again == second
+    assert [k for k, _ in first] != [k for k, _ in second]  # another row-group order
+    images = dict(first)
+    assert sum(images[k] != im for k, im in second) >= 30  # other crops and flips
+
+
+def test_local_shuffle_varies_with_the_epoch_and_replays_on_resume(ray_cluster, phantoms):
+    data = DataConfig(resolution=32, shuffle_seed=None, decode_concurrency=1)
+    # No prefetch thread: with one, how many blocks sit in Ray's buffer at each draw is a
+    # matter of timing, and the same seed can mix differently (the resume stays exact either
+    # way: it skips the checkpoint's row keys).
+    train = TrainConfig(micro_batch_size=4, local_shuffle_buffer=16, seed=3, prefetch_batches=0)
+
+    def order(epoch: int) -> list[int]:
+        batches = _epoch_batches(_split(data, phantoms), train, skip=np.zeros(0), epoch=epoch)
+        return np.concatenate([b["row_key"].numpy() for b in batches]).tolist()
+
+    assert order(1) == order(1)  # a new launch resuming epoch 1 mixes as epoch 1 did
+    assert order(0) != order(1)
+
+
+def test_default_shuffle_buffer_mixes_studies_in_a_micro_batch(ray_cluster, tmp_path):
+    """Ingest stores rows by path, so a row group is a run of one patient's images; the
+    default buffer must give micro-batches that mix patients."""
+    corpus = tmp_path / "c"
+    with CorpusWriter(corpus, made_by={"command": "test"}, row_group_rows=20) as writer:
+        for patient in range(12):
+            for i in range(20):
+                pixels = np.full((16, 16), patient + 1, np.uint8)
+                writer.add({"image_id": f"p{patient:02d}_{i:02d}", "pixels": pixels})
+    data = DataConfig(resolution=16, shuffle_seed=0)
+    train = TrainConfig(micro_batch_size=8)
+    batches = list(_epoch_batches(_split(data, corpus), train, skip=np.zeros(0, np.int64)))
+    patients = [len(np.unique(b["image"][:, 0, 0, 0].numpy())) for b in batches]
+    assert len(batches) == 30
+    assert np.mean(patients) >= 5, patients  # without a buffer: 1 or 2 a micro-batch

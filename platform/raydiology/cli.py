@@ -74,9 +74,18 @@ def run(
     cluster: Annotated[
         str | None, typer.Option(help="overlay ray_configs/NAME.yaml's scaling (a800, a100)")
     ] = None,
+    allow_changes: Annotated[
+        str | None,
+        typer.Option(
+            "--allow-changes",
+            help="resume a run under these changed settings, e.g. train.max_steps,"
+            "train.checkpoint_every (a section allows the keys under it)",
+        ),
+    ] = None,
 ) -> None:
-    """Train an experiment on Ray Train + DeepSpeed; rerun with the same name to resume."""
-    from raydiology.train.launch import run_experiment
+    """Train an experiment on Ray Train + DeepSpeed; rerun with the same name to resume
+    (changed settings are refused unless --allow-changes lists them)."""
+    from raydiology.train.launch import ChangedSettings, run_experiment
 
     if cluster:  # the preset's scaling goes first, so an explicit --set still wins
         from raydiology.cluster.presets import load_preset
@@ -87,7 +96,20 @@ def run(
             err.print(f"[red]invalid cluster preset {cluster}[/]: {e}")
             raise typer.Exit(2) from None
     exp = _load(experiment, profile, set_)
-    run_experiment(exp, address=address, dashboard_host=dashboard_host, console=console)
+    allowed = [k.strip() for k in (allow_changes or "").split(",") if k.strip()]
+    try:
+        run_experiment(
+            exp,
+            address=address,
+            dashboard_host=dashboard_host,
+            console=console,
+            allow_changes=allowed,
+        )
+    except ChangedSettings as e:
+        from rich.markup import escape
+
+        err.print(f"[red]refused[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @model_app.command("params")
@@ -132,8 +154,26 @@ def ingest(
     resize: Annotated[str, typer.Option(help="pad | stretch | shortest")] = "pad",
     bit_depth: Annotated[int, typer.Option(help="8 or 16")] = 8,
     near_dup_distance: Annotated[
-        int, typer.Option(help="perceptual-hash bits for near duplicates; -1 = exact only")
-    ] = 6,
+        int,
+        typer.Option(
+            help="perceptual-hash bits for near duplicates (0: same hash; larger values drop "
+            "distinct films in big corpora, see `bench dedup`); -1 = exact only"
+        ),
+    ] = 0,  # dedup.DEFAULT_MAX_DISTANCE
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(
+            help="keep DICOMs whose header says BurnedInAnnotation YES (text such as names "
+            "may be burned into the pixels); quarantined by default"
+        ),
+    ] = False,
+    clip_percentile: Annotated[
+        float | None,
+        typer.Option(
+            help="clip each image to its P..100-P percentiles and stretch (0 <= P < 50); "
+            "default: none, intensities keep the source's bit depth"
+        ),
+    ] = None,
     reports: Annotated[
         list[str] | None,
         typer.Option(
@@ -148,7 +188,10 @@ def ingest(
     ] = "RAYDIOLOGY_INGEST_SALT",
     source_map: Annotated[
         bool,
-        typer.Option(help="also write source_map.csv (image id -> file; may identify patients)"),
+        typer.Option(
+            help="also write source_map.csv (image id -> file) and source paths in "
+            "quarantine.jsonl / duplicates.jsonl (paths may identify patients)"
+        ),
     ] = False,
     attribution: Annotated[
         str | None, typer.Option(help="credit the images' licence requires; shown under pictures")
@@ -156,6 +199,9 @@ def ingest(
     address: Annotated[str | None, typer.Option(help="Ray cluster; default: a local Ray")] = None,
     chunk_rows: Annotated[int, typer.Option(help="files per decode task")] = 256,
     shard_rows: Annotated[int, typer.Option(help="images per shard (one write task each)")] = 1024,
+    shuffle_seed: Annotated[
+        int, typer.Option(help="seed of the stored row order (studies kept together)")
+    ] = 0,
 ) -> None:
     """Turn hospital exports into a clean corpus: decode, de-identify, deduplicate, shard."""
     import os
@@ -172,23 +218,30 @@ def ingest(
     if chunk_rows < 1 or shard_rows < 1:
         err.print("[red]--chunk-rows and --shard-rows must be positive[/]")
         raise typer.Exit(2)
+    if clip_percentile is not None and not 0 <= clip_percentile < 50:
+        err.print(f"[red]--clip-percentile {clip_percentile}: expected 0 <= P < 50[/]")
+        raise typer.Exit(2)
     joined = report_columns(_read_reports(reports or []), clean=clean_reports) if reports else None  # type: ignore[arg-type]
     connect_ray(address, dashboard_host="127.0.0.1", console=err)
-    summary = ingest_images(
-        list(sources),
-        out,
-        size=size,
-        resize=resize,  # type: ignore[arg-type]  # checked just above
-        bit_depth=bit_depth,  # type: ignore[arg-type]
-        salt=os.environ.get(salt_env, ""),
-        attribution=attribution,
-        near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
-        reports=joined,
-        write_source_map=source_map,
-        chunk_rows=chunk_rows,
-        shard_rows=shard_rows,
-        parallel=True,
-    )
+    with user_errors():  # e.g. DICOM without a salt, or --out holding another ingest
+        summary = ingest_images(
+            list(sources),
+            out,
+            size=size,
+            resize=resize,  # type: ignore[arg-type]  # checked just above
+            bit_depth=bit_depth,  # type: ignore[arg-type]
+            salt=os.environ.get(salt_env, ""),
+            attribution=attribution,
+            near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
+            reports=joined,
+            write_source_map=source_map,
+            chunk_rows=chunk_rows,
+            shard_rows=shard_rows,
+            allow_burned_in=allow_burned_in,
+            clip_percentile=clip_percentile,
+            shuffle_seed=shuffle_seed,
+            parallel=True,
+        )
     if summary.skipped_chunks == -1:
         console.print(f"{out} already holds this ingest; nothing to do")
     elif summary.skipped_chunks or summary.skipped_shards:
@@ -259,6 +312,21 @@ def corpus_stats(
     print(json.dumps(counts, indent=2) if json_out else stats.format_stats(counts))
     path = stats.contact_sheet(corpus, sheet or Path(corpus) / "contact_sheet.png", n=n, seed=seed)
     err.print(f"contact sheet: {path}")
+
+
+@corpus_app.command("verify")
+def corpus_verify(corpus: Annotated[Path, typer.Argument(help="corpus folder")]) -> None:
+    """Check every shard's sha256 against the manifest and that each row group is readable;
+    exit 1 naming each bad shard."""
+    from raydiology.data.corpus import CorpusError, verify_corpus
+
+    try:
+        manifest = verify_corpus(corpus, progress=True)
+    except CorpusError as e:  # not markup: the message may hold brackets
+        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"{corpus}: {len(manifest.shards)} shard(s), {manifest.rows} rows: sha256 and "
+                  "every row group check out", soft_wrap=True)  # fmt: skip
 
 
 @bench_app.command("data")
@@ -347,6 +415,21 @@ def bench_scan(
         device=device, batch=batch, length=length, dim=dim, dtype=dtype, repeats=repeats
     )
     err.print(format_table(report))
+    print(json.dumps(report, indent=2))
+
+
+@bench_app.command("dedup")
+def bench_dedup(
+    phantoms: Annotated[int, typer.Option(help="phantom images among the distinct set")] = 200,
+    max_bits: Annotated[int, typer.Option(help="largest threshold in the table")] = 16,
+) -> None:
+    """Near-duplicate threshold: distinct images dropped and copies caught, per Hamming bits
+    (needs ../shared/data/hannover-cxr and pydicom-data). Table on stderr, JSON on stdout."""
+    from raydiology.bench.dedup import HANNOVER, format_table, run_dedup_benchmark
+
+    with user_errors():
+        report = run_dedup_benchmark(hannover=HANNOVER, phantoms=phantoms, max_bits=max_bits)
+    print(format_table(report), file=sys.stderr)  # not rich: it would wrap the table
     print(json.dumps(report, indent=2))
 
 

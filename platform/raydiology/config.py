@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,10 @@ class DataConfig:
     std: tuple[float, ...] = (0.5,)
     splits: tuple[str, ...] | None = None  # keep rows whose `split` is one of these; null = all
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # How a non-square stored image becomes the R x R input, per image whatever its batch:
+    # "pad" (zero-pad to square, content centred: ingest's default), "stretch" (resize each
+    # axis), "crop" (the centred square). Square images come out the same under all three.
+    fit: Literal["pad", "stretch", "crop"] = "pad"
     shuffle_seed: int | None = 0  # shard order shuffle per epoch; null = manifest order
     decode_batch_size: int = 16  # rows per Ray Data map_batches call
     decode_concurrency: int | None = None  # decode tasks in flight; null = Ray Data decides
@@ -93,6 +98,9 @@ class DataConfig:
                 f"{self.channels} value(s), one per channel",
             )
         check(all(s > 0 for s in self.std), f"{key}.std", list(self.std), "positive values")
+        check(
+            self.fit in ("pad", "stretch", "crop"), f"{key}.fit", self.fit, "pad, stretch or crop"
+        )
         check(
             self.decode_pool in ("tasks", "actors"),
             f"{key}.decode_pool",
@@ -139,6 +147,8 @@ class OptimizerConfig:
 
     def validate(self, key: str) -> None:
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
+        # eps keeps Adam's update finite where a gradient's second moment is 0
+        check(self.eps > 0, f"{key}.eps", self.eps, "a positive number (e.g. 1e-8)")
         check(
             all(0 <= b < 1 for b in self.betas),
             f"{key}.betas",
@@ -156,6 +166,7 @@ class ScheduleConfig:
 
     def validate(self, key: str) -> None:
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
+        check(self.min_lr >= 0, f"{key}.min_lr", self.min_lr, ">= 0")
 
 
 @dataclass(kw_only=True)
@@ -176,7 +187,11 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     prefetch_batches: int = 2
-    local_shuffle_buffer: int = 0  # rows; 0 = file-level shuffle only (buffers cost speed)
+    # Rows each worker shuffles before cutting micro-batches (0 = row-group order only). A
+    # 1280-px row group holds ~20 images of neighbouring paths (one patient or series), so
+    # 512 rows span ~25 row groups and a micro-batch of 8 comes from ~7 different ones;
+    # it holds 512 decoded images per worker (0.8 GB at 1280 px uint8).
+    local_shuffle_buffer: int = 512
     reconstruction_images: int = 4  # rows in reconstruction.png
     # Ranks agree on how many micro-batches an epoch has once per this many (read ahead),
     # not per micro-batch: each agreement is a collective and a host sync.
@@ -208,6 +223,18 @@ class TrainConfig:
         )
         check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, ">= 0 (0 = off)")
         check(self.sync_every >= 1, f"{key}.sync_every", self.sync_every, "at least 1")
+        check(
+            self.schedule.warmup_steps <= self.max_steps,
+            f"{key}.schedule.warmup_steps",
+            self.schedule.warmup_steps,
+            f"at most train.max_steps ({self.max_steps})",
+        )
+        check(
+            self.schedule.min_lr <= self.optimizer.lr,
+            f"{key}.schedule.min_lr",
+            self.schedule.min_lr,
+            f"at most train.optimizer.lr ({self.optimizer.lr:g})",
+        )
 
 
 @dataclass(kw_only=True)
@@ -226,6 +253,7 @@ class ScalingSection:
     def validate(self, key: str) -> None:
         check(self.num_workers >= 1, f"{key}.num_workers", self.num_workers, "at least 1")
         check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "> 0")
+        check(self.gpus_per_worker > 0, f"{key}.gpus_per_worker", self.gpus_per_worker, "> 0")
         for name, amount in (self.resources_per_worker or {}).items():
             check(
                 isinstance(name, str) and bool(name) and name not in ("CPU", "GPU"),
@@ -255,6 +283,8 @@ class OutputConfig:
     name: str | None = None  # run name; null = the experiment name. Same name = resume.
 
     def validate(self, key: str) -> None:
+        if self.name is not None:
+            check_run_name(self.name, f"{key}.name")
         scheme, sep, rest = self.dir.partition("://")
         check(
             not sep or scheme != "file" or rest.startswith("/"),
@@ -262,6 +292,21 @@ class OutputConfig:
             self.dir,
             "a path, an absolute file:// URI (file:///mnt/runs) or a storage URI (s3://...)",
         )
+
+
+# A run name is one folder under output.dir (and a Ray Train run name): one plain path
+# component, never `..`, a separator or a leading dot.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_run_name(name: Any, key: str) -> None:
+    check(
+        isinstance(name, str) and _RUN_NAME.fullmatch(name) is not None,
+        key,
+        name,
+        "a run name of letters, digits, '.', '_' and '-' (one folder name, starting with a "
+        "letter or digit)",
+    )
 
 
 @dataclass
@@ -328,6 +373,8 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     sections: dict[str, Any] = {
         key: from_dict(cls, raw.get(key), key) for key, cls in _SECTIONS.items()
     }
+    if sections["output"].name is None:  # the run's folder is named after the experiment
+        check_run_name(raw["name"], "name")
     exp = Experiment(
         name=raw["name"],
         description=raw.get("description", ""),

@@ -7,11 +7,16 @@ file fails before Ray starts rather than an hour into a run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, TypeVar, Union
 
 C = TypeVar("C")
+
+# PyYAML follows YAML 1.1, whose float pattern needs a dot and a signed exponent: `1e-4`
+# and `+1e3` arrive as strings. Float fields take any decimal float a person would write.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -87,6 +92,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:  # `X | None`: X's own error, naming the key inside it
+            return _coerce(kinds[0], value, key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -123,6 +131,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, value, "a mapping")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is float:  # values only: keys get their own checks
+            return {k: _coerce(float, v, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -133,6 +144,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, value, "an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")
         return float(value)

@@ -62,7 +62,8 @@ def check_run(name: str, out: Path, *, smoke: bool, steps: int) -> dict[str, Any
     if not smoke:  # the phantom corpus at the experiment's own resolution
         sets.append(f"data.phantom.size={_resolution(path, extra)}")
     first = _cli(["run", *base, *_sets(sets)])
-    resumed = _cli(["run", *base, *_sets([*sets, f"train.max_steps={steps + 5}"])])
+    longer = [*_sets([*sets, f"train.max_steps={steps + 5}"]), "--allow-changes", "train.max_steps"]
+    resumed = _cli(["run", *base, *longer])
     run_dir = out / "runs" / f"gpu-{name}"
     rows = _metrics(run_dir)
     trained = [r for r in rows if r.get("step", 0) <= steps]

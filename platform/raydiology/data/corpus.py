@@ -504,20 +504,70 @@ def read_manifest(corpus_dir: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def verify_corpus(corpus_dir: str | os.PathLike) -> Manifest:
-    """Recompute every shard's sha256 against the manifest (reads all bytes once)."""
+def verify_corpus(corpus_dir: str | os.PathLike, *, progress: bool = False) -> Manifest:
+    """Check every shard against the manifest: present, its sha256 as recorded, and readable
+    by pyarrow row group by row group, with the recorded rows, columns and pixel lengths.
+    Reads all bytes twice (hash, then decode). Raises CorpusError naming every bad shard,
+    one per line, after checking all of them."""
     manifest = read_manifest(corpus_dir)
-    for shard in manifest.shards:
-        path = Path(corpus_dir) / shard.path
-        if not path.is_file():
-            raise CorpusError(f"{corpus_dir}: shard {shard.path} is missing")
-        actual = file_sha256(path)
-        if actual != shard.sha256:
-            raise CorpusError(
-                f"{corpus_dir}: shard {shard.path} has sha256 {actual[:12]}…, manifest says "
-                f"{shard.sha256[:12]}…; the file changed or was copied incompletely"
-            )
+    root = Path(corpus_dir)
+    problems = []
+    shards = progress_iter(manifest.shards, enabled=progress, description="verifying shards",
+                           total=len(manifest.shards))  # fmt: skip
+    for shard in shards:
+        found = _shard_problems(root / shard.path, shard, manifest)
+        if found:
+            problems.append(f"shard {shard.path}: {'; '.join(found)}")
+    if problems:
+        raise CorpusError(
+            f"{corpus_dir}: {len(problems)} of {len(manifest.shards)} shard(s) bad:\n  "
+            + "\n  ".join(problems)
+        )
     return manifest
+
+
+def _shard_problems(path: Path, shard: ShardInfo, manifest: Manifest) -> list[str]:
+    """What is wrong with one shard (nothing: an empty list)."""
+    if not path.is_file():
+        return ["is missing"]
+    problems = []
+    actual = file_sha256(path)
+    if actual != shard.sha256:
+        problems.append(
+            f"has sha256 {actual[:12]}…, manifest says {shard.sha256[:12]}…; the file changed "
+            "or was copied incompletely"
+        )
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+        return [*problems, f"unreadable Parquet footer ({type(e).__name__}: {e})"]
+    names = file.schema_arrow.names
+    if names != list(manifest.columns):
+        problems.append(f"columns {names} differ from the manifest's {list(manifest.columns)}")
+    if file.metadata.num_rows != shard.rows:
+        problems.append(f"holds {file.metadata.num_rows} rows, manifest says {shard.rows}")
+    for group in range(file.num_row_groups):
+        try:
+            table = file.read_row_group(group)
+            if "pixels" in names:
+                _check_pixel_lengths(table)
+        except Exception as e:  # a decode error of any kind means the shard is bad
+            problems.append(f"row group {group} unreadable ({type(e).__name__}: {e})")
+    return problems
+
+
+def _check_pixel_lengths(table: pa.Table) -> None:
+    """Every pixels blob holds height * width values of its dtype."""
+    import pyarrow.compute as pc
+
+    itemsize = np.array([_DTYPES[d].itemsize if d in _DTYPES else 0
+                         for d in table.column("dtype").to_pylist()])  # fmt: skip
+    want = table.column("height").to_numpy() * table.column("width").to_numpy() * itemsize
+    got = pc.binary_length(table.column("pixels")).to_numpy()
+    bad = np.flatnonzero(got != want)
+    if len(bad):
+        image_id = table.column("image_id")[int(bad[0])].as_py()
+        raise CorpusError(f"{image_id}: pixels hold {got[bad[0]]} bytes, not {want[bad[0]]}")
 
 
 def shard_paths(corpus_dir: str | os.PathLike) -> list[str]:

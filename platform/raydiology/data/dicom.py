@@ -8,7 +8,24 @@ is read, and decoder messages are scrubbed before they become a quarantine reaso
 
 The pixel pipeline follows the DICOM grayscale display chain (PS3.4 N.2.1.1): stored values
 -> modality LUT (rescale) -> VOI LUT or window -> MONOCHROME1 inverted, so that every stored
-image shows dense structures bright, as PNG radiographs do.
+image shows dense structures bright, as PNG radiographs do. The result is scaled by the
+intensity rule shared with PNGs (`raydiology.data.images`): the range is the display chain's
+output for the lowest and highest value BitsStored allows (a window maps onto its full output
+range; without one the rescaled stored range counts), never the image's own min..max;
+PixelPaddingValue pixels (PS3.3 C.7.5.1.1.2, with PixelPaddingRangeLimit a range, both in
+stored values) are excluded from statistics and stored black.
+
+Files whose header says BurnedInAnnotation YES (0028,0301) are refused unless the caller
+allows them: text burned into the pixels (names, dates, accession numbers) would otherwise
+reach the shards and every picture drawn from them. A file without the element is kept, as
+most CR/DX headers leave it out.
+
+Transfer syntaxes that decode with the declared dependencies (pydicom 3 with pylibjpeg,
+pylibjpeg-openjpeg and pylibjpeg-libjpeg): Implicit/Explicit VR Little Endian, Explicit VR
+Big Endian, Deflated Explicit VR Little Endian, RLE Lossless, JPEG Baseline and Extended
+(1.2.840.10008.1.2.4.50/.51), JPEG Lossless (.57 and .70, the usual PACS lossless syntax),
+JPEG-LS Lossless and Near-Lossless (.80/.81) and JPEG 2000 (.90/.91, HTJ2K .201-.203). Any other
+(MPEG, HEVC, JPIP, ...) is quarantined with a reason naming the syntax.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.valuerep import PersonName
 
 from raydiology.data.errors import BadImage
+from raydiology.data.images import to_presentation
 
 METADATA_KEYS = ("view", "anatomy", "sex", "age_group", "modality", "manufacturer")
 
@@ -147,7 +165,7 @@ class LoadedImage:
     stored or logged.
     """
 
-    pixels: np.ndarray  # (H, W) uint16, stretched over the image's own range after VOI
+    pixels: np.ndarray  # (H, W) uint16 0..65535 under the intensity rule (module docstring)
     metadata: dict[str, str | None]  # exactly METADATA_KEYS; None where the header is silent
     uid: str | None  # SOPInstanceUID
 
@@ -168,8 +186,16 @@ def is_dicom(path: str | os.PathLike) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def load_dicom(path: str | os.PathLike) -> LoadedImage:
+def load_dicom(
+    path: str | os.PathLike,
+    *,
+    allow_burned_in: bool = False,
+    clip_percentile: float | None = None,
+) -> LoadedImage:
     """Decode one single-frame grayscale DICOM; raises BadImage with the reason.
+
+    `allow_burned_in` keeps files flagged BurnedInAnnotation YES (refused by default);
+    `clip_percentile` is the intensity rule's optional clip (see `images.to_presentation`).
 
     Multi-frame files are refused rather than cut to frame 0: a projection radiograph is one
     frame, and several frames mean cine, tomosynthesis or a stack that does not belong in a
@@ -188,7 +214,13 @@ def load_dicom(path: str | os.PathLike) -> LoadedImage:
             # pydicom drops an element cut short (encapsulated pixel data, say) with only a
             # warning; without this the file would be misreported as having no pixel data.
             raise BadImage("truncated file: it ends inside a data element")
-        pixels = _presentation_pixels(ds)
+        if not allow_burned_in and _code(ds, "BurnedInAnnotation") == "YES":
+            # The reason names the flag only: the annotation itself may be a patient's name.
+            raise BadImage(
+                "burned-in annotation: the header flags text in the pixels "
+                "(--allow-burned-in keeps such files)"
+            )
+        pixels = _presentation_pixels(ds, clip_percentile)
         metadata = _metadata(ds)
         uid = _text(ds, "SOPInstanceUID")
     return LoadedImage(pixels=pixels, metadata=metadata, uid=uid)
@@ -216,8 +248,8 @@ def phi_values(dataset: Dataset) -> set[str]:
     return found
 
 
-def _presentation_pixels(ds: Dataset) -> np.ndarray:
-    """Header checks first (cheap), then decode, modality LUT, VOI, invert, stretch."""
+def _presentation_pixels(ds: Dataset, clip_percentile: float | None) -> np.ndarray:
+    """Header checks first (cheap), then decode, display chain, intensity rule."""
     if "PixelData" not in ds:
         raise BadImage("no pixel data")
     _check_transfer_syntax(ds)
@@ -240,6 +272,30 @@ def _presentation_pixels(ds: Dataset) -> np.ndarray:
         raise BadImage(f"not a 2-D image (shape {stored.shape})")
     _check_size(*stored.shape)
 
+    values = _display_chain(stored, ds)
+    if not np.isfinite(values).all():
+        raise BadImage("non-finite values after rescale (bad slope/intercept)")
+    # The range is what the chain makes of the stored range's two ends (see module docstring).
+    ends = _display_chain(_stored_range(ds, stored.dtype), ds)
+    if not np.isfinite(ends).all():
+        raise BadImage("non-finite values after rescale (bad slope/intercept)")
+    lo, hi = float(ends.min()), float(ends.max())
+    if lo == hi:  # a constant modality LUT, or a window whose ends coincide
+        lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        raise BadImage("zero variance after rescale and windowing")
+    return to_presentation(
+        values,
+        lo,
+        hi,
+        invert=photometric == "MONOCHROME1",  # low values are bright in MONOCHROME1
+        padding=_padding(ds, stored),
+        clip_percentile=clip_percentile,
+    )
+
+
+def _display_chain(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT (rescale) then VOI LUT or the first window, as float64."""
     try:
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except (ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
@@ -247,15 +303,28 @@ def _presentation_pixels(ds: Dataset) -> np.ndarray:
     # A malformed window or VOI LUT keeps the full range (see load_dicom).
     with suppress(ValueError, TypeError, IndexError, AttributeError):
         values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-    if photometric == "MONOCHROME1":
-        values = -values  # low values are bright in MONOCHROME1; the stretch below re-bases
-    if not np.isfinite(values).all():
-        raise BadImage("non-finite values after rescale (bad slope/intercept)")
-    lo, hi = float(values.min()), float(values.max())
-    if lo == hi:
-        raise BadImage("zero variance after rescale and windowing")
-    scaled = np.round((values - lo) * (65535.0 / (hi - lo)))
-    return scaled.astype(np.uint16)
+    return values
+
+
+def _stored_range(ds: Dataset, dtype: np.dtype) -> np.ndarray:
+    """The lowest and highest stored value BitsStored and PixelRepresentation allow."""
+    bits = min(_int(ds, "BitsStored", default=8 * dtype.itemsize), 8 * dtype.itemsize)
+    if bits < 1:
+        raise BadImage("BitsStored is not positive")
+    if _int(ds, "PixelRepresentation", default=0) == 1:
+        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], dtype=dtype)
+    return np.array([0, 2**bits - 1], dtype=dtype)
+
+
+def _padding(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Mask of stored values equal to PixelPaddingValue (or within PixelPaddingRangeLimit)."""
+    if _text(ds, "PixelPaddingValue") is None:
+        return None
+    first = _int(ds, "PixelPaddingValue", default=0)
+    last = _int(ds, "PixelPaddingRangeLimit", default=first)
+    low, high = min(first, last), max(first, last)
+    mask = (stored >= low) & (stored <= high)
+    return mask if mask.any() else None
 
 
 def _check_transfer_syntax(ds: Dataset) -> None:

@@ -3,10 +3,14 @@
 Three stages, so that a million-image hospital export is processed in parallel, survives a
 crash, and is deduplicated across all of it:
 
-1. decode (parallel, Ray tasks when Ray is up): each chunk of files is loaded (DICOM or PIL),
-   converted to the corpus bit depth, resized, hashed (content sha256 + perceptual hash) and
-   written to `staging/chunk-NNNNN.parquet`; a finished chunk has a `.json` beside it and is
-   skipped when the ingest runs again;
+1. decode (parallel, Ray tasks when Ray is up): the files are put in a seeded random order
+   that keeps each study's views together (so a row group mixes patients and series instead
+   of holding one folder), then each chunk of files is loaded (DICOM or PIL), converted to
+   the corpus bit depth, resized, hashed (content sha256 + perceptual hash) and written to
+   `staging/chunk-NNNNN.parquet`; a finished chunk has a `.json` beside it, keyed by a digest
+   of its exact files (path, name, size, mtime, position) and the options, and is skipped
+   when the ingest runs again with the same files in the same place: a changed file list
+   redoes the chunks it touches and never mixes old rows with new indices;
 2. deduplicate (driver): exact duplicates by content hash, near duplicates by perceptual hash;
 3. write (parallel like decoding): the driver plans the shards from light columns only (which
    kept row goes to which shard and row group, exactly as `CorpusWriter` would cut them, and
@@ -18,8 +22,11 @@ crash, and is deduplicated across all of it:
 A bad file never stops an ingest: it goes to `quarantine.jsonl` with its reason, and
 found == ingested + quarantined + duplicates. Nothing from a DICOM header but the few
 metadata columns is kept, ids are salted hashes, and logs carry counts, never header values
-or paths. The mapping from ids back to files is written only when asked for
-(`source_map.csv`), because file names can identify patients.
+or paths. Side files (`quarantine.jsonl`, `duplicates.jsonl`) name files by hashed ids and
+carry scrubbed reasons; paths, and the mapping from ids back to files (`source_map.csv`),
+are written only when asked for, because file names can identify patients. Without a salt,
+PNG/JPEG ids can be recomputed from public file names (a warning), and DICOM input is
+refused.
 """
 
 from __future__ import annotations
@@ -57,13 +64,24 @@ from raydiology.data.corpus import (
     write_shard,
 )
 from raydiology.data.errors import BadImage
-from raydiology.data.images import ResizeMode, fit_square, load_image, to_bit_depth
+from raydiology.data.images import (
+    ResizeMode,
+    check_clip_percentile,
+    fit_square,
+    load_image,
+    to_bit_depth,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 QUARANTINE_NAME = "quarantine.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
 SOURCE_MAP_NAME = "source_map.csv"
 STAGING_DIR = "staging"
+DEFAULT_SHUFFLE_SEED = 0
+SALT_HELP = (
+    "set a secret in the environment variable RAYDIOLOGY_INGEST_SALT (or the one "
+    "`raydiology ingest --salt-env NAME` names), or pass salt= to ingest_images"
+)
 
 if TYPE_CHECKING:
     from raydiology.data.reports import ReportRecord
@@ -91,7 +109,10 @@ class IngestOptions:
     size: int = 1024
     resize: ResizeMode = "pad"
     bit_depth: Literal[8, 16] = 8
-    near_duplicate_distance: int | None = 6  # perceptual-hash bits; None = exact duplicates only
+    # perceptual-hash bits (dedup.DEFAULT_MAX_DISTANCE, measured); None = exact duplicates only
+    near_duplicate_distance: int | None = 0
+    allow_burned_in: bool = False  # keep DICOMs flagged BurnedInAnnotation YES
+    clip_percentile: float | None = None  # intensity rule's optional clip (data/images.py)
 
     def fingerprint(self, salt: str) -> str:
         blob = json.dumps({**asdict(self), "salt": salt}, sort_keys=True).encode()
@@ -112,9 +133,9 @@ def find_sources(sources: list[str | Path]) -> list[SourceFile]:
     """Every image under `sources`, sorted for determinism.
 
     A source is a folder (searched recursively for PNG/JPEG/DICOM, including DICOM files
-    without an extension), a single image file, or a CSV file list with a `path` column
-    (relative paths resolve against the CSV's folder) and optional metadata columns
-    (report, view, sex, age_group, anatomy, split, label_*).
+    without an extension or named by UID), a single image file, or a CSV file list with a
+    `path` column (relative paths resolve against the CSV's folder) and optional metadata
+    columns (report, view, sex, age_group, anatomy, split, study_id, label_*).
     """
     from raydiology.data.dicom import is_dicom
 
@@ -130,7 +151,9 @@ def find_sources(sources: list[str | Path]) -> list[SourceFile]:
                 p
                 for p in root.rglob("*")
                 if p.is_file()
-                and (p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and is_dicom(p)))
+                # PACS exports name files by UID ("1.2.840.113619.2.55"): any other suffix
+                # is checked for the DICOM magic (132 bytes), so none is silently left out.
+                and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p))
             ]
             found += sorted(
                 (SourceFile(str(p), p.relative_to(root).as_posix()) for p in files),
@@ -182,24 +205,67 @@ def _read_file_list(path: Path) -> list[SourceFile]:
 
 
 def image_id_for(key: str, salt: str, uid: str | None = None) -> str:
-    """Stable id that reveals neither the path nor the SOP instance UID."""
+    """Stable id that reveals neither the path nor the SOP instance UID (as long as the salt
+    is secret). Side files name a file that has no image by `image_id_for(key, salt)`."""
     return hashlib.sha256(f"{salt}\0{key}\0{uid or ''}".encode()).hexdigest()[:16]
+
+
+def shuffled(
+    files: list[SourceFile], reports: Mapping[str, Mapping[str, str | None]], seed: int
+) -> list[SourceFile]:
+    """`files` in a seeded random order that keeps the views of one study together (in
+    their listed order): rows are stored in this order, so a row group, which the pipeline
+    reads as one unit, mixes patients and series instead of holding one folder. The order
+    is a sort by a hash of (seed, study or file name), so it is the same for the same files
+    and seed, and adding a file moves only the files after it."""
+
+    def rank(source: SourceFile) -> bytes:
+        study = _study_of(source, reports)
+        unit = f"study\0{study}" if study else f"file\0{source.key}"
+        return hashlib.sha256(f"{seed}\0{unit}".encode()).digest()
+
+    return sorted(files, key=rank)  # stable: ties keep the listed order
+
+
+def _study_of(source: SourceFile, reports: Mapping[str, Mapping[str, str | None]]) -> str | None:
+    """The study a file belongs to: a joined report's, else its file list's `study_id`."""
+    return _joined(source.key, reports).get("study_id") or source.metadata.get("study_id")
+
+
+def _list_digest(files: list[SourceFile]) -> str:
+    """sha256 of the file list as found (paths, names, list metadata)."""
+    digest = hashlib.sha256()
+    for source in files:
+        blob = json.dumps([source.path, source.key, source.metadata], sort_keys=True)
+        digest.update(blob.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _is_dicom_source(source: SourceFile) -> bool:
+    from raydiology.data.dicom import is_dicom
+
+    suffix = Path(source.path).suffix.lower()
+    if suffix in (".dcm", ".dicom"):
+        return True
+    return suffix not in IMAGE_SUFFIXES and is_dicom(source.path)
 
 
 # ----------------------------------------------------------------------------- stage 1
 
 
-def load_any(path: str) -> tuple[np.ndarray, dict[str, Any], str | None]:
+def load_any(
+    path: str, *, allow_burned_in: bool = False, clip_percentile: float | None = None
+) -> tuple[np.ndarray, dict[str, Any], str | None]:
     """(pixels, metadata, DICOM UID) for a DICOM or PNG/JPEG file; BadImage otherwise."""
     from raydiology.data.dicom import is_dicom, load_dicom
 
     if os.path.getsize(path) == 0:
         raise BadImage("empty file (0 bytes)")
     if is_dicom(path) or Path(path).suffix.lower() in (".dcm", ".dicom"):
-        loaded = load_dicom(path)
+        loaded = load_dicom(path, allow_burned_in=allow_burned_in, clip_percentile=clip_percentile)
         metadata = {k: v for k, v in loaded.metadata.items() if v is not None}
         return loaded.pixels, metadata, loaded.uid
-    return load_image(path), {}, None
+    return load_image(path, clip_percentile=clip_percentile), {}, None
 
 
 _STAGED_GROUP_ROWS = 16
@@ -230,25 +296,30 @@ def decode_chunk(
     from raydiology.data.dedup import perceptual_hash
 
     done = Path(staging) / f"chunk-{chunk:05d}.json"
-    fingerprint = options.fingerprint(salt)
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("fingerprint") == fingerprint:
-            return {**result, "skipped": True}
+    digest = _chunk_digest(files, first_index, options.fingerprint(salt))
+    result = _read_marker(done)
+    if result is not None and result.get("digest") == digest:
+        return {**result, "skipped": True}
     rows: dict[str, list] = {name: [] for name in _STAGING_SCHEMA.names}
     quarantined = []
     for offset, source in enumerate(files):
         index = first_index + offset
         try:
-            pixels, metadata, uid = load_any(source.path)
+            pixels, metadata, uid = load_any(
+                source.path,
+                allow_burned_in=options.allow_burned_in,
+                clip_percentile=options.clip_percentile,
+            )
             stored = fit_square(
                 to_bit_depth(pixels, options.bit_depth), options.size, options.resize
             )
         except BadImage as e:
-            quarantined.append({"file_index": index, "reason": str(e)})
+            quarantined.append({"file_index": index, "reason": _scrub(str(e), source)})
             continue
         except Exception as e:  # a decoder bug must not end a night's ingest either
-            quarantined.append({"file_index": index, "reason": f"{type(e).__name__}: {e}"})
+            # Its message may quote header values or the path: only the type is kept.
+            reason = f"{type(e).__name__}: unexpected decoder error (details withheld)"
+            quarantined.append({"file_index": index, "reason": reason})
             continue
         rows["file_index"].append(index)
         rows["image_id"].append(image_id_for(source.key, salt, uid))
@@ -267,10 +338,53 @@ def decode_chunk(
     # Small row groups: a shard task then reads only the row groups holding its rows.
     pq.write_table(table, f"{parquet}.tmp", compression="lz4", row_group_size=_STAGED_GROUP_ROWS)
     os.replace(f"{parquet}.tmp", parquet)
-    result = {"chunk": chunk, "fingerprint": fingerprint, "rows": table.num_rows,
+    result = {"chunk": chunk, "digest": digest, "rows": table.num_rows,
               "quarantined": quarantined}  # fmt: skip
-    done.write_text(json.dumps(result))  # written last: marks the chunk finished
+    _write_marker(done, result)  # written last: marks the chunk finished
     return {**result, "skipped": False}
+
+
+def _chunk_digest(files: list[SourceFile], first_index: int, fingerprint: str) -> str:
+    """What a staged chunk holds: the options, its position in the file list, and each
+    file's path, name, list metadata, size and mtime (a file replaced in place is decoded
+    again). Stat runs here, in the decode task, so a million files cost the driver nothing."""
+    digest = hashlib.sha256(f"{fingerprint}\0{first_index}".encode())
+    for source in files:
+        try:
+            stat = os.stat(source.path)
+            seen = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            seen = [-1, -1]  # missing: quarantined by the decode, redone if it appears
+        blob = json.dumps([source.path, source.key, source.metadata, seen], sort_keys=True)
+        digest.update(blob.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _write_marker(path: Path, record: dict[str, Any]) -> None:
+    """Write a done marker whole or not at all (temp file + rename): a crash mid-write must
+    not leave a truncated marker behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """A done marker, or None when there is none or it is unreadable (e.g. truncated by a
+    crash of an older version): its chunk or shard is then simply done again."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _scrub(reason: str, source: SourceFile) -> str:
+    """A quarantine reason without the file's path or name (decoders such as PIL quote
+    them; hospital paths carry patient ids)."""
+    for text in (source.path, source.key, Path(source.path).name):
+        if text:
+            reason = reason.replace(text, "<file>")
+    return reason
 
 
 def _run_chunks(
@@ -349,11 +463,14 @@ def ingest_images(
     bit_depth: Literal[8, 16] = 8,
     salt: str = "",
     attribution: str | None = None,
-    near_duplicate_distance: int | None = 6,
+    near_duplicate_distance: int | None = 0,  # dedup.DEFAULT_MAX_DISTANCE
+    allow_burned_in: bool = False,
+    clip_percentile: float | None = None,
     reports: Mapping[str, Mapping[str, str | None]] | None = None,
     write_source_map: bool = False,
     chunk_rows: int = 256,
     shard_rows: int = 1024,
+    shuffle_seed: int = DEFAULT_SHUFFLE_SEED,
     parallel: bool | None = None,
     progress: bool = True,
 ) -> IngestSummary:
@@ -363,9 +480,17 @@ def ingest_images(
     as built by `raydiology.data.reports`. `parallel` None = on Ray when Ray is initialised.
     `attribution` (a licence's required credit) is kept in the manifest and printed under
     every picture drawn from the corpus. Running the same ingest again is a no-op once it
-    finished, and after an interruption skips the chunks decoded and the shards written.
-    `parallel` applies to decoding and shard writing alike.
+    finished, and after an interruption skips the chunks decoded and the shards written;
+    a rerun with a changed file list or options redoes exactly what they changed.
+    `parallel` applies to decoding and shard writing alike. Rows are stored in an order
+    drawn from `shuffle_seed` (views of one study stay together), the same for the same
+    files and seed. `salt` keeps ids from being recomputed from file names: without one a
+    warning is logged, and DICOM input is refused. `allow_burned_in` keeps DICOMs flagged
+    BurnedInAnnotation YES (quarantined by default); `clip_percentile` is the intensity
+    rule's optional per-image clip (see `raydiology.data.images`).
     """
+    if clip_percentile is not None:
+        check_clip_percentile(clip_percentile)
     if resize not in ("pad", "stretch", "shortest"):
         raise ValueError(f"resize must be 'pad', 'stretch' or 'shortest', not {resize!r}")
     if bit_depth not in (8, 16):
@@ -381,17 +506,28 @@ def ingest_images(
         resize=resize,
         bit_depth=bit_depth,
         near_duplicate_distance=near_duplicate_distance,
+        allow_burned_in=allow_burned_in,
+        clip_percentile=clip_percentile,
     )
     out = Path(out_dir)
     files = find_sources(sources)
+    if not salt:
+        if any(_is_dicom_source(f) for f in files):
+            raise ValueError(
+                "DICOM input needs an id salt: without one, image ids are plain hashes of "
+                f"file names and SOPInstanceUIDs that a hospital could look up; {SALT_HELP}"
+            )
+        log.warning("ingest: no id salt set, so image ids can be recomputed from file "
+                    "names; %s", SALT_HELP)  # fmt: skip
     recorded = {
         "sources": [str(s) for s in sources],
         **asdict(options),
         "salted": bool(salt),  # the salt itself stays secret
         "files": len(files),
-        "files_sha256": hashlib.sha256("\n".join(f.key for f in files).encode()).hexdigest(),
+        "files_sha256": _list_digest(files),
         "reports_joined": reports is not None,
         "shard_rows": shard_rows,
+        "shuffle_seed": shuffle_seed,
     }
     finished = _finished_summary(out, recorded)
     if finished is not None:
@@ -401,6 +537,7 @@ def ingest_images(
     if not staging.is_dir() and any((out / SHARDS_DIR).glob("*.parquet")):
         raise CorpusError(f"{out}: already holds corpus shards; choose an empty folder")
     staging.mkdir(parents=True, exist_ok=True)
+    files = shuffled(files, reports or {}, shuffle_seed)
     chunks = [
         (i, files[start : start + chunk_rows], start)
         for i, start in enumerate(range(0, len(files), chunk_rows))
@@ -411,14 +548,24 @@ def ingest_images(
         parallel = ray.is_initialized()
     results = _run_chunks(chunks, options, salt, staging, parallel=parallel, progress=progress)
     quarantined = [
-        {"path": files[q["file_index"]].path, "reason": q["reason"]}
+        {
+            "file_id": image_id_for(files[q["file_index"]].key, salt),
+            "reason": q["reason"],
+            "file_index": q["file_index"],
+        }
         for r in results
         for q in r["quarantined"]
     ]
-    keep, duplicates, collisions = _deduplicate(staging, results, files, near_duplicate_distance)
+    keep, duplicates, collisions = _deduplicate(
+        staging, results, files, near_duplicate_distance, salt
+    )
     quarantined += collisions
+    for record in (*quarantined, *duplicates):  # paths only where a source map is asked for
+        index = record.pop("file_index")
+        if write_source_map:
+            record["path"] = files[index].path
     layout = _ShardLayout.plan(staging, results, files, keep, reports or {}, shard_rows=shard_rows)
-    plans = layout.plans(options.fingerprint(salt))
+    plans = layout.plans(options.fingerprint(salt), {r["chunk"]: r["digest"] for r in results})
     calls = ((plan, layout.labels, str(staging), str(out)) for plan in plans)
     written = _map(write_planned_shard, calls, len(layout.shards), parallel=parallel,
                    progress=progress, description="writing shards")  # fmt: skip
@@ -459,10 +606,12 @@ def _finished_summary(out: Path, recorded: dict[str, Any]) -> IngestSummary | No
     if not (out / MANIFEST_NAME).exists():
         return None
     manifest = read_manifest(out)
-    if manifest.made_by.get("options") != json.loads(json.dumps(recorded)):
+    before, now = manifest.made_by.get("options") or {}, json.loads(json.dumps(recorded))
+    if before != now:
+        changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
         raise FileExistsError(
-            f"{out} already holds a corpus made with other sources or options; "
-            "choose another --out or remove it"
+            f"{out} already holds a corpus made with other sources or options (changed: "
+            f"{', '.join(changed)}); choose another --out or remove it"
         )
     quarantine = out / QUARANTINE_NAME
     quarantined = len(quarantine.read_text().splitlines()) if quarantine.exists() else 0
@@ -494,9 +643,11 @@ def _deduplicate(
     results: list[dict[str, Any]],
     files: list[SourceFile],
     near_duplicate_distance: int | None,
+    salt: str,
 ) -> tuple[set[int], list[dict[str, Any]], list[dict[str, Any]]]:
     """File indices to keep, a record per dropped duplicate (first occurrence wins), and
-    the files quarantined because their name collides with another source's."""
+    the files quarantined because their name collides with another source's; records name
+    files by id and carry their `file_index` (the caller adds paths only if asked to)."""
     from raydiology.data.dedup import NearDuplicateIndex, hamming
 
     by_content: dict[str, str] = {}
@@ -511,19 +662,19 @@ def _deduplicate(
         for index, image_id, digest, phash in zip(
             *(batch.column(c).to_pylist() for c in columns), strict=True
         ):
-            path = files[index].path
             if image_id in ids:  # same relative path in two sources: the id would collide
-                first = files[ids[image_id]].key
                 collisions.append(
                     {
-                        "path": path,
-                        "reason": f"same relative path {first!r} as a file in another source",
+                        "file_id": image_id_for(files[index].key, salt),
+                        "reason": "same relative path as a file in another source",
+                        "file_index": index,
                     }
                 )
                 continue
             if digest in by_content:
                 first = by_content[digest]
-                duplicates.append({"path": path, "duplicate_of": first, "kind": "exact"})
+                duplicates.append({"image_id": image_id, "duplicate_of": first, "kind": "exact",
+                                   "file_index": index})  # fmt: skip
                 continue
             if near_duplicate_distance is not None:
                 first_near = near.add(image_id, phash)
@@ -531,10 +682,11 @@ def _deduplicate(
                     distance = hamming(phash, phashes[first_near])
                     duplicates.append(
                         {
-                            "path": path,
+                            "image_id": image_id,
                             "duplicate_of": first_near,
                             "kind": "near",
                             "distance": distance,
+                            "file_index": index,
                         }
                     )
                     continue
@@ -606,7 +758,7 @@ class _ShardLayout:
                         f"source file #{index}: label columns {sorted(row_labels)} differ "
                         f"from the first image's {sorted(labels)}"
                     )
-                studies.append(joined.get("study_id"))
+                studies.append(_study_of(files[index], reports))
             chunk.append(np.full(len(rows), r["chunk"], np.int64))
             position.append(rows.astype(np.int64))
             file_index.append(indices[rows])
@@ -623,9 +775,10 @@ class _ShardLayout:
             reports=reports,
         )
 
-    def plans(self, fingerprint: str) -> Iterator[ShardPlan]:
+    def plans(self, fingerprint: str, chunk_digests: Mapping[int, str]) -> Iterator[ShardPlan]:
         """One plan per shard, made as asked for (a million rows' report text stays out of
-        memory until its shard is due)."""
+        memory until its shard is due). Its digest covers the staged chunks it reads from, so
+        a shard left by a run over other files is written again."""
         start = 0
         for index, groups in enumerate(self.shards):
             stop = start + sum(groups)
@@ -638,8 +791,9 @@ class _ShardLayout:
                     fingerprint,
                     self.labels,
                     groups,
-                    [self.files[i].key for i in file_indices],
+                    [(self.files[i].path, self.files[i].key) for i in file_indices],
                     joined,
+                    [(c, chunk_digests[c], p.tolist()) for c, p in pieces],
                 ]
             )
             yield ShardPlan(
@@ -660,14 +814,14 @@ def write_planned_shard(
     marker matches its plan and whose file is whole is not written again."""
     done = Path(staging) / f"shard-{plan.index:05d}.json"
     final = shard_file(out_dir, plan.index)
-    if done.exists():
-        result = json.loads(done.read_text())
-        if (
-            result.get("digest") == plan.digest
-            and final.is_file()
-            and final.stat().st_size == result["bytes"]
-        ):
-            return {**result, "skipped": True}
+    result = _read_marker(done)
+    if (
+        result is not None
+        and result.get("digest") == plan.digest
+        and final.is_file()
+        and final.stat().st_size == result.get("bytes")
+    ):
+        return {**result, "skipped": True}
     schema = corpus_schema(labels)
     sizes: set[tuple[int, int]] = set()
     dtypes: set[str] = set()
@@ -700,7 +854,7 @@ def write_planned_shard(
         "sizes": sorted(sizes),
         "dtypes": sorted(dtypes),
     }
-    done.write_text(json.dumps(result))  # written last: marks the shard finished
+    _write_marker(done, result)  # written last: marks the shard finished
     return {**result, "skipped": False}
 
 

@@ -37,6 +37,7 @@ def build_dataset(
     *,
     label_columns: tuple[str, ...] = (),
     extra_columns: dict[str, str] | None = None,
+    first_epoch: int = 0,
 ):
     """The training dataset for one experiment; lazy until Ray Train iterates it.
 
@@ -46,6 +47,10 @@ def build_dataset(
     delivered about twice the images/s at 1280 px. Row-group order is shuffled per epoch,
     deterministically from `data.shuffle_seed`. `extra_columns` maps batch keys to numeric
     corpus columns an objective needs (e.g. the per-image masking region).
+
+    Epoch e is the dataset's e-th execution: Ray Data counts them (the count reseeds the
+    row-group order) and every decode task seeds its augmentation from the same count. A
+    resume from epoch E passes `first_epoch=E` so the order and augmentation replay E's.
     """
     import pyarrow.parquet as pq
     import ray.data
@@ -64,6 +69,7 @@ def build_dataset(
         for group in range(pq.ParquetFile(path).metadata.num_row_groups)
     ]
     ds: ray.data.Dataset = ray.data.from_items(units, override_num_blocks=len(units))
+    ds.context._execution_idx = first_epoch  # Ray's execution count; no public setter
     if data.shuffle_seed is not None:
         # reseeded on every execution: a different, reproducible order each epoch
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=data.shuffle_seed))
@@ -114,6 +120,7 @@ def read_row_group(
     from raydiology.config_base import from_dict
 
     cfg = from_dict(DataConfig, data, "data")  # once per row group, not once per batch
+    epoch = _execution_index()
     path, group = str(unit["path"][0]), int(unit["row_group"][0])
     # Memory-mapped and single-threaded (a task has one CPU): read at 1280 px about twice
     # as fast as the default buffered, threaded read (the pixel pages barely compress).
@@ -126,9 +133,19 @@ def read_row_group(
     for start, length in study_chunks(table, cfg.decode_batch_size, cfg.study_views):
         chunk = table.slice(start, length)
         # copy=False: Ray copies the batch into its object store anyway
-        out = preprocess_batch(column_arrays(chunk, columns), data=cfg, copy=False, **preprocess)
+        out = preprocess_batch(
+            column_arrays(chunk, columns), data=cfg, copy=False, epoch=epoch, **preprocess
+        )
         if len(out["row_key"]):
             yield out
+
+
+def _execution_index() -> int:
+    """Which execution of its dataset (epoch) this task serves: Ray Data installs the
+    dataset's DataContext, with its execution count, in every task. 0 outside Ray Data."""
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
 
 def column_arrays(table: pa.Table, columns: list[str]) -> dict[str, np.ndarray]:
@@ -173,6 +190,7 @@ def preprocess_batch(
     extra_columns: dict[str, str] | None = None,
     out_dtype: str = "uint8",
     copy: bool = True,
+    epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns).
 
@@ -181,35 +199,81 @@ def preprocess_batch(
     the pipeline ~20x slower than moving the integers (docs/corpus_format.md). The worker
     scales and normalises on its device with `to_model_input`. `copy=False` lets images
     stored at the model's size stay a read-only view of the batch's pixel buffer.
+
+    Every image is fitted to R x R by `data.fit` on its own, so its output never depends on
+    the other rows of its chunk. Random choices (crop box, flip, anatomy sampling) come from
+    a generator seeded by (data seed, `epoch`, row key): an epoch replays exactly on resume.
+    The "region" extra column (masking boxes, fractions of the stored image) follows the
+    image's fit, crop and flip; a row without one gets NaN (the objective's default region).
     """
     from raydiology.config_base import from_dict
-    from raydiology.data.corpus import decode_pixels
 
     cfg = from_dict(DataConfig, data, "data")
-    rng = np.random.default_rng()  # fresh augmentation and sampling every epoch
+    keys = row_keys(batch["image_id"])
+    seed = cfg.shuffle_seed or 0
     if cfg.anatomy_weights:
-        batch = _sample_by_anatomy(batch, cfg.anatomy_weights, rng)
-    size = (cfg.resolution, cfg.resolution)
-    augment = cfg.augment.hflip or cfg.augment.crop_scale is not None
-    if _uniform_size(batch):
-        pixels = decode_pixels(batch)  # [B, H, W] uint8 / uint16, one frombuffer
-        if pixels.shape[1:] == size and not augment and pixels.dtype == out_dtype:
-            # the fast path: stored at the model's size
-            images = np.array(pixels[:, None]) if copy else pixels[:, None]
-        else:
-            resized = augment_and_resize(_to_unit_float(pixels).unsqueeze(1), cfg, rng)
-            images = _to_integer(resized, out_dtype)
-    else:  # e.g. a corpus stored at "shortest side N": pad each to square first (XR-0)
-        squares = [_pad_resize(_to_unit_float(p), cfg.resolution) for p in _each_image(batch)]
-        images = _to_integer(augment_and_resize(torch.cat(squares), cfg, rng), out_dtype)
-    out = {"image": images, "row_key": row_keys(batch["image_id"])}
+        keep = _keep_by_anatomy(batch["anatomy"], cfg.anatomy_weights, keys, seed, epoch)
+        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+        keys = keys[keep]
+    extra = dict(extra_columns or {})
+    boxes = _region_boxes(batch[extra.pop("region")]) if "region" in extra else None
+    images, boxes = _fit_images(batch, cfg, keys, seed, epoch, boxes, out_dtype, copy)
+    out = {"image": images, "row_key": keys}
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
-    for key, column in (extra_columns or {}).items():
+    if boxes is not None:
+        out["region"] = boxes
+    for key, column in extra.items():
         out[key] = _extra_column(batch[column])
     if cfg.study_views > 1:
         out = group_views(out, batch, cfg.study_views)
     return out
+
+
+def _fit_images(
+    batch: dict[str, np.ndarray],
+    cfg: DataConfig,
+    keys: np.ndarray,
+    seed: int,
+    epoch: int,
+    boxes: np.ndarray | None,
+    out_dtype: str,
+    copy: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode, fit, augment and resize each image -> (integer [B, 1, R, R], moved boxes)."""
+    from raydiology.data.corpus import decode_pixels
+
+    r = cfg.resolution
+    augment = cfg.augment.hflip or cfg.augment.crop_scale is not None
+    n = len(keys)
+    decoded = None  # [B, H, W] uint8 / uint16 when the chunk has one size: one frombuffer
+    if n and not augment and _uniform_size(batch):
+        decoded = decode_pixels(batch)
+        if decoded.shape[1:] == (r, r) and decoded.dtype == out_dtype:
+            # the fast path: stored at the model's size
+            return (np.array(decoded[:, None]) if copy else decoded[:, None]), boxes
+    images = np.zeros((n, 1, r, r), dtype=out_dtype)
+    if boxes is not None:
+        boxes = boxes.copy()
+    # Images of one size go through torch together: the same arithmetic as one at a time
+    # (tests/test_geometry.py checks the bytes), at a fraction of the per-call overhead.
+    for rows in _same_size_groups(batch) if not augment else ([i] for i in range(n)):
+        if decoded is not None:
+            pixels = decoded
+        else:
+            pixels = decode_pixels({k: np.asarray(batch[k])[rows] for k in _PIXEL_COLUMNS})
+        canvas = _canvas(_to_unit_float(pixels).unsqueeze(1), cfg.fit)
+        if boxes is not None:
+            boxes[rows] = _canvas_boxes(boxes[rows], pixels.shape[1:], cfg.fit)
+        if augment:  # one row: its own generator
+            rng = _row_rng(seed, epoch, keys[rows[0]], _AUGMENT)
+            resized, box = _augment(canvas, cfg, rng, None if boxes is None else boxes[rows])
+            if boxes is not None:
+                boxes[rows] = box
+        else:
+            resized = _resize(canvas, (r, r))
+        images[rows] = _to_integer(resized, out_dtype)
+    return images, boxes
 
 
 def _with_study_columns(columns: list[str], available: list[str], path: str) -> list[str]:
@@ -271,11 +335,31 @@ def group_views(
 
 def _extra_column(values: np.ndarray) -> np.ndarray:
     """A corpus column as the batch carries it: text stays text (reports, for objectives
-    that tokenize on the worker), list columns become float32 [B, ...], scalars float32 [B]."""
+    that tokenize on the worker), list columns become float32 [B, ...], scalars float32 [B];
+    a null list is a row of NaN as wide as the others."""
     if len(values) and all(v is None or isinstance(v, str) for v in values):
         return np.array(["" if v is None else v for v in values], dtype=object)
+    if not len(values):
+        return values
     # list columns arrive as an object array of per-row arrays
-    return np.stack([np.asarray(v, dtype=np.float32) for v in values]) if len(values) else values
+    present = [np.asarray(v, dtype=np.float32) for v in values if v is not None]
+    blank = np.full(present[0].shape if present else (), np.nan, dtype=np.float32)
+    return np.stack([blank if v is None else np.asarray(v, dtype=np.float32) for v in values])
+
+
+def _region_boxes(values: np.ndarray) -> np.ndarray:
+    """The masking-region column -> float32 [B, 4] (top, left, bottom, right), fractions of
+    the stored image; a null region is a row of NaN, which the objective replaces with its
+    configured `masking.region`."""
+    if all(v is None for v in values):
+        return np.full((len(values), 4), np.nan, dtype=np.float32)
+    boxes = _extra_column(values).reshape(len(values), -1)
+    if boxes.shape[1] != 4:
+        raise ValueError(
+            f"the masking region column holds {boxes.shape[1]} numbers a row; it needs 4 "
+            "(top, left, bottom, right as fractions of the image)"
+        )
+    return boxes
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | list[str]]:
@@ -326,71 +410,120 @@ def _to_unit_float(pixels: np.ndarray) -> torch.Tensor:
 
 
 def _uniform_size(batch: dict[str, np.ndarray]) -> bool:
-    h, w = np.asarray(batch["height"]), np.asarray(batch["width"])
-    return len(h) == 0 or bool((h == h[0]).all() and (w == w[0]).all())
+    return len(_same_size_groups(batch)) <= 1
 
 
-def _each_image(batch: dict[str, np.ndarray]):
-    for blob, h, w, dtype in zip(
-        batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
-    ):
-        yield np.frombuffer(blob, dtype=str(dtype)).reshape(int(h), int(w))
+def _same_size_groups(batch: dict[str, np.ndarray]) -> list[list[int]]:
+    """Row indices grouped by (height, width, dtype), groups in order of first appearance."""
+    groups: dict[tuple[int, int, str], list[int]] = {}
+    for row, shape in enumerate(zip(batch["height"], batch["width"], batch["dtype"], strict=True)):
+        groups.setdefault((int(shape[0]), int(shape[1]), str(shape[2])), []).append(row)
+    return list(groups.values())
 
 
-def _pad_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[H, W] -> [1, 1, R, R]: zero-pad to square with the content centred, then resize."""
-    h, w = image.shape
-    side = max(h, w)
-    square = image.new_zeros(side, side)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = image
-    return _resize(square[None, None], (resolution, resolution))
+# Streams of a row's generator: the anatomy draw and the augmentation never share numbers.
+_SAMPLE, _AUGMENT = 0, 1
 
 
-def _sample_by_anatomy(
-    batch: dict[str, np.ndarray], weights: dict[str, float], rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+def _row_rng(seed: int, epoch: int, key: np.int64 | int, stream: int) -> np.random.Generator:
+    """One row's generator: the same (seed, epoch, row) gives the same draws on any worker,
+    in any chunk, after any resume."""
+    return np.random.default_rng([seed, epoch, int(key) & 0xFFFF_FFFF_FFFF_FFFF, stream])
+
+
+def _keep_by_anatomy(
+    anatomy: np.ndarray, weights: dict[str, float], keys: np.ndarray, seed: int, epoch: int
+) -> np.ndarray:
     """Keep each row with probability weight / max weight (anatomies not listed: weight of
     "default", else 1), so an epoch mixes anatomies in the requested proportions."""
     top = max(weights.values())
     default = weights.get("default", 1.0)
-    anatomy = np.asarray(batch["anatomy"], dtype=object)
     keep_prob = np.array([weights.get(str(a).lower(), default) / top for a in anatomy])
-    keep = rng.random(len(anatomy)) < keep_prob
-    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+    draws = np.array([_row_rng(seed, epoch, k, _SAMPLE).random() for k in keys])
+    return draws < keep_prob if len(keys) else np.zeros(0, dtype=bool)
+
+
+def _canvas(images: torch.Tensor, fit: str) -> torch.Tensor:
+    """[B, 1, H, W] at stored size -> the region `fit` turns into the R x R input: "pad" a
+    zero-padded square with the content centred, "crop" the centred square, "stretch" the
+    image itself (resized straight to R x R afterwards)."""
+    h, w = images.shape[-2:]
+    if fit == "stretch" or h == w:
+        return images
+    if fit == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return images[..., top : top + side, left : left + side]
+    side = max(h, w)
+    square = images.new_zeros(*images.shape[:-2], side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[..., top : top + h, left : left + w] = images
+    return square
+
+
+def _canvas_boxes(boxes: np.ndarray, shape: tuple[int, ...], fit: str) -> np.ndarray:
+    """Boxes [B, 4] (top, left, bottom, right) in fractions of the stored image -> fractions
+    of `_canvas`'s output, clipped to it."""
+    h, w = int(shape[0]), int(shape[1])
+    if fit == "stretch" or h == w:
+        return boxes
+    if fit == "crop":  # the square starts `top` rows into the image
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+    else:  # the image starts `-top` rows into the padded square
+        side = max(h, w)
+        top, left = -((side - h) // 2), -((side - w) // 2)
+    y = (boxes[:, [0, 2]] * h - top) / side
+    x = (boxes[:, [1, 3]] * w - left) / side
+    return np.clip(np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1), 0.0, 1.0)
+
+
+def _augment(
+    canvas: torch.Tensor, cfg: DataConfig, rng: np.random.Generator, boxes: np.ndarray | None
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """One [1, 1, H, W] canvas -> [1, 1, R, R]: optional random-resized crop, resize, flip;
+    boxes (fractions of the canvas) move with the crop and the flip."""
+    h, w = canvas.shape[-2:]
+    if cfg.augment.crop_scale is not None:
+        top, left, ch, cw = _crop_box(h, w, cfg.augment.crop_scale, rng)
+        canvas = canvas[..., top : top + ch, left : left + cw]
+        if boxes is not None:
+            y = (boxes[:, [0, 2]] * h - top) / ch
+            x = (boxes[:, [1, 3]] * w - left) / cw
+            boxes = np.clip(np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1), 0.0, 1.0)
+    image = _resize(canvas, (cfg.resolution, cfg.resolution))
+    if cfg.augment.hflip and rng.random() < 0.5:
+        image = image.flip(-1)
+        if boxes is not None:
+            boxes = np.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], axis=1)
+    return image, boxes
 
 
 def augment_and_resize(
     images: torch.Tensor, cfg: DataConfig, rng: np.random.Generator
 ) -> torch.Tensor:
-    """[B, 1, H, W] in [0, 1] -> [B, 1, R, R]: optional random-resized crop, resize, flip."""
-    size = (cfg.resolution, cfg.resolution)
-    if cfg.augment.crop_scale is not None:
-        crops = [_random_crop(img, cfg.augment.crop_scale, rng) for img in images]
-        images = torch.cat([_resize(c.unsqueeze(0), size) for c in crops])
-    elif images.shape[-2:] != size:
-        images = _resize(images, size)
-    if cfg.augment.hflip:
-        flip = torch.from_numpy(rng.random(images.shape[0]) < 0.5).view(-1, 1, 1, 1)
-        images = torch.where(flip, images.flip(-1), images)
-    return images
+    """[B, 1, H, W] in [0, 1] -> [B, 1, R, R]: `data.fit`, then optional random-resized crop,
+    resize and flip, each image drawing from `rng` in turn."""
+    canvas = _canvas(images, cfg.fit)
+    return torch.cat([_augment(c[None], cfg, rng, None)[0] for c in canvas])
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == size:
+        return images
     # Antialiasing matters when a 1024-px corpus feeds a 224-px model.
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _random_crop(
-    image: torch.Tensor, scale: tuple[float, float], rng: np.random.Generator
-) -> torch.Tensor:
-    """RandomResizedCrop's box sampling (aspect 3/4..4/3) on one [C, H, W] image."""
-    _, h, w = image.shape
+def _crop_box(
+    h: int, w: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box sampling (aspect 3/4..4/3) -> (top, left, height, width);
+    the whole image when ten draws miss."""
     for _ in range(10):
         area = h * w * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
         ch, cw = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
         if 0 < ch <= h and 0 < cw <= w:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            return image[:, top : top + ch, left : left + cw]
-    return image
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    return 0, 0, h, w

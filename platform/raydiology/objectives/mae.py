@@ -60,6 +60,9 @@ class MAEObjective(nn.Module):
             )
         region = batch.get("region")
         if region is not None and region.is_floating_point() and region.shape[-1] == 4:
+            # a row whose corpus region is null arrives as NaN: it gets the configured region
+            missing = region.isnan().any(dim=-1, keepdim=True)
+            region = torch.where(missing, region.new_tensor(self.cfg.masking.region), region)
             region = boxes_to_grid(region, *self.model.grid_size)  # boxes from the corpus
         return region
 

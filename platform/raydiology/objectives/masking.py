@@ -37,8 +37,9 @@ class MaskingConfig:
     # centre is. The default is the paper's chest region at 20x20.
     region: tuple[float, float, float, float] = (0.3, 0.15, 0.8, 0.8)
     # A corpus column with a per-image box (top, left, bottom, right), normalised like
-    # `region`, in stored-image coordinates (so not with crop/flip augmentation); it reaches the
-    # objective as batch["region"].
+    # `region`, in stored-image coordinates; the pipeline moves it with `data.fit` and the
+    # crop/flip augmentation, and it reaches the objective as batch["region"]. A row whose
+    # box is null gets `region`.
     region_column: str | None = None
 
     def validate(self, key: str) -> None:

@@ -17,18 +17,82 @@ WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 
 
+def master_weights(engine: Any, module: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """`module`'s state dict (a part of `engine.module`) with each trained parameter taken
+    from DeepSpeed's fp32 master copy, on the CPU in float32.
+
+    In bf16/fp16 the module holds rounded weights (bf16 keeps 8 bits of mantissa); the
+    optimizer updates fp32 copies, which are the weights training actually reached:
+    ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer) through `safe_get_full_fp32_param`, which
+    gathers ZeRO-3's partitions as zero_to_fp32 does; ZeRO-0 from the FP16 optimizers' fp32
+    groups. A collective under ZeRO: every rank calls it, in the same order. Under ZeRO-3
+    call it inside `GatheredParameters` so buffers and frozen weights are whole too.
+    Parameters without a master copy (fp32 training, frozen weights) are exported as held.
+    `keep=False` (ranks that don't write) takes part in the gathers and returns {}.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _zero0_masters(engine.optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    if keep:
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
+    for name, param in module.named_parameters():
+        master = masters.get(id(param))
+        zero3_frozen = hasattr(param, "ds_id") and not hasattr(param, "_z3_optimizer")
+        if master is None and param.requires_grad and not zero3_frozen:
+            master = safe_get_full_fp32_param(param)  # a collective under ZeRO
+        if master is not None and keep:
+            tensors[name] = master.detach().to("cpu", torch.float32).reshape(param.shape)
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _zero0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(low-precision param) -> its fp32 copy in DeepSpeed's ZeRO-0 FP16_Optimizer (flat
+    fp32 groups, with FusedAdam) or FP16_UnfusedOptimizer (one fp32 tensor per parameter);
+    empty for any other optimizer."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from torch._utils import _unflatten_dense_tensors
+
+    if isinstance(optimizer, FP16_Optimizer):
+        lp_groups = optimizer.fp16_groups
+        hp_groups = [
+            _unflatten_dense_tensors(flat, group)
+            for flat, group in zip(optimizer.fp32_groups_flat, lp_groups, strict=True)
+        ]
+    elif isinstance(optimizer, FP16_UnfusedOptimizer):
+        lp_groups, hp_groups = optimizer.fp16_groups, optimizer.fp32_groups
+    else:
+        return {}
+    return {
+        id(lp): hp
+        for group, hp_group in zip(lp_groups, hp_groups, strict=True)
+        for lp, hp in zip(group, hp_group, strict=True)
+    }
+
+
 def export_encoder(
-    objective: nn.Module, folder: Path, *, exp: Experiment, corpus_sha256: str | None, step: int
+    objective: nn.Module,
+    folder: Path,
+    *,
+    exp: Experiment,
+    corpus_sha256: str | None,
+    step: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the objective's encoder and how to use it; returns the JSON path."""
+    """Write the objective's encoder and how to use it; returns the JSON path.
+
+    `weights`: the encoder's state dict to write (training passes DeepSpeed's fp32 master
+    copy, see `master_weights`); by default the module's own, as float32.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     encoder = objective.encoder
     assert isinstance(encoder, nn.Module), "an objective exposes its encoder as a module"
-    tensors = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()
-    }
+    if weights is None:
+        weights = encoder.state_dict()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
     experiment = exp.to_dict()
     spec = {

@@ -37,8 +37,13 @@ def run_experiment(
     dashboard_host: str = "127.0.0.1",
     console: Console | None = None,
     callbacks: Sequence[Any] = (),
+    allow_changes: Sequence[str] = (),
 ) -> RunResult:
     """`callbacks`: extra Ray Train callbacks, e.g. Tune's report callback in a sweep trial.
+
+    A run name already used resumes that run: its saved config.yaml is compared with `exp`
+    first, and changed settings raise ChangedSettings unless `allow_changes` lists them
+    (a key or a section above it, e.g. "train.max_steps" or "train.optimizer").
 
     `output.dir` is Ray Train's storage_path and reaches Ray as written: a local path, a
     file:// URI or a remote URI (s3://, gs://, anything pyarrow opens; shared storage is
@@ -61,7 +66,12 @@ def run_experiment(
     run_dir = local_root / exp.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     pin_tokenizer(exp, run_dir, console=console)
-    save_resolved(exp, run_dir / "config.yaml")
+    saved = saved_config(run_dir, storage if remote else None, exp.run_name)
+    if saved is not None:
+        allowed = check_changes(exp, saved, allow_changes, run_dir=run_dir)
+        for key, (old, new) in allowed.items():
+            console.print(f"[yellow]resuming with a changed setting[/] {key}: {old!r} -> {new!r}")
+    save_resolved(exp, run_dir / CONFIG_FILE)
 
     local = dataclasses.replace(exp, output=dataclasses.replace(exp.output, dir=str(local_root)))
     corpus_dir = resolve_corpus(local, console=console)
@@ -95,11 +105,117 @@ def run_experiment(
 
             fs, root = pyarrow.fs.FileSystem.from_uri(storage)
             target = f"{root.rstrip('/')}/{exp.run_name}"
-            for name in ("config.yaml", METRICS_FILE, "summary.json"):
+            for name in (CONFIG_FILE, METRICS_FILE, "summary.json"):
                 if (run_dir / name).is_file():
                     with fs.open_output_stream(f"{target}/{name}") as out:
                         out.write((run_dir / name).read_bytes())
             console.print(f"  run files       uploaded to {storage.rstrip('/')}/{exp.run_name}")
+
+
+CONFIG_FILE = "config.yaml"
+
+# Settings a resumed run may change without --allow-changes: they do not change what it
+# computes. Where its files go (the run folder found is the run; a relative and an absolute
+# output.dir name the same one), how often it logs and pictures, and how Ray places and
+# feeds its workers. Everything else (steps, schedule, batch, workers, data, model) counts.
+FREE_TO_CHANGE = frozenset({
+    "description",
+    "output.dir",
+    "output.name",
+    "train.log_every",
+    "train.reconstruction_images",
+    "train.prefetch_batches",
+    "data.decode_concurrency",
+    "data.decode_pool",
+    "scaling.cpus_per_worker",
+    "scaling.accelerator_type",
+    "scaling.resources_per_worker",
+    "scaling.max_failures",
+})  # fmt: skip
+
+
+class ChangedSettings(ValueError):
+    """A run name reused under other settings; `changes` maps each dotted key to
+    (old, new), "(absent)" where one side lacks the key."""
+
+    def __init__(self, run_dir: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+        self.run_dir, self.changes = run_dir, changes
+        lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        super().__init__(
+            f"run {run_dir.name} ({run_dir}) was started with other settings and a rerun "
+            f"resumes it; changed:\n{lines}\nTo resume under them, allow them: "
+            f"--allow-changes {','.join(changes)} (run_experiment(allow_changes=[...])); "
+            "to start afresh, pick another output.name or delete the run's folder."
+        )
+
+
+def saved_config(run_dir: Path, storage: str | None, name: str) -> dict[str, Any] | None:
+    """The config.yaml a run with this name saved, or None for a new run. `storage`: the
+    remote URI of a run whose driver keeps its files in ./runs (uploaded there when a run
+    ends), read where this driver's folder has none (a resume from another machine)."""
+    import yaml
+
+    local = run_dir / CONFIG_FILE
+    if local.is_file():
+        text = local.read_text()
+    elif storage is not None:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        path = f"{root.rstrip('/')}/{name}/{CONFIG_FILE}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode()
+    else:
+        return None
+    data = yaml.safe_load(text)
+    return data if isinstance(data, dict) else None
+
+
+def check_changes(
+    exp: Experiment, saved: dict[str, Any], allow: Sequence[str], *, run_dir: Path
+) -> dict[str, tuple[Any, Any]]:
+    """The settings `exp` changes against a run's `saved` config that `allow` lists (a key,
+    or a section above it); raises ChangedSettings naming the others."""
+    from raydiology.config import experiment_from_dict
+    from raydiology.config_base import ConfigError
+
+    # Read back through today's code, so a field added since the run started compares at
+    # its default rather than as a change; a config that no longer loads compares as written.
+    try:
+        old = experiment_from_dict(saved).to_dict()
+    except ConfigError:
+        old = saved
+    before, after = _flatten(old), _flatten(exp.to_dict())
+    changes = {
+        key: (before.get(key, "(absent)"), after.get(key, "(absent)"))
+        for key in sorted(set(before) | set(after))
+        if before.get(key, "(absent)") != after.get(key, "(absent)")
+        and not _listed(key, FREE_TO_CHANGE)
+    }
+    refused = {k: v for k, v in changes.items() if not _listed(k, allow)}
+    if refused:
+        raise ChangedSettings(run_dir, refused)
+    return changes
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"max_steps": 8}} -> {"train.max_steps": 8}; lists stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _listed(key: str, keys: Any) -> bool:
+    """`key` or a section above it is in `keys`."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1))
 
 
 TOKENIZER_DIR = "tokenizer"

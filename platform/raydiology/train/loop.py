@@ -92,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seen: list[np.ndarray] = []  # row keys this rank trained on in this epoch
         # Ranks stop an epoch together (sampling and resumes can leave them unequal),
         # agreeing once per `sync_every` micro-batches rather than once per micro-batch.
-        batches = _Timed(_epoch_batches(shard, train, skip=consumed), window)
+        batches = _Timed(_epoch_batches(shard, train, skip=consumed, epoch=state.epoch), window)
         for batch in collectives.in_step(batches, lookahead=train.sync_every):
             seen.append(batch.pop("row_key").numpy())
             batch = {  # text columns (e.g. reports) stay lists of str
@@ -202,8 +202,11 @@ def build_for_training(exp: Experiment, ds_config: dict[str, Any]) -> tuple[Any,
 Batch = dict[str, Any]  # column -> tensor [B, ...] or list[str] of B texts
 
 
-def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[Batch]:
+def _epoch_batches(shard, train, *, skip: np.ndarray, epoch: int = 0) -> Iterator[Batch]:
     """One epoch of exact micro-batches from this worker's shard, on the CPU.
+
+    The local shuffle is seeded by (train.seed, epoch): each epoch mixes differently, and a
+    resumed epoch takes its own epoch's seed, not the first's.
 
     Rows whose key is in `skip` (seen before a resume in this epoch) are dropped and the
     batches refilled, so a resumed epoch neither repeats nor skips an image.
@@ -213,7 +216,11 @@ def _epoch_batches(shard, train, *, skip: np.ndarray) -> Iterator[Batch]:
         drop_last=True,
         prefetch_batches=train.prefetch_batches,
         local_shuffle_buffer_size=train.local_shuffle_buffer or None,
-        local_shuffle_seed=train.seed if train.local_shuffle_buffer else None,
+        local_shuffle_seed=(
+            int(np.random.SeedSequence([train.seed, epoch]).generate_state(1)[0])
+            if train.local_shuffle_buffer
+            else None
+        ),
         collate_fn=collate,
     )
     if not len(skip):
@@ -417,7 +424,7 @@ def _checkpoint(
     """
     import ray.train
 
-    from raydiology.train.export import export_encoder, save_reconstruction
+    from raydiology.train.export import export_encoder, master_weights, save_reconstruction
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / CONSUMED).mkdir()
@@ -447,6 +454,9 @@ def _checkpoint(
             with deepspeed.zero.GatheredParameters(
                 encoder_params, enabled=exp.train.zero_stage == 3
             ):
+                # DeepSpeed's fp32 master weights, not the bf16-rounded module's; gathered
+                # from the optimizer's partitions, so every rank takes part.
+                weights = master_weights(engine, engine.module.encoder, keep=rank == 0)
                 if rank == 0:
                     export_encoder(
                         engine.module,
@@ -454,6 +464,7 @@ def _checkpoint(
                         exp=exp,
                         corpus_sha256=loop_config.get("corpus_sha256"),
                         step=state.step,
+                        weights=weights,
                     )
             # An objective's own export beside the encoder (a report generator's projector,
             # adapters and tokenizer); every rank calls it, as ZeRO-3 gathers need them all.
