@@ -220,6 +220,25 @@ def test_saved_config_of_a_remote_run_is_read_from_its_storage(tmp_path):
     assert saved_config(elsewhere, f"file://{tmp_path / 'none'}", run_dir.name) is None
 
 
+def test_a_rerun_resumes_the_data_at_its_newest_checkpoints_epoch(tmp_path):
+    """The driver builds the dataset before Ray restores: it reads the epoch the run will
+    continue from the newest finished checkpoint (`first_epoch`), local or by URI."""
+    import json
+
+    from raydiology.train.launch import resume_epoch
+
+    run = tmp_path / "run"
+    for folder, state in [("checkpoint_a", {"step": 4, "epoch": 1}),
+                          ("checkpoint_b", {"step": 9, "epoch": 3}),
+                          ("checkpoint_c", None)]:  # fmt: skip
+        (run / folder).mkdir(parents=True)
+        if state:
+            (run / folder / "train_state.json").write_text(json.dumps(state))
+    assert resume_epoch(str(tmp_path), "run") == 3
+    assert resume_epoch(f"file://{tmp_path}", "run") == 3
+    assert resume_epoch(str(tmp_path), "never-ran") == 0
+
+
 def test_cli_run_refuses_changed_settings_naming_them(tmp_path):
     from typer.testing import CliRunner
 

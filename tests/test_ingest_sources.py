@@ -20,6 +20,7 @@ from raydiology.data.corpus import (
     read_rows,
     verify_corpus,
 )
+from raydiology.data.dedup import DEFAULT_MAX_DISTANCE
 from raydiology.data.ingest import (
     STAGING_DIR,
     IngestOptions,
@@ -83,7 +84,7 @@ def test_hannover_folder_with_planted_bad_files_on_ray(ray_cluster, tmp_path, ha
     # Real data has near duplicates too (follow-up films of one patient); each is recorded
     # with its distance and what it duplicates, and everything else is in the corpus.
     near = [d for d in duplicates if d["kind"] == "near"]
-    assert all(0 < d["distance"] <= 6 and d["duplicate_of"] for d in near)
+    assert all(d["distance"] <= DEFAULT_MAX_DISTANCE and d["duplicate_of"] for d in near)
     assert summary.ingested == len(good) + 1 - len(duplicates)
     verify_corpus(out)
     assert not (out / STAGING_DIR).exists()

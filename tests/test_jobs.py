@@ -70,6 +70,11 @@ def test_submitted_sweep_carries_its_folder_resume_and_maximum_size(monkeypatch)
     assert job_options(Path("experiments/hd_mae_cam.yaml")) == ["--address", "auto"]
     with pytest.raises(ConfigError, match="--resume"):  # a sweep's option on an experiment
         job_options(Path("experiments/hd_mae_cam.yaml"), resume="x")
+    # a resubmitted experiment may continue under changed settings the user names
+    allowed = job_options(Path("experiments/hd_mae_cam.yaml"), allow_changes="train.max_steps")
+    assert allowed[-2:] == ["--allow-changes", "train.max_steps"]
+    with pytest.raises(ConfigError, match="--allow-changes"):  # an experiment's on a sweep
+        job_options(Path(SWEEP), allow_changes="train.max_steps")
 
 
 def test_submit_refuses_relative_folders_before_contacting_the_cluster(monkeypatch):

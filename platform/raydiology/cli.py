@@ -47,6 +47,14 @@ Profile = Annotated[
 Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
+AllowChanges = Annotated[
+    str | None,
+    typer.Option(
+        "--allow-changes",
+        help="resume a run under these changed settings, e.g. train.max_steps,"
+        "train.checkpoint_every (a section allows the keys under it)",
+    ),
+]
 DecodePool = Literal["tasks", "actors"]
 
 
@@ -74,14 +82,7 @@ def run(
     cluster: Annotated[
         str | None, typer.Option(help="overlay ray_configs/NAME.yaml's scaling (a800, a100)")
     ] = None,
-    allow_changes: Annotated[
-        str | None,
-        typer.Option(
-            "--allow-changes",
-            help="resume a run under these changed settings, e.g. train.max_steps,"
-            "train.checkpoint_every (a section allows the keys under it)",
-        ),
-    ] = None,
+    allow_changes: AllowChanges = None,
 ) -> None:
     """Train an experiment on Ray Train + DeepSpeed; rerun with the same name to resume
     (changed settings are refused unless --allow-changes lists them)."""
@@ -778,6 +779,7 @@ def submit(
             "(default: the --cluster preset's)",
         ),
     ] = None,
+    allow_changes: AllowChanges = None,
 ) -> None:
     """Submit an experiment (or sweep) as a Ray job over the Jobs API, with Ray's token.
 
@@ -796,6 +798,7 @@ def submit(
             fresh=fresh,
             max_cluster=max_cluster,
             cluster=cluster,
+            allow_changes=allow_changes,
         )
     )
     work = _cluster_call(

@@ -36,7 +36,6 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from raydiology.bench import publish
 from raydiology.data.dedup import DEFAULT_MAX_DISTANCE, hamming, perceptual_hash
 
 HANNOVER = Path(__file__).resolve().parents[3].parent / "shared/data/hannover-cxr"
@@ -391,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_dedup_benchmark(
         hannover=args.hannover, phantoms=args.phantoms, max_bits=args.max_bits
     )
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, format_table(report), args.json)
     return 0
 
 

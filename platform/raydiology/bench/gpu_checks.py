@@ -44,6 +44,7 @@ def run_overrides(out: Path, *, smoke: bool, steps: int) -> list[str]:
         f"output.dir={out / 'runs'}",
         f"train.max_steps={steps}",
         f"train.checkpoint_every={steps}",
+        "train.schedule.warmup_steps=1",  # the papers warm up for longer than a check runs
         "train.log_every=5",
         "scaling.num_workers=1",
         "scaling.max_failures=0",

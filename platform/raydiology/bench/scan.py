@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import statistics
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from raydiology.bench import publish
 from raydiology.models.mamba import (
     SCAN_CHUNK,
     chunked_selective_scan,
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk=args.chunk,
         compile=args.compile,
     )
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, format_table(report), args.json)
     return 0
 
 

@@ -239,9 +239,11 @@ def job_options(
     fresh: bool = False,
     max_cluster: str | None = None,
     cluster: str | None = None,
+    allow_changes: str | None = None,
 ) -> list[str]:
-    """Options after the job's `raydiology run|sweep PATH ...`: `--address auto`, and for a
-    sweep `sweep_job_args`. The sweep-only options on an experiment are refused by name."""
+    """Options after the job's `raydiology run|sweep PATH ...`: `--address auto`, for a sweep
+    `sweep_job_args`, for an experiment `--allow-changes`. An option of the other kind is
+    refused by name."""
     import yaml
 
     from raydiology.cluster.workload import is_sweep
@@ -252,6 +254,12 @@ def job_options(
         raise ConfigError("experiment", str(path), f"a readable YAML file ({e})") from None
     options = ["--address", "auto"]
     if is_sweep(raw):
+        check(
+            not allow_changes,
+            "--allow-changes",
+            str(path),
+            "an experiment file (a sweep resumes its trials as they were started)",
+        )
         return options + sweep_job_args(
             out=out, resume=resume, fresh=fresh, max_cluster=max_cluster, cluster=cluster
         )
@@ -272,4 +280,4 @@ def job_options(
         "a sweep file for these options; an experiment's run folder is output.dir/output.name "
         "(--set output.dir=/mnt/runs), and submitting it again continues that run",
     )
-    return options
+    return options + (["--allow-changes", allow_changes] if allow_changes else [])

@@ -46,6 +46,9 @@ _MAX_PROBES = 100_000  # dict look-ups per `add`; beyond that a scan is as fast
 # The largest threshold that no distinct pair of the benchmark's images reaches and that is
 # expected to drop <= 1 % of a 10^6-image corpus (`raydiology bench dedup`, module docstring).
 DEFAULT_MAX_DISTANCE = 0
+# Bumped whenever `perceptual_hash` changes what it returns: staged ingest chunks carry hashes,
+# and a resumed ingest must not compare hashes of two versions (part of the chunk fingerprint).
+HASH_VERSION = 2  # 2: DCT of a float thumbnail (1: of an 8-bit one)
 
 
 def perceptual_hash(pixels: np.ndarray) -> int:

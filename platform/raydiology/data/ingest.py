@@ -115,7 +115,10 @@ class IngestOptions:
     clip_percentile: float | None = None  # intensity rule's optional clip (data/images.py)
 
     def fingerprint(self, salt: str) -> str:
-        blob = json.dumps({**asdict(self), "salt": salt}, sort_keys=True).encode()
+        from raydiology.data.dedup import HASH_VERSION
+
+        record = {**asdict(self), "salt": salt, "hash_version": HASH_VERSION}
+        blob = json.dumps(record, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -94,6 +94,7 @@ def run_experiment(
         console=console,
         callbacks=callbacks,
         storage_path=storage,
+        first_epoch=resume_epoch(storage, exp.run_name) if saved is not None else 0,
     )
     try:
         with _Progress(run_dir / METRICS_FILE, exp.train.max_steps, console):
@@ -171,6 +172,32 @@ def saved_config(run_dir: Path, storage: str | None, name: str) -> dict[str, Any
         return None
     data = yaml.safe_load(text)
     return data if isinstance(data, dict) else None
+
+
+def resume_epoch(storage: str, name: str) -> int:
+    """The epoch of the run's newest finished checkpoint (0 if none): where a rerun resumes.
+
+    Read by the driver before Ray Train restores, because the dataset is built first. A
+    damaged newest checkpoint makes the loop fall back to an earlier one, possibly of an
+    earlier epoch; that resume still sees every image once, in another order.
+    """
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}", allow_not_found=True)
+    newest: tuple[int, int] = (-1, 0)  # (step, epoch)
+    for info in fs.get_file_info(selector):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith(
+            "checkpoint_"
+        ):
+            continue
+        state_file = f"{info.path}/train_state.json"
+        if fs.get_file_info(state_file).type != pyarrow.fs.FileType.File:
+            continue  # a checkpoint its writer did not finish
+        with fs.open_input_stream(state_file) as f:
+            state = json.loads(f.read())
+        newest = max(newest, (int(state.get("step", 0)), int(state.get("epoch", 0))))
+    return newest[1]
 
 
 def check_changes(
@@ -393,9 +420,11 @@ def _build_trainer(
     console: Console,
     callbacks: Sequence[Any] = (),
     storage_path: str | None = None,
+    first_epoch: int = 0,
 ):
     """`storage_path`: Ray Train's, as the user wrote it (a URI stays a URI); by default the
-    run directory's parent."""
+    run directory's parent. `first_epoch`: the epoch a resumed run continues, so its data
+    order and augmentation replay that epoch's."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -419,7 +448,9 @@ def _build_trainer(
         resources["GPU"] = scaling.gpus_per_worker
     resources.update(scaling.resources_per_worker or {})
     columns = _corpus_columns(exp)
-    datasets = {"train": build_dataset(exp.data, corpus_dir, extra_columns=columns)}
+    datasets = {
+        "train": build_dataset(exp.data, corpus_dir, extra_columns=columns, first_epoch=first_epoch)
+    }
     # Ray keeps the latest checkpoint besides these (for resumes); with validation on, the
     # best two on val_score, otherwise the last two.
     checkpoints = CheckpointConfig(num_to_keep=2)
