@@ -973,8 +973,16 @@ def eval_reports(
     out: Annotated[
         Path | None, typer.Option(help="metrics JSON; default PREDICTIONS.metrics.json")
     ] = None,
+    labeler: LabelerKind = "rules",
+    weights: LabelerWeights = None,
+    tokenizer: LabelerTokenizer = None,
+    device: LabelerDevice = "cpu",
 ) -> None:
-    """NLG (BLEU, METEOR, ROUGE-L, CIDEr) and clinical-efficacy metrics of generated reports."""
+    """NLG (BLEU, METEOR, ROUGE-L, CIDEr) and clinical-efficacy metrics of generated reports.
+
+    The metrics JSON names the labeler behind the CE numbers in its `labeler` key
+    ("raydiology-rules" or "chexbert")."""
+    from raydiology.evaluation.chexbert import make_labeler
     from raydiology.evaluation.clinical import UNCERTAIN_AS
     from raydiology.evaluation.report_eval import evaluate_predictions, metrics_path
 
@@ -982,9 +990,38 @@ def eval_reports(
         err.print(f"[red]--uncertain-as {uncertain_as!r}: expected one of {UNCERTAIN_AS}[/]")
         raise typer.Exit(2)
     with user_errors():
-        result = evaluate_predictions(predictions, ptb=ptb, uncertain_as=uncertain_as, out=out)  # type: ignore[arg-type]
+        chosen = make_labeler(labeler, weights=weights, tokenizer=tokenizer, device=device)
+        result = evaluate_predictions(
+            predictions,
+            ptb=ptb,
+            uncertain_as=uncertain_as,  # type: ignore[arg-type]
+            out=out,
+            labeler=chosen,
+        )
     print(json.dumps(result, indent=2))
     err.print(f"metrics: {out or metrics_path(predictions)}")
+
+
+LabelerKind = Annotated[
+    str,
+    typer.Option(
+        "--labeler",
+        help="rules: the built-in rule labeler; chexbert: a CheXbert checkpoint (--weights)",
+    ),
+]
+LabelerWeights = Annotated[
+    Path | None,
+    typer.Option("--weights", help="CheXbert checkpoint (chexbert.pth) for --labeler chexbert"),
+]
+LabelerTokenizer = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        help="local bert-base-uncased folder (vocab.txt); default: beside --weights, else the "
+        "Hugging Face cache; nothing is downloaded",
+    ),
+]
+LabelerDevice = Annotated[str, typer.Option("--device", help="torch device for chexbert")]
 
 
 @app.command("label")
@@ -993,14 +1030,25 @@ def label_reports_file(
         Path, typer.Argument(help="CSV/JSONL with id and report columns, or headerless CSV")
     ],
     out: Annotated[Path, typer.Option("--out", help="labels CSV (CheXpert labeler layout)")],
+    labeler: LabelerKind = "rules",
+    weights: LabelerWeights = None,
+    tokenizer: LabelerTokenizer = None,
+    device: LabelerDevice = "cpu",
 ) -> None:
-    """Label reports for the 14 CheXpert observations: 1 / 0 / -1 (uncertain) / blank."""
-    from raydiology.evaluation.labeler import label_reports, read_reports_file, write_labels_csv
+    """Label reports for the 14 CheXpert observations: 1 / 0 / -1 (uncertain) / blank.
+
+    The CSV keeps the CheXpert labeler's layout; which labeler made it (and from which
+    weights) is written beside it, OUT with the suffix .labeler.json."""
+    from raydiology.evaluation.chexbert import make_labeler
+    from raydiology.evaluation.labeler import read_reports_file, write_labels_csv
 
     with user_errors():
         first_column, ids, texts = read_reports_file(reports)
-    write_labels_csv(out, first_column, ids, label_reports(texts))
-    console.print(f"{len(texts)} reports labeled -> {out}")
+        chosen = make_labeler(labeler, weights=weights, tokenizer=tokenizer, device=device)
+        sidecar = write_labels_csv(
+            out, first_column, ids, chosen.label_many(texts), labeler=chosen.provenance()
+        )
+    console.print(f"{len(texts)} reports labeled by {chosen.name} -> {out} ({sidecar.name})")
 
 
 @bench_app.command("labeler")

@@ -7,10 +7,13 @@ generation papers evaluate thousands of reports per checkpoint, so this labeler 
 job with regular expressions at thousands of reports per second on one core.
 
 How a report is labeled:
-1. Normalise: lower case, "and/or" and "a/b" read as "or", whitespace collapsed.
+1. Normalise: lower case, "and/or" and "a/b" read as "or", whitespace collapsed; INDICATION /
+   HISTORY sections (why the study was done) are dropped, up to the next FINDINGS or
+   IMPRESSION header, else to their sentence end.
 2. Find mentions (phrase lists in `labeler_phrases`, compiled into one regex; exclusions such
    as "pericardial effusion" are alternatives tried first, so they swallow the text) and cues
-   (negation, uncertainty, one more regex).
+   (negation, uncertainty, one more regex). Common misspellings are phrases too ("effusoin",
+   "pleural fusion", "pnuemothorax").
 3. Cut the text into clauses: a clause ends at a sentence end (. ! ? ; or a blank line) or
    at a contrastive word ("but", "however", "other than"). A cue acts only inside its clause.
 4. A cue before a mention ("no", "may represent") acts on mentions within its word window
@@ -18,13 +21,27 @@ How a report is labeled:
    excluded") acts on the nearest mention before it within its window, and on earlier
    mentions joined to that one by a list ("heart size and mediastinal contours are normal").
 5. Each mention is uncertain if an outranking uncertainty cue ("cannot exclude", "no new")
-   acts on it, else negative if a negation acts, else uncertain if an uncertainty cue acts (or
-   the phrase is only suggestive, "vascular congestion"), else positive. Two mentions joined
-   by "or"/"versus" are uncertain unless negated ("atelectasis or pneumonia").
+   acts on it, else negative if a negation acts (also "has resolved", "no longer seen"), else
+   uncertain if an uncertainty cue acts ("may", "possible", "suspicious for", "suggestive of";
+   or the phrase is only suggestive, "vascular congestion"), else positive. The reader who
+   commits is believed: "likely", "probable", "consistent with", "XXXX representing" leave a
+   finding positive, and so do "stable", "unchanged", "no change in" (still there today) and
+   a hedge on change or degree ("questionable increased opacity").
+   An anatomy mention ("the heart", "cardiac silhouette") is positive only when its clause
+   calls it enlarged, uncertain when "borderline" or only "stable", negative when normal or
+   at the upper limits of normal, and otherwise not a mention at all.
+   Alternatives: a diagnosis offered beside another ("atelectasis versus pneumonia", "edema
+   or fibrosis") is uncertain; a descriptive finding so offered ("scarring or atelectasis",
+   "effusion versus thickening") stays positive.
 6. Per observation: positive if any mention is positive, else uncertain if any is, else
-   negative; not mentioned stays None. "chf"/"heart failure" stated or suspected adds an
-   uncertain cardiomegaly. No Finding is positive when nothing but support devices is positive
-   or uncertain (other abnormalities such as emphysema count), and None otherwise.
+   negative; not mentioned stays None. A finding said to have resolved is negative even when
+   another sentence still calls it "resolving". "chf"/"heart failure" stated or suspected adds
+   an uncertain cardiomegaly (it is not lung edema). No Finding is positive when nothing but
+   support devices is positive or uncertain (other abnormalities such as emphysema count), and
+   None otherwise.
+
+The conventions for the eight observations the issue-16 gold scores (what counts as a lesion,
+when a hedge makes a finding uncertain) follow `docs/labeler_annotation_guide.md`.
 
 Labels: 1 positive, 0 negative, -1 uncertain, None not mentioned (CheXpert's convention).
 """
@@ -61,11 +78,12 @@ class Mention:
     observations: tuple[str, ...]
     kind: str  # "finding" | "anatomy" | "hedge"
     label: int
+    note: str = ""  # "resolved" (negated as gone) | "resolving" (positive, on its way out)
 
 
 @dataclass(frozen=True)
 class _Cue:
-    kind: str  # "neg" | "unc" | "unc_first"
+    kind: str  # "neg" | "unc" | "unc_first" | "stable" | "resolved" | "resolving"
     direction: str  # "pre" | "post" | "both"
     window: int | None
     restrict: str | None
@@ -93,6 +111,8 @@ _SLASH = re.compile(r"(?<=[a-z])/(?=[a-z])")
 class ReportLabeler:
     """Compiled phrase and cue regexes; `label(report)` -> {observation: 1/0/-1/None}."""
 
+    name = "raydiology-rules"  # recorded with every set of labels and CE scores
+
     def __init__(self) -> None:
         mentions = [*phrases.SKIPS, *(fragment for fragment, _, _ in phrases.MENTIONS)]
         self._mention_info: list[tuple[tuple[str, ...], str] | None] = [
@@ -115,7 +135,14 @@ class ReportLabeler:
         self._bounds = re.compile(
             r"(?P<end>[.!?;]+(?=\s|$|[a-z]))|\b(?:" + _dispatch([phrases.TERMINATORS]) + r")\b"
         )
-        self._alternative = re.compile(r"\b(?:" + phrases.ALTERNATIVES + r")\b")
+        self._enlarged = re.compile(r"\b(?:" + phrases.ENLARGED + r")")
+        self._borderline = re.compile(r"\b(?:" + phrases.BORDERLINE + r")")
+        self._alt_after = re.compile(r" ?,? (?:" + phrases.ALTERNATIVE + r")\b")
+        self._context = re.compile(r"\b(?:" + phrases.CONTEXT_SECTIONS + r") ?:")
+        self._report_section = re.compile(r"\b(?:" + phrases.REPORT_SECTIONS + r") ?:")
+        self._sentence_end = re.compile(r"[.;!?](?: |$)")
+        self._state_before = re.compile(r"\b(?:" + phrases.STATES + r") $")
+        self._alt_before = re.compile(r"\b(?:" + phrases.ALTERNATIVE + r") (?:[\w-]+ ){0,2}$")
 
     def _identify(self, which: int, parts: list[re.Pattern[str]], m: re.Match[str]) -> int | None:
         """Index of the first phrase that matches exactly where the combined regex did."""
@@ -138,6 +165,8 @@ class ReportLabeler:
     def mentions(self, report: str) -> list[Mention]:
         """Every mention with its own label (before aggregation), in text order."""
         text = normalize(report)
+        if ":" in text:
+            text = self._drop_context(text)
         bounds = [
             m.end() if m.lastgroup == "end" else m.start() for m in self._bounds.finditer(text)
         ]
@@ -208,30 +237,86 @@ class ReportLabeler:
                 if cue.restrict is not None and cue.restrict != kind:
                     continue
                 flags[i].add(cue.kind)
+                if cue.kind == "resolving":  # a note, not a verdict: look further back
+                    continue
                 acted_by[i] = k
                 break  # the nearest cue before a mention decides
 
-        labels = []
-        for (_, _, _, kind), f in zip(found, flags, strict=True):
+        labels: list[int | None] = []
+        for i, ((_, _, _, kind), f) in enumerate(zip(found, flags, strict=True)):
             if "unc_first" in f:
                 labels.append(UNCERTAIN)
-            elif "neg" in f:
+            elif "neg" in f or "resolved" in f:
                 labels.append(NEGATIVE)
             elif "unc" in f or kind == "hedge":
                 labels.append(UNCERTAIN)
-            else:
+            elif kind != "anatomy":
                 labels.append(POSITIVE)
-        # "A or B": neither is asserted.
-        for i in range(1, len(found)):
-            if clause[i] != clause[i - 1] or NEGATIVE in (labels[i - 1], labels[i]):
-                continue
-            between = text[found[i - 1][1] : found[i][0]]
-            if len(between.split()) <= 4 and self._alternative.search(between):
-                labels[i - 1] = labels[i] = UNCERTAIN
-        return [
-            Mention(start=s, end=e, text=text[s:e], observations=o, kind=k, label=lab)
-            for (s, e, o, k), lab in zip(found, labels, strict=True)
+            else:
+                # A structure said to be enlarged is positive, also when stable ("stable
+                # enlargement of the heart"), and uncertain when borderline; one only said to
+                # be stable is uncertain; one named without a state ("shift of the heart")
+                # says nothing.
+                lo = bounds[clause[i] - 1] if clause[i] else 0
+                hi = bounds[clause[i]] if clause[i] < len(bounds) else len(text)
+                if self._borderline.search(text, lo, hi):
+                    labels.append(UNCERTAIN)  # "borderline enlarged", "borderline in size"
+                elif self._enlarged.search(text, lo, hi):
+                    labels.append(POSITIVE)
+                else:
+                    labels.append(UNCERTAIN if "stable" in f else None)
+        self._alternatives(text, found, labels)
+        notes = [
+            "resolved"
+            if "resolved" in f and lab == NEGATIVE
+            else "resolving"
+            if "resolving" in f
+            else ""
+            for f, lab in zip(flags, labels, strict=True)
         ]
+        return [
+            Mention(start=s, end=e, text=text[s:e], observations=o, kind=k, label=lab, note=n)
+            for (s, e, o, k), lab, n in zip(found, labels, notes, strict=True)
+            if lab is not None
+        ]
+
+    def _drop_context(self, text: str) -> str:
+        """Text without INDICATION / HISTORY sections (why the study was done, not what it
+        shows): each runs to the next FINDINGS / IMPRESSION header, else to its sentence end."""
+        while m := self._context.search(text):
+            header = self._report_section.search(text, m.end())
+            if header is not None:
+                end = header.start()
+            else:
+                stop = self._sentence_end.search(text, m.end())
+                end = len(text) if stop is None else stop.end()
+            text = f"{text[: m.start()]} . {text[end:]}"
+        return text
+
+    def _alternatives(
+        self,
+        text: str,
+        found: list[tuple[int, int, tuple[str, ...], str]],
+        labels: list[int | None],
+    ) -> None:
+        """A diagnosis offered as an alternative ("X versus pneumonia") becomes uncertain,
+        unless the alternative names the same observation ("infection or pneumonia")."""
+        for i, (start, end, observations, _) in enumerate(found):
+            if labels[i] != POSITIVE or not phrases.DIAGNOSES.intersection(observations):
+                continue
+            after = self._alt_after.match(text, end)
+            if after:
+                same = i + 1 < len(found) and found[i + 1][2] == observations
+                if not (same and found[i + 1][0] - after.end() <= 20):
+                    labels[i] = UNCERTAIN
+                    continue
+            before = self._alt_before.search(text, max(0, start - 40), start)
+            if before and not self._state_before.search(
+                text, max(0, before.start() - 20), before.start()
+            ):
+                same = i > 0 and found[i - 1][2] == observations
+                if not (same and 0 <= before.start() - found[i - 1][1] <= 3):
+                    labels[i] = UNCERTAIN
 
     @staticmethod
     def _listed(text: str, found: list[tuple[int, int, tuple[str, ...], str]], i: int) -> bool:
@@ -242,9 +327,15 @@ class ReportLabeler:
     def label(self, report: str) -> dict[str, Label]:
         """{observation: 1 positive / 0 negative / -1 uncertain / None not mentioned}."""
         seen: dict[str, set[int]] = {}
+        resolved: set[str] = set()  # said to have resolved somewhere in the report
+        lasting: set[str] = set()  # positive somewhere other than as "resolving"
         for m in self.mentions(report):
             for observation in m.observations:
                 seen.setdefault(observation, set()).add(m.label)
+                if m.note == "resolved":
+                    resolved.add(observation)
+                elif m.label == POSITIVE and m.note != "resolving":
+                    lasting.add(observation)
             if m.label != NEGATIVE and m.text in (
                 "chf",
                 "heart failure",
@@ -257,7 +348,7 @@ class ReportLabeler:
             labels = seen.get(observation)
             if labels is None:
                 value: Label = None
-            elif POSITIVE in labels:
+            elif POSITIVE in labels and (observation in lasting or observation not in resolved):
                 value = POSITIVE
             elif UNCERTAIN in labels:
                 value = UNCERTAIN
@@ -271,6 +362,10 @@ class ReportLabeler:
 
     def label_many(self, reports: Iterable[str]) -> list[dict[str, Label]]:
         return [self.label(r) for r in reports]
+
+    def provenance(self) -> dict[str, str]:
+        """What made the labels, for the sidecar beside a labels CSV."""
+        return {"labeler": self.name}
 
 
 # -- compiling phrase lists into one fast alternation ------------------------------------------
@@ -412,15 +507,34 @@ def read_reports_file(path: str | os.PathLike) -> tuple[str, list[str], list[str
     return "Reports", texts, texts
 
 
+def labels_sidecar(path: str | os.PathLike) -> Path:
+    """`labels.csv` -> `labels.labeler.json`: which labeler wrote the CSV."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".csv") + ".labeler.json")
+
+
 def write_labels_csv(
-    path: str | os.PathLike, first_column: str, ids: list[str], labels: list[dict[str, Label]]
-) -> None:
-    """CheXpert labeler layout: id (or report text) then the 14 observations as 1/0/-1/blank."""
+    path: str | os.PathLike,
+    first_column: str,
+    ids: list[str],
+    labels: list[dict[str, Label]],
+    *,
+    labeler: dict[str, str] | None = None,
+) -> Path:
+    """CheXpert labeler layout: id (or report text) then the 14 observations as 1/0/-1/blank.
+
+    The CSV stays exactly the CheXpert layout; which labeler made it (`labeler`, default the
+    built-in rules) goes to a JSON sidecar, `labels_sidecar(path)`, whose path is returned.
+    """
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([first_column, *OBSERVATIONS])
         for key, row in zip(ids, labels, strict=True):
             writer.writerow([key, *("" if row[o] is None else str(row[o]) for o in OBSERVATIONS)])
+    sidecar = labels_sidecar(path)
+    record = {**(labeler or {"labeler": ReportLabeler.name}), "reports": len(ids)}
+    sidecar.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return sidecar
 
 
 def benchmark(reports: list[str], *, repeats: int = 5) -> dict[str, float | int]:

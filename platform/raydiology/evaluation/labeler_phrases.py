@@ -53,17 +53,23 @@ MENTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (r"cardiac silhouettes? and (?:pulmonary )?vascularity", (CARDIO, ECM), "anatomy"),
     (r"cardiac contours?", (CARDIO, ECM), "anatomy"),
     (r"contours?", (ECM,), "anatomy"),
-    (r"cardiomegaly", (CARDIO,), "finding"),
+    (r"cardiomegal\w*|cardiomeg(?:ly|aly)|cardiomeagly", (CARDIO,), "finding"),
     (r"(?:cardiac|heart) enlargement", (CARDIO,), "finding"),
     (r"enlarged (?:heart|cardiac silhouette)", (CARDIO,), "finding"),
     (r"cardiac (?:size|shadow|silhouettes?)", (CARDIO,), "anatomy"),
     (r"(?:the )?heart size", (CARDIO,), "anatomy"),
     (r"(?:the )?heart(?! failure)\b", (CARDIO,), "anatomy"),
     # Lung lesion
-    (r"nodular (?:opacit(?:y|ies)|opacification)", ("Lung Lesion", "Lung Opacity"), "finding"),
-    (r"nodular densit(?:y|ies)", ("Lung Lesion",), "finding"),
+    # A "nodular opacity" is read as an opacity, not as a nodule (Open-I's indexers agree);
+    # "fibronodular" disease is a nodular lesion.
+    (
+        r"(?:reticulo-?)?nodular (?:opacit(?:y|ies)|opacification|densit(?:y|ies))",
+        ("Lung Opacity",),
+        "finding",
+    ),
+    (r"fibro-?nodular", ("Lung Lesion",), "finding"),
     (r"(?:micro)?nodul(?:e|es|i)\b", ("Lung Lesion",), "finding"),
-    (r"masse?s?\b", ("Lung Lesion",), "finding"),
+    (r"(?:masse?s?|mass-?like)\b", ("Lung Lesion",), "finding"),
     (r"lumps?\b", ("Lung Lesion",), "finding"),
     (r"cavitary lesions?", ("Lung Lesion",), "finding"),
     (r"(?:carcinoma|neoplasm|tumou?r|malignan)\w*", ("Lung Lesion",), "finding"),
@@ -81,21 +87,39 @@ MENTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (r"fibro(?:sis|thorax|tic)", ("Pleural Other",), "finding"),
     (r"(?:parenchymal )?scar\w*", ("Lung Opacity",), "finding"),
     # Edema
-    (r"(?:pulmonary |interstitial |alveolar )?edema", ("Edema",), "finding"),
-    (r"(?:congestive )?heart failure|chf\b", ("Edema",), "finding"),
-    (r"(?:pulmonary )?vascular (?:congestion|prominence|engorgement)", ("Edema",), "hedge"),
+    (r"(?:pulmonary |interstitial |alveolar )?(?:o?edema|edma)\b", ("Edema",), "finding"),
+    # Heart failure and volume overload name a syndrome, not the lung edema itself (Open-I's
+    # indexers code Heart Failure there, never Pulmonary Edema): an abnormality, not Edema.
+    (r"(?:congestive )?heart failure|chf\b|volume overload", (OTHER,), "finding"),
+    (
+        r"(?:pulmonary )?(?:vascular|venous) (?:congestion|prominence|engorgement)",
+        ("Edema",),
+        "hedge",
+    ),
     (r"pulmonary (?:venous )?congestion", ("Edema",), "hedge"),
     (r"indistinct\w*", ("Edema",), "hedge"),
     # Consolidation, pneumonia, atelectasis
-    (r"consolidat\w*", ("Consolidation",), "finding"),
+    (r"consolidat\w*|consoldat\w*|consolodat\w*", ("Consolidation",), "finding"),
     (r"(?:broncho)?pneumonia\w*", ("Pneumonia",), "finding"),
+    (r"pneumonitis|pnemonia|pnuemonia|pneumona\b", ("Pneumonia",), "finding"),
+    # An infection of the lung is a pneumonia; an old granulomatous one is not (see SKIPS).
     (r"infectio\w*", ("Pneumonia",), "finding"),
-    (r"atelecta\w*", ("Atelectasis",), "finding"),
+    (r"atelect\w*|atelecs\w*|atlectas\w*", ("Atelectasis",), "finding"),
     (r"collaps\w*", ("Atelectasis",), "finding"),
     # Pleural
-    (r"(?:hydro)?pneumothora(?:x|ces)", ("Pneumothorax",), "finding"),
+    (
+        r"(?:hydro|hemo|haemo)?(?:pneumothora(?:x|ces)|pnuemothora\w*|pneumothroa\w*|pnemothora\w*"
+        r"|pneumthora\w*)|pleural air(?: collection)?",
+        ("Pneumothorax",),
+        "finding",
+    ),
     (r"pleural fluid", ("Pleural Effusion",), "finding"),
-    (r"effusions?\b", ("Pleural Effusion",), "finding"),
+    (
+        r"(?:effusions?|effusoins?|effusons?|efusions?|effussions?|effsuions?)\b"
+        r"|pleural (?:fusions?|effuisons?)",
+        ("Pleural Effusion",),
+        "finding",
+    ),
     (r"fractur\w*", ("Fracture",), "finding"),
     # Support devices
     (r"(?:pacer|pacemaker|defibrillator|icd|aicd)s?\b", ("Support Devices",), "finding"),
@@ -132,7 +156,9 @@ MENTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 # Text that looks like a mention but is not one; matched before the mentions at the same place.
 SKIPS = (
     r"pericardial effusions?",
-    r"calcified (?:nodul\w*|granulom\w*|lymph nodes?)",
+    r"calcified (?:granulom\w*|lymph nodes?)",
+    r"(?:chest wall|soft tissue|breast|axillary|mediastinal|hilar|neck|thyroid|abdominal) mass(?:es)?",
+    r"(?:vertebral|compression|vertebral body) collapse",
     r"massive\w*|massengale",
     r"pleural lines?|septal lines?|kerley(?: b)? lines?|skin ?folds? lines?|line of",
     # A structure named only as a place ("overlying the heart") says nothing about its size.
@@ -142,14 +168,20 @@ SKIPS = (
     r"heart rate",
     r"(?:size|caliber) and contours?|(?:ventricular|diaphragm\w*|rib|osseous|bony|skin) contours?"
     r"|contours? (?:irregularit\w*|deformit\w*|abnormalit\w*)",
-    r"tuberculosis",
+    r"tubercul\w*(?: infection)?",
+    r"granulomatous (?:infection|disease|process)",
+    r"(?:old|prior|previous|remote|healed|past|chronic) (?:granulomatous )?infection\w*",
+    r"(?:soft tissue|subcutaneous|extremity|leg|ankle|pedal|scrotal|facial) edema",
     r"sided heart",
 )
 
 # Cues: (fragment, kind, direction, window, restrict).
 # kind: "neg" negation; "unc" uncertainty; "unc_first" uncertainty that outranks negation
 #   ("cannot be excluded" contains a negation but leaves the finding possible); "pseudo"
-#   consumes text that would otherwise read as a cue ("no change in").
+#   consumes text that would otherwise read as a cue ("no change in"); "resolved" a negation
+#   that says the finding went away, which outranks "resolving" (a positive: still there) of
+#   the same finding elsewhere in the report; "stable" makes a bare anatomy mention uncertain
+#   ("stable cardiac silhouette") but not an enlarged one.
 # direction: "pre" applies to mentions after the cue, "post" to mentions before it, "both" to
 #   either.
 # window: most words allowed between cue and mention (None: the whole clause).
@@ -159,7 +191,8 @@ SKIPS = (
 CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     # uncertainty that outranks negation
     (
-        r"(?:cannot|can not|could not|may not|not) (?:be )?(?:entirely |completely |totally )?"
+        r"(?:cannot|can not|could not|may not|not) (?:be )?(?:entirely |completely |totally "
+        r"|confidently |definitely |reliably )?"
         r"(?:excluded|ruled out)",
         "unc_first",
         "post",
@@ -180,7 +213,11 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     (
         r"no (?:significant |appreciable |substantial |definite |interval )*change"
         r"|without (?:significant |appreciable |interval )*change"
-        r"|not (?:only|necessarily)|gram negative|no increase|no decrease|to (?:suggest|indicate)",
+        r"|not (?:only|necessarily)|gram negative|no increase|no decrease|to (?:suggest|indicate)"
+        # a hedge on change or degree, not on the finding ("questionable increased opacity")
+        r"|(?:questionabl[ey]|possibl[ey]|slightly|subtle|minimally) (?:increas\w*|decreas\w*"
+        r"|more|less|worse\w*|improv\w*|larger|smaller|progress\w*)"
+        r"|(?:near|nearly|almost|partial|incomplete)[- ](?:complete |total )?resolution of",
         "pseudo",
         "pre",
         0,
@@ -189,6 +226,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     # negation after the mention
     (
         r"(?:(?:is|are|was|were|has been|have been) )?(?:no longer|not) (?:definitely |clearly "
+        r"|well[- ]|convincingly "
         r"|significantly |substantially |markedly |appreciably |grossly )?"
         r"(?:seen|identified|visuali[sz]ed|demonstrated|present|evident|noted|detected|visible"
         r"|apparent|enlarged|shown|recognized|observed)",
@@ -198,11 +236,27 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         None,
     ),
     (
-        r"(?:(?:is|are|was|were|has|have) )?(?:(?:now|since|completely|nearly) )?"
-        r"(?:been )?(?:resolved|resolving|cleared|removed|withdrawn)",
-        "neg",
-        "post",
+        r"(?:(?:is|are|was|were|has|have) )?(?:been )?(?:almost|nearly|partially|incompletely"
+        r"|partly|not (?:completely|entirely|fully))(?: completely)? (?:resolved|cleared)",
+        "pseudo",
+        "pre",
+        0,
+        None,
+    ),
+    (
+        r"(?:(?:is|are|was|were|has|have) )?(?:(?:now|since|completely) )?"
+        r"(?:been )?(?:resolved|cleared|removed|withdrawn)",
+        "resolved",
+        "both",
         6,
+        None,
+    ),
+    # Still present, on its way out: positive, but an explicit "resolved" elsewhere wins.
+    (
+        r"(?:(?:is|are|was|were) )?(?:resolving|improving|clearing)",
+        "resolving",
+        "both",
+        3,
         None,
     ),
     (
@@ -228,7 +282,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         r"(?:(?:within|at|near) (?:the )?)?(?:upper|high|top)[- ](?:limits? )?(?:of )?normal"
         r"(?: (?:in |for )?(?:size|limits))?",
         "neg",
-        "post",
+        "both",
         6,
         "anatomy",
     ),
@@ -247,18 +301,46 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         "anatomy",
     ),
     # uncertainty after the mention
+    (r"(?:would|could|might|may) (?:also )?be a consideration", "unc", "post", 12, None),
     (
         r"(?:(?:may|might|could|can|would)(?: also| possibly| potentially)?"
-        r"|(?:is|are) (?:possibly|probably|likely))(?: be| have| also be)?"
+        r"|(?:is|are) possibly)(?: be| have| also be)?"
         r" (?:present|seen|noted|considered|possible|a consideration|contributing|contributory"
-        r"|superimposed|developing|this appearance|related|appear)\b",
+        r"|superimposed|developing|this appearance|appear)\b",
         "unc",
         "post",
         6,
         None,
     ),
+    # "which may be related to edema": the finding before and the one after are both possible.
     (
-        r"(?:is|are|was|were) (?:also )?(?:suspected|questioned|possible|probable|questionable"
+        r"(?:may|might|could|can|would)(?: also| possibly| potentially)?(?: be)? related(?: to)?",
+        "unc",
+        "both",
+        6,
+        None,
+    ),
+    (r"(?:is|are) in the differential(?: diagnosis)?", "unc", "post", 6, None),
+    (r"(?:is|are) (?:a|another) (?:possibility|consideration)", "unc", "post", 6, None),
+    (r"(?:in |for )?detect(?:ing|ion of)?", "unc", "pre", 4, None),
+    (
+        r"(?:is|are|was|were|appears?) (?:now )?less (?:apparent|perceptible|conspicuous|visible"
+        r"|evident)",
+        "unc",
+        "post",
+        6,
+        None,
+    ),
+    (r"suspected", "unc", "both", 6, None),
+    (
+        r"(?:(?:is|are|was|were) )?(?:also )?(?:difficult|hard) to (?:entirely |completely )?exclude",
+        "unc_first",
+        "post",
+        8,
+        None,
+    ),
+    (
+        r"(?:is|are|was|were) (?:also )?(?:suspected|questioned|possible|questionable"
         r"|not excluded|in question|a consideration|considered)",
         "unc",
         "post",
@@ -267,7 +349,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     ),
     (
         r"(?:is|are|was|were) (?:poorly|incompletely|not well|not clearly|not) "
-        r"(?:evaluated|visuali[sz]ed|assessed|seen|appreciated)|not (?:well |clearly )?"
+        r"(?:evaluated|visuali[sz]ed|assessed|seen|appreciated)|not (?:well[- ]|clearly )?"
         r"(?:evaluated|assessed|appreciated)|poorly (?:evaluated|visuali[sz]ed|seen)",
         "unc",
         "post",
@@ -278,7 +360,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     (
         r"(?:is |are |appears? |remains? )?(?:stable|unchanged|similar to (?:the )?prior\w*"
         r"|not changed|without change)",
-        "unc",
+        "stable",
         "both",
         3,
         "anatomy",
@@ -297,13 +379,14 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     (r"(?:without|w/o)(?: (?:evidence|signs?|findings?) (?:of|for))?", "neg", "pre", None, None),
     (r"(?:negative|free|clear|clearing) (?:for|of)", "neg", "pre", None, None),
     (
-        r"(?:absence|resolution|removal|disappearance|resolving|history) of",
+        r"(?:absence|removal|disappearance) of",
         "neg",
         "pre",
         None,
         None,
     ),
     (r"(?:rule out|r/o|to exclude|exclude|excluding|ruled out)", "neg", "pre", None, None),
+    (r"(?:interval |complete )?resolution of", "resolved", "pre", None, None),
     (r"no|none|neither|nor", "neg", "pre", None, None),
     (r"(?:absent|negative|clear)\b", "neg", "post", 0, None),
     (r"not|absent", "neg", "pre", 3, None),
@@ -317,12 +400,14 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         None,
     ),
     (
-        r"(?:possibl|probabl|presumabl|questionabl)[ey]|presumed|maybe|perhaps|equivocal"
-        r"|indeterminate|borderline|uncertain|suspect(?:ed)?|suspicio(?:us|n) (?:for|of)"
+        r"(?:possibl|questionabl)[ey]|maybe|perhaps|equivocal"
+        r"|indeterminate|borderline|uncertain|suspect|suspicio(?:us|n) (?:for|of)|suggesting"
+        r"|question(?:ed)?"
         r"|concern(?:ing)? (?:for|of)|worrisome (?:for|of)|(?:question|suggestion|possibility)"
         r" of|suggestive of|suggests?|differential(?: diagnosis)?(?: includes?| considerations?)?"
-        r"|(?:versus|vs)\b|secondary to"
-        r"|(?:correlate|correlation)(?: clinically)? (?:for|with|to)|could|may|might",
+        r"|secondary to"
+        r"|(?:correlate|correlation)(?: clinically)? (?:for|with|to)|could|may|might"
+        r"|(?:evaluation|evaluate|assessment|assess) (?:for|of)",
         "unc",
         "pre",
         None,
@@ -337,5 +422,31 @@ TERMINATORS = (
     r"|whereas|nevertheless|nonetheless|yet|there (?:is|are|has been|have been)"
 )
 
-# Between two mentions, these make both uncertain ("atelectasis or pneumonia").
-ALTERNATIVES = r"or|versus|vs"
+# An anatomy mention ("the heart", "cardiac silhouette") that no cue acts on is positive only
+# when its clause says the structure is enlarged; otherwise it states nothing.
+# ... unless the clause hedges the size ("the heart is borderline enlarged"): uncertain.
+BORDERLINE = r"borderline|upper limits? of normal|top normal|top-normal"
+ENLARGED = (
+    r"enlarg\w*|(?:is|are|appears?|remains?|size|xxxx) (?:\w+ )?(?:large|increased)\b"
+    r"|increase\w* in (?:\w+ )?(?:heart|cardiac) size|cardiomegal\w*|widen\w*"
+)
+
+# Diagnoses: offered as one of alternatives ("atelectasis versus pneumonia", "edema or
+# fibrosis") they are uncertain, while a descriptive finding so offered ("atelectasis or
+# scarring", "effusion versus thickening") stays asserted.
+DIAGNOSES = frozenset({"Pneumonia", "Edema"})
+ALTERNATIVE = r"or|versus|vs\.?"
+# ... but "residual or recurrent pneumonia" offers two states of one pneumonia.
+STATES = (
+    r"residual|recurrent|persistent|developing|early|acute|chronic|mild|new|worsening"
+    r"|increasing|resolving|improving|atypical|superimposed|underlying|active"
+)
+
+# Report sections that give the reason for the study: their text is skipped, up to the next
+# section that reports findings, else to the end of its sentence. (COMPARISON is not among
+# them: dictations often go on with today's findings after "Comparison:".)
+CONTEXT_SECTIONS = (
+    r"indications?|(?:clinical )?history|clinical (?:information|indication|data|details)"
+    r"|reason for (?:exam\w*|study|referral)"
+)
+REPORT_SECTIONS = r"findings?|impressions?|conclusions?|opinion|interpretation|report"

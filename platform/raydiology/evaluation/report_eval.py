@@ -16,14 +16,22 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from raydiology.evaluation.clinical import UncertainAs, ce_scores
-from raydiology.evaluation.labeler import label_reports
+from raydiology.evaluation.labeler import Label, default_labeler
 from raydiology.evaluation.nlg import nlg_scores
 
 REQUIRED = ("id", "reference", "prediction")
-LABELER_NAME = "raydiology-rules"
+LABELER_NAME = "raydiology-rules"  # the built-in labeler's name, as recorded in results
+
+
+class ReportsLabeler(Protocol):
+    """What CE needs of a labeler: a name for the record and batch labeling."""
+
+    name: str
+
+    def label_many(self, reports: Iterable[str]) -> list[dict[str, Label]]: ...
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -68,13 +76,16 @@ def evaluate_predictions(
     ptb: bool = False,
     uncertain_as: UncertainAs = "negative",
     out: str | os.PathLike | None = None,
+    labeler: ReportsLabeler | None = None,
 ) -> dict[str, Any]:
     """NLG + CE metrics of predicted vs reference reports.
 
     `predictions` is a JSONL path or the records themselves. The result is written to `out`,
     or next to a path input as `<name>.metrics.json`; records given in memory without `out`
-    are not written.
+    are not written. `labeler` labels both sides for CE (default: the built-in rules); its
+    `name` is recorded as `labeler`.
     """
+    labeler = default_labeler() if labeler is None else labeler
     if isinstance(predictions, (str, os.PathLike)):
         records = read_predictions(predictions)
         out = metrics_path(predictions) if out is None else out
@@ -92,9 +103,11 @@ def evaluate_predictions(
     result: dict[str, Any] = {"n": len(records), "ptb_tokenizer": ptb}
     result.update(nlg_scores(references, generated, ptb=ptb))
     result.update(
-        ce_scores(label_reports(generated), label_reports(references), uncertain_as=uncertain_as)
+        ce_scores(
+            labeler.label_many(generated), labeler.label_many(references), uncertain_as=uncertain_as
+        )
     )
-    result["labeler"] = LABELER_NAME
+    result["labeler"] = labeler.name
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
