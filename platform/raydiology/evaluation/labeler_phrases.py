@@ -40,7 +40,7 @@ ECM, CARDIO = "Enlarged Cardiomediastinum", "Cardiomegaly"
 # Order matters only between fragments that start at the same place: the first wins.
 MENTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     # Enlarged cardiomediastinum / cardiomegaly
-    (r"cardiomediastin\w*(?: silhouettes?| contours?)?", (ECM,), "anatomy"),
+    (r"cardiomediastin\w*(?: silhouettes?| contours?)?", (ECM, CARDIO), "anatomy"),
     (r"(?:widen\w*|enlarge\w*) (?:of the )?(?:upper )?mediastin\w*", (ECM,), "finding"),
     (r"mediastinal (?:widening|enlargement)", (ECM,), "finding"),
     (
@@ -113,7 +113,7 @@ MENTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         ("Pneumothorax",),
         "finding",
     ),
-    (r"pleural fluid", ("Pleural Effusion",), "finding"),
+    (r"pleural fluid|layering (?:pleural )?fluid", ("Pleural Effusion",), "finding"),
     (
         r"(?:effusions?|effusoins?|effusons?|efusions?|effussions?|effsuions?)\b"
         r"|pleural (?:fusions?|effuisons?)",
@@ -200,7 +200,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         None,
     ),
     (
-        r"(?:cannot|can not|could not|unable to|difficult to) (?:entirely |completely )?"
+        r"(?:cannot|can not|could not|unable to) (?:entirely |completely )?"
         r"(?:exclude|rule out)",
         "unc_first",
         "pre",
@@ -323,6 +323,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     (r"(?:is|are) in the differential(?: diagnosis)?", "unc", "post", 6, None),
     (r"(?:is|are) (?:a|another) (?:possibility|consideration)", "unc", "post", 6, None),
     (r"(?:in |for )?detect(?:ing|ion of)?", "unc", "pre", 4, None),
+    (r"(?:further )?(?:evaluation|assessment) of(?: (?:this|the|these))?", "unc", "pre", 2, None),
     (
         r"(?:is|are|was|were|appears?) (?:now )?less (?:apparent|perceptible|conspicuous|visible"
         r"|evident)",
@@ -333,9 +334,10 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
     ),
     (r"suspected", "unc", "both", 6, None),
     (
-        r"(?:(?:is|are|was|were) )?(?:also )?(?:difficult|hard) to (?:entirely |completely )?exclude",
+        r"(?:(?:is|are|was|were) )?(?:also )?(?:difficult|hard) to (?:entirely |completely )?"
+        r"(?:exclude|rule out)",
         "unc_first",
-        "post",
+        "both",
         8,
         None,
     ),
@@ -407,7 +409,7 @@ CUES: tuple[tuple[str, str, str, int | None, str | None], ...] = (
         r" of|suggestive of|suggests?|differential(?: diagnosis)?(?: includes?| considerations?)?"
         r"|secondary to"
         r"|(?:correlate|correlation)(?: clinically)? (?:for|with|to)|could|may|might"
-        r"|(?:evaluation|evaluate|assessment|assess) (?:for|of)",
+        r"|(?:evaluation|evaluate|assessment|assess) for",
         "unc",
         "pre",
         None,
