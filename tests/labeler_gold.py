@@ -201,3 +201,13 @@ def report(scores: Mapping[str, Score]) -> str:
             f"{name:18s} {s.precision:6.3f} {s.recall:6.3f} {s.f1:6.3f}  {s.tp}/{s.fp}/{s.fn}"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # The figures: `python tests/labeler_gold.py` prints P / R / F1 per split.
+    from raydiology.evaluation.labeler import label_reports
+
+    for name in ("dev", "test"):
+        reports = load_gold(name)
+        print(f"{name} ({len(reports)} reports)")
+        print(report(per_observation(label_reports([g.text for g in reports]), reports)))
