@@ -5,8 +5,9 @@ Retrieval ranks every candidate of the other modality by cosine similarity. Temp
 routine reports repeat word for word ("No acute cardiopulmonary abnormality."), so a
 candidate counts as relevant when its report text equals the query's (`positives`): a model
 cannot tell apart two identical reports, and index-only matching would punish it for that.
-The rank of a query is 1 + the number of candidates scored strictly above its best relevant
-one. Random ranking is the baseline: `random_recall_at` gives its expected Recall@k.
+The rank of a query is the position of its first relevant candidate, candidates sorted by
+score with ties in a seeded random order (`raydiology.evaluation.ranking`), so a model that
+scores everything alike gets the random baseline, not a perfect score. Random ranking is the baseline: `random_recall_at` gives its expected Recall@k.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from raydiology.evaluation.ranking import first_relevant_rank
 
 # Zero-shot prompts for the phantom / CheXpert findings: (positive, negative) sentences in
 # the reports' own wording (a prompt the text tower never saw can land on either side).
@@ -39,12 +42,9 @@ def same_text(queries: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
 
 
 def ranks(similarity: Tensor, positives: Tensor | np.ndarray) -> Tensor:
-    """similarity [Nq, Nc], positives bool [Nq, Nc] (>= 1 per row) -> rank [Nq] (1 = top)."""
-    pos = torch.as_tensor(positives, dtype=torch.bool, device=similarity.device)
-    if not bool(pos.any(dim=1).all()):
-        raise ValueError("every query needs at least one relevant candidate")
-    best = similarity.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values
-    return (similarity > best).sum(dim=1) + 1
+    """similarity [Nq, Nc], positives bool [Nq, Nc] (>= 1 per row) -> rank [Nq] (1 = top) of
+    the first relevant candidate, ties broken at random (`evaluation.ranking`)."""
+    return first_relevant_rank(similarity, torch.as_tensor(positives))
 
 
 def retrieval_metrics(

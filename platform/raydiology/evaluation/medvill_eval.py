@@ -18,9 +18,8 @@ good matches to it. Either way a query may have several relevant candidates:
     Recall@5      relevant candidates in the top 5 / relevant candidates in the set
     Precision@5   relevant candidates in the top 5 / 5
 
-Ranks come from one stable sort of the scores over the candidates in their (shuffled) drawn
-order, so tied scores fall in random order: a constant scorer gets the random baseline, not
-rank 1. The random baseline is the expectation of each metric under a uniformly random
+Ranks break tied scores at random (`raydiology.evaluation.ranking`, shared with CLIP and the
+yardstick): a constant scorer gets the random baseline, not rank 1. The random baseline is the expectation of each metric under a uniformly random
 ranking of the same candidate sets (MRR and Hit@5 from `clip_retrieval`; Recall@5 = 5 / K and
 Precision@5 = mean relevant / K exactly).
 
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor
 
 from raydiology.evaluation.clip_retrieval import random_mrr, random_recall_at, same_text
+from raydiology.evaluation.ranking import best_first
 
 DIRECTIONS = ("image_to_report", "report_to_image")
 RELEVANCE = ("text", "labels")
@@ -80,13 +80,12 @@ def candidate_sets(n: int, candidates: int = 100, *, seed: int = 0, direction: i
 def candidate_metrics(scores: Tensor, relevant: Tensor, *, k: int = 5) -> dict[str, float]:
     """scores [Q, K], relevant bool [Q, K] (>= 1 per row) -> MRR, Hit@k, Recall@k, Precision@k.
 
-    Ties keep the candidates' order (a stable sort), which `candidate_sets` shuffles.
+    Ties are broken at random (`evaluation.ranking`), as for every retrieval metric.
     """
     relevant = relevant.to(torch.bool).cpu()
     if not bool(relevant.any(dim=1).all()):
         raise ValueError("every query needs at least one relevant candidate")
-    order = scores.float().cpu().argsort(dim=1, descending=True, stable=True)
-    sorted_relevant = relevant.gather(1, order)
+    sorted_relevant = relevant.gather(1, best_first(scores))
     first = sorted_relevant.float().argmax(dim=1) + 1  # rank of the first relevant
     in_top = sorted_relevant[:, :k].sum(dim=1).float()
     return {

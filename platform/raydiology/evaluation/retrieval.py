@@ -2,8 +2,8 @@
 
 Queries are the test split, the gallery is the train split (a retrieval database of seen
 images, the usual set-up; no query can retrieve itself). Items are ranked by cosine
-similarity of the pooled features; ties keep gallery order. A retrieved item is relevant when
-its labels agree with the query's:
+similarity of the pooled features, ties in a seeded random order (`evaluation.ranking`). A
+retrieved item is relevant when its labels agree with the query's:
 - "exact" (default): the whole label vector is equal. Every query, normal films included,
   has relevant items, and a finding-free query is not rewarded for finding-free matches
   only by accident of a shared absent label;
@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from raydiology.evaluation.ranking import best_first
 
 Match = Literal["exact", "any"]
 MATCHES: tuple[str, ...] = ("exact", "any")
@@ -61,6 +63,7 @@ def precision_at_k(
     top = max(k_used.values())
     hits = {k: 0.0 for k in ks}
     chance = 0.0
+    ties = torch.Generator().manual_seed(0)
     step = max(1, min(chunk, (1 << 24) // len(gallery)))  # [c, G] doubles stay ~128 MB
     for start in range(0, len(queries), step):
         q = torch.nn.functional.normalize(
@@ -68,8 +71,7 @@ def precision_at_k(
         )
         rel = relevance(q_labels[start : start + step], g_labels, match)  # [c, G]
         sims = q @ g.T  # [c, G]
-        # stable descending sort keeps gallery order among ties; topk does not promise that
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :top]
+        order = best_first(sims, generator=ties)[:, :top]  # ties in a random order
         ranked = torch.gather(rel, 1, order).double()  # [c, top]
         for k in ks:
             hits[k] += float(ranked[:, : k_used[k]].mean(dim=1).sum())
