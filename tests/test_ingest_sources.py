@@ -189,7 +189,7 @@ def test_file_list_metadata_and_joined_reports(tmp_path, hannover_png):
         study_id="s1",
         image_keys=(images[0].stem,),
         report="Heart normal.. Lungs clear.",
-        findings=None,
+        findings="Heart normal..",
         impression=None,
         split="train",
     )
@@ -201,6 +201,8 @@ def test_file_list_metadata_and_joined_reports(tmp_path, hannover_png):
     assert [r["view"] for r in table] == ["AP", "PA", "PA"]
     assert [r["label_effusion"] for r in table] == [0, 1, 0]
     assert table[0]["report"] == "heart normal . lungs clear ." and table[0]["split"] == "train"
+    # the sections stay apart for protocols that score one (cleaned alike)
+    assert (table[0]["findings"], table[0]["impression"]) == ("heart normal .", None)
     assert table[1]["report"] is None
 
 

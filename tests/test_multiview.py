@@ -5,6 +5,7 @@ writes one report per study."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from raydiology.config_base import ConfigError, from_dict, to_dict
 from raydiology.data.corpus import CorpusWriter, read_rows, shard_paths
 from raydiology.data.phantom import LABEL_COLUMNS, make_phantom, write_phantom_corpus
 from raydiology.data.pipeline import read_row_group, row_keys, to_model_input
+from raydiology.evaluation.protocol import get_protocol, reference_text
 from raydiology.registry import build_model, build_objective
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -255,8 +257,20 @@ def test_generate_reports_writes_one_report_per_study(generator, tmp_path):
     table = read_rows(tmp_path / "c").to_pylist()
     assert [r["id"] for r in rows] == [f"phantom-{i:07d}" for i in range(5)]
     tok = objective.model.tokenizer
-    assert [r["reference"] for r in rows] == [tok.prepare(t["report"]) for t in table[::2]]
+    # the run's protocol (stage 3: cxpmrg): findings only, cut to 100 tokens, recorded
+    cxpmrg = get_protocol(exp.evaluation.protocol)
+    assert cxpmrg.name == "cxpmrg"
+    findings = [reference_text(t["findings"], cxpmrg, tok) for t in table[::2]]
+    assert [r["reference"] for r in rows] == findings
+    assert not any("impression" in r["reference"] for r in rows)  # the report column has it
     assert all(r["prediction"] for r in rows)
+    info = json.loads((run / "eval" / "run.json").read_text())
+    assert info["protocol"] == cxpmrg.describe() and info["reports"] == 5
+    assert info["test_time_per_report_s"] > 0 and info["images_without_section"] == 0
     # a single-view reading of the same corpus: one report per image
     rows = generate_reports(run, tmp_path / "c", split=None, generation=quick, study_views=1)
     assert [r["id"] for r in rows] == [t["image_id"] for t in table]
+    # another protocol chosen at generation: the whole report as the tokenizer prepares it
+    rows = generate_reports(run, tmp_path / "c", split=None, generation=quick,
+                            protocol="raydiology")  # fmt: skip
+    assert [r["reference"] for r in rows] == [tok.prepare(t["report"]) for t in table[::2]]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from raydiology.cli import app
 from raydiology.evaluation.clinical import ce_scores
 from raydiology.evaluation.labeler import OBSERVATIONS
+from raydiology.evaluation.protocol import PRESETS
 from raydiology.evaluation.report_eval import evaluate_predictions, metrics_path
 
 PAIRS = [
@@ -189,7 +190,7 @@ def test_leaderboard_table_and_picture(tmp_path):
             "encoder": "Swin-B",
             "decoder": "Llama-2-7B",
             "trainable_params": 5_120_000,
-            "test_time_s": 812.44,
+            "test_time_per_report_s": 0.41,
         },
         predictions=[
             {
@@ -204,7 +205,13 @@ def test_leaderboard_table_and_picture(tmp_path):
     write_run(
         tmp_path / "baseline",
         method="ignored: no run.json",
-        metrics={**metrics(0.1, 0.2), "test_time_s": 10},
+        metrics={
+            **metrics(0.1, 0.2),
+            "test_time_per_report_s": 10,
+            "labeler": "chexbert",
+            "protocol": {**PRESETS["r2gen-iu"].describe()},
+            "ce_labeler_matches_protocol": False,
+        },
         predictions=[
             {"id": f"s{i}", "reference": r, "prediction": "No effusion."}
             for i, r in enumerate(refs[:2])
@@ -217,12 +224,20 @@ def test_leaderboard_table_and_picture(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = (out / "leaderboard.md").read_text().splitlines()
-    assert lines[0].startswith("| Method | Encoder | Decoder | B4 | R | M | C | P | R | F1 |")
-    assert lines[2] == (
-        "| R2GenGPT | Swin-B | Llama-2-7B | 0.134 | 0.300 | 0.150 | 0.250 | 0.400 | 0.350 "
-        "| 0.389 | 812.4 s | 5.1M |"
+    assert lines[0].startswith(
+        "| Method | Encoder | Decoder | Protocol | CE labeler | B4 | R | M | C | P | R | F1 |"
     )
-    assert lines[3].startswith("| baseline | - | - | 0.100 |") and "| 10.0 s | - |" in lines[3]
+    assert lines[2] == (
+        "| R2GenGPT | Swin-B | Llama-2-7B | - | - | 0.134 | 0.300 | 0.150 | 0.250 | 0.400 "
+        "| 0.350 | 0.389 | 0.41 s | 5.1M |"
+    )
+    # the protocol spelled out; CheXbert labels under a protocol whose papers used the
+    # CheXpert labeler are starred
+    assert lines[3].startswith(
+        "| baseline | - | - | r2gen-iu (findings, iu, words:60, no PTB, uncertain -) "
+        "| chexbert* | 0.100 |"
+    )
+    assert "| 10 s | - |" in lines[3]
     page = (out / "leaderboard.html").read_text()
     assert "<mark>The heart is normal.</mark>" in page and "examples.png" in page
     # Two studies were predicted by both runs: two rows of at least one thumbnail each.

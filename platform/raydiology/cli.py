@@ -27,7 +27,8 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(bench_app, name="bench")
 
 console = Console()
-err = Console(stderr=True)
+# Messages are not wrapped: they name files, and a path broken over two lines cannot be copied.
+err = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
@@ -182,7 +183,9 @@ def ingest(
             "'openi' alone reads the copy inside torchxrayvision"
         ),
     ] = None,
-    clean_reports: Annotated[str | None, typer.Option(help="R2Gen cleaning: iu | mimic")] = None,
+    clean_reports: Annotated[
+        str | None, typer.Option(help="R2Gen cleaning: iu | mimic | r2gengpt-mimic")
+    ] = None,
     salt_env: Annotated[
         str,
         typer.Option(help="environment variable holding the id salt (kept out of shell history)"),
@@ -213,8 +216,10 @@ def ingest(
     if resize not in ("pad", "stretch", "shortest") or bit_depth not in (8, 16):
         err.print("[red]--resize must be pad, stretch or shortest; --bit-depth 8 or 16[/]")
         raise typer.Exit(2)
-    if clean_reports not in (None, "iu", "mimic"):
-        err.print(f"[red]--clean-reports {clean_reports!r}: expected iu or mimic[/]")
+    from raydiology.data.reports import CLEAN_STYLES
+
+    if clean_reports is not None and clean_reports not in CLEAN_STYLES:
+        err.print(f"[red]--clean-reports {clean_reports!r}: expected one of {CLEAN_STYLES}[/]")
         raise typer.Exit(2)
     if chunk_rows < 1 or shard_rows < 1:
         err.print("[red]--chunk-rows and --shard-rows must be positive[/]")
@@ -964,12 +969,27 @@ def sweep(
 @app.command("eval")
 def eval_reports(
     predictions: Annotated[Path, typer.Argument(help="JSONL: one {id, reference, prediction}")],
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="evaluation protocol preset; default: the one in run.json beside "
+            "PREDICTIONS (raydiology generate records it), else raydiology"
+        ),
+    ] = None,
     ptb: Annotated[
-        bool, typer.Option("--ptb/--no-ptb", help="PTB-tokenize first (COCO) or not (R2Gen)")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--ptb/--no-ptb",
+            help="PTB-tokenize first (COCO) or not (R2Gen); default: the protocol's",
+        ),
+    ] = None,
     uncertain_as: Annotated[
-        str, typer.Option(help="CE: count uncertain labels as negative (R2Gen) or positive")
-    ] = "negative",
+        str | None,
+        typer.Option(
+            help="CE: count uncertain labels as negative (R2Gen) or positive; "
+            "default: the protocol's"
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="metrics JSON; default PREDICTIONS.metrics.json")
     ] = None,
@@ -977,26 +997,48 @@ def eval_reports(
     weights: LabelerWeights = None,
     tokenizer: LabelerTokenizer = None,
     device: LabelerDevice = "cpu",
+    labels_ref: Annotated[
+        Path | None,
+        typer.Option(
+            help="CE from this labels CSV of the references (CheXpert labeler layout: "
+            "any labeler's); needs --labels-pred"
+        ),
+    ] = None,
+    labels_pred: Annotated[
+        Path | None, typer.Option(help="labels CSV of the predictions; needs --labels-ref")
+    ] = None,
 ) -> None:
     """NLG (BLEU, METEOR, ROUGE-L, CIDEr) and clinical-efficacy metrics of generated reports.
 
-    The metrics JSON names the labeler behind the CE numbers in its `labeler` key
-    ("raydiology-rules" or "chexbert")."""
+    The metrics JSON records the evaluation protocol and names the labeler behind the CE
+    numbers in its `labeler` key ("raydiology-rules", "chexbert", or the labeler named by the
+    labels CSVs: "chexpert-labeler" for one without a raydiology sidecar)."""
     from raydiology.evaluation.chexbert import make_labeler
     from raydiology.evaluation.clinical import UNCERTAIN_AS
+    from raydiology.evaluation.protocol import get_protocol
     from raydiology.evaluation.report_eval import evaluate_predictions, metrics_path
 
-    if uncertain_as not in UNCERTAIN_AS:
+    if uncertain_as is not None and uncertain_as not in UNCERTAIN_AS:
         err.print(f"[red]--uncertain-as {uncertain_as!r}: expected one of {UNCERTAIN_AS}[/]")
         raise typer.Exit(2)
+    if (labels_ref is None) != (labels_pred is None):
+        err.print("[red]--labels-ref and --labels-pred go together[/]")
+        raise typer.Exit(2)
+    if labels_ref is not None and (labeler != "rules" or weights is not None):
+        err.print("[red]--labels-ref/--labels-pred replace --labeler; give one or the other[/]")
+        raise typer.Exit(2)
     with user_errors():
-        chosen = make_labeler(labeler, weights=weights, tokenizer=tokenizer, device=device)
+        chosen = None
+        if labels_ref is None:
+            chosen = make_labeler(labeler, weights=weights, tokenizer=tokenizer, device=device)
         result = evaluate_predictions(
             predictions,
+            protocol=None if protocol is None else get_protocol(protocol),
             ptb=ptb,
             uncertain_as=uncertain_as,  # type: ignore[arg-type]
             out=out,
             labeler=chosen,
+            labels=None if labels_ref is None else (labels_ref, labels_pred),  # type: ignore[arg-type]
         )
     print(json.dumps(result, indent=2))
     err.print(f"metrics: {out or metrics_path(predictions)}")
@@ -1109,6 +1151,13 @@ def generate_reports_command(
         Path | None, typer.Option(help="JSONL to write; default RUN/eval/predictions.jsonl")
     ] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="evaluation protocol preset (the references it builds); default: "
+            "the run's evaluation.protocol"
+        ),
+    ] = None,
 ) -> None:
     """Reports for a corpus split from a trained report generator, with the run's beam search;
     writes the predictions `raydiology eval` scores and the run description for the leaderboard."""
@@ -1116,8 +1165,9 @@ def generate_reports_command(
 
     with user_errors():
         rows = generate_reports(
-            run, corpus, None if split == "all" else split, out=out, limit=limit, device=device
-        )
+            run, corpus, None if split == "all" else split, out=out, limit=limit, device=device,
+            protocol=protocol,
+        )  # fmt: skip
     target = out or run / "eval" / "predictions.jsonl"
     err.print(f"{len(rows)} reports -> {target}  (score them: raydiology eval {target})")
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from raydiology.config_base import ConfigError, check, from_dict, to_dict
+from raydiology.evaluation.protocol import EvaluationConfig
 from raydiology.registry import MODELS, OBJECTIVES, Registry, build_model, build_objective
 
 PROFILES_DIR = "profiles"
@@ -327,6 +328,7 @@ class Experiment:
     train: TrainConfig
     scaling: ScalingSection
     output: OutputConfig
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def run_name(self) -> str:
@@ -342,6 +344,8 @@ class Experiment:
             out[section] = {"name": comp.name, **to_dict(comp.config)}
         for section in ("train", "scaling", "output"):
             out[section] = to_dict(getattr(self, section))
+        if self.evaluation != EvaluationConfig():  # absent = default: older runs' configs match
+            out["evaluation"] = to_dict(self.evaluation)
         return out
 
     def config_hash(self) -> str:
@@ -354,6 +358,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "scaling": ScalingSection,
     "output": OutputConfig,
+    "evaluation": EvaluationConfig,
 }
 
 

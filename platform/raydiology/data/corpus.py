@@ -31,12 +31,14 @@ SHARDS_DIR = "shards"
 
 # Optional string columns: missing values stay null, never guessed. `study_id` names the
 # study an image belongs to (the views of one exam share it, and their report).
+# `findings` and `impression` are the report's sections where its source has them (the
+# report column then holds both), for protocols that score one section.
 METADATA_COLUMNS = (
     "report", "view", "sex", "age_group", "anatomy", "split", "modality", "manufacturer",
-    "study_id",
+    "study_id", "findings", "impression",
 )  # fmt: skip
 # Unique-ish text: a dictionary would only grow the file.
-_PLAIN_COLUMNS = ("report", "study_id")
+_PLAIN_COLUMNS = ("report", "study_id", "findings", "impression")
 LABEL_PREFIX = "label_"
 # Optional per-image boxes (top, left, bottom, right), normalised to the stored image, e.g.
 # `region_chest` for context-aware masking; null where unknown.

@@ -84,7 +84,7 @@ SALT_HELP = (
 )
 
 if TYPE_CHECKING:
-    from raydiology.data.reports import ReportRecord
+    from raydiology.data.reports import CleanStyle, ReportRecord
 
 log = logging.getLogger("raydiology.ingest")
 
@@ -999,17 +999,24 @@ def _write_jsonl(path: Path, records: list[dict]) -> str | None:
 
 
 def report_columns(
-    records: Iterable[ReportRecord], *, clean: Literal["iu", "mimic"] | None = None
+    records: Iterable[ReportRecord], *, clean: CleanStyle | None = None
 ) -> dict[str, dict[str, str | None]]:
-    """Image key (file stem) -> the columns a report corpus joins onto it (report, split,
-    study_id: the views of one study share it, which multi-view training groups by).
+    """Image key (file stem) -> the columns a report corpus joins onto it (report, findings
+    and impression where the source has those sections, split, study_id: the views of one
+    study share it, which multi-view training groups by).
 
-    `clean` applies R2Gen's report cleaning for that corpus style.
+    `clean` applies R2Gen's report cleaning for that corpus style to each text column.
     """
     from raydiology.data.reports import clean_report, index_by_image_key
 
-    out = {}
-    for key, record in index_by_image_key(records).items():
-        text = clean_report(record.report, style=clean) if clean else record.report
-        out[key] = {"report": text or None, "split": record.split, "study_id": record.study_id}
-    return out
+    def text(value: str | None) -> str | None:
+        if not value:
+            return None
+        return clean_report(value, style=clean) if clean else value
+
+    return {
+        key: {"report": text(record.report), "findings": text(record.findings),
+              "impression": text(record.impression), "split": record.split,
+              "study_id": record.study_id}
+        for key, record in index_by_image_key(records).items()
+    }  # fmt: skip

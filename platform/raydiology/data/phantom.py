@@ -672,7 +672,16 @@ def _report(present: dict[str, bool], side: dict[str, str], draw: _FindingDraw, 
         text = "No acute cardiopulmonary abnormality."
     if present["support_devices"]:
         text += " Support devices in place."
-    return "FINDINGS: " + " ".join(findings) + " IMPRESSION: " + text
+    return f"{_FINDINGS}{' '.join(findings)}{_IMPRESSION}{text}"
+
+
+_FINDINGS, _IMPRESSION = "FINDINGS: ", " IMPRESSION: "
+
+
+def report_sections(report: str) -> dict[str, str]:
+    """A phantom report's `findings` and `impression` columns (the text of each section)."""
+    findings, _, impression = report.removeprefix(_FINDINGS).partition(_IMPRESSION)
+    return {"findings": findings, "impression": impression}
 
 
 # -- corpus -----------------------------------------------------------------------------------
@@ -736,6 +745,7 @@ def write_phantom_corpus(
                         "image_id": study if views == 1 else f"{study}-{view.lower()}",
                         "pixels": case.image,
                         "report": case.report,
+                        **report_sections(case.report),
                         "view": case.view,
                         **shared,
                         "label_no_finding": int(not any(case.findings[k] for k in PATHOLOGIES)),

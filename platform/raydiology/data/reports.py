@@ -400,22 +400,30 @@ _NUMBERING = (
     *((f". {n}. ", ". ") for n in range(2, 6)),
     *((f" {n}. ", ". ") for n in range(2, 6)),
 )
+_MIMIC = (("\n", " "),) + (("__", "_"),) * 7 + (("  ", " "),) * 6 + (("..", "."),) * 8 + _NUMBERING
 _REPLACEMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "iu": (("..", "."),) * 3 + _NUMBERING,
-    "mimic": (("\n", " "),)
-    + (("__", "_"),) * 7
-    + (("  ", " "),) * 6
-    + (("..", "."),) * 8
-    + _NUMBERING,
+    "mimic": _MIMIC,
+    # R2GenGPT's MIMIC chain (dataset/data_helper.py, clean_report) is R2Gen's plus a space
+    # before every colon, which its sentence cleaner then keeps.
+    "r2gengpt-mimic": (*_MIMIC, (":", " :")),
 }
 _QUOTES_AND_SLASHES = str.maketrans("", "", "\"'/\\")
 # R2Gen's class `[.,?;*!%^&_+():-\[\]{}]` holds the range ":" to "[", which is ":;<=>?@",
-# A-Z and "[": so "<=>@" go too, while hyphens and digits stay.
-_DROPPED = re.compile(r"[.,?;*!%^&_+()\[\]{}:<=>@A-Z]")
+# A-Z and "[": so "<=>@" go too, while hyphens and digits stay. R2GenGPT's MIMIC class,
+# `[.,?;*!%^&_+()\[\]{}]`, has no range: colons and "<=>@" stay.
+_DROPPED = {
+    "iu": re.compile(r"[.,?;*!%^&_+()\[\]{}:<=>@A-Z]"),
+    "mimic": re.compile(r"[.,?;*!%^&_+()\[\]{}:<=>@A-Z]"),
+    "r2gengpt-mimic": re.compile(r"[.,?;*!%^&_+()\[\]{}]"),
+}
+CleanStyle = Literal["iu", "mimic", "r2gengpt-mimic"]
+CLEAN_STYLES: tuple[str, ...] = tuple(_REPLACEMENTS)
 
 
-def clean_report(text: str, *, style: Literal["iu", "mimic"]) -> str:
-    """R2Gen's report cleaning (`clean_report_iu_xray` / `clean_report_mimic_cxr`), same output.
+def clean_report(text: str, *, style: CleanStyle) -> str:
+    """R2Gen's report cleaning (`clean_report_iu_xray` / `clean_report_mimic_cxr`), same output;
+    `r2gengpt-mimic` is R2GenGPT's variant for MIMIC-CXR (colons kept, spaced off).
 
     Vocabularies, token counts and BLEU/METEOR/ROUGE in the report-generation literature are
     computed on text cleaned this way, so our numbers compare only if we clean identically,
@@ -427,15 +435,13 @@ def clean_report(text: str, *, style: Literal["iu", "mimic"]) -> str:
     Empty sentences are kept, as R2Gen keeps them, so empty input gives " .".
     """
     try:
-        replacements = _REPLACEMENTS[style]
+        replacements, dropped = _REPLACEMENTS[style], _DROPPED[style]
     except KeyError:
-        raise ValueError(f"style must be 'iu' or 'mimic', not {style!r}") from None
+        raise ValueError(f"style must be one of {CLEAN_STYLES}, not {style!r}") from None
     for old, new in replacements:
         text = text.replace(old, new)
     sentences = text.strip().lower().split(". ")
-    cleaned = [
-        _DROPPED.sub("", s.translate(_QUOTES_AND_SLASHES).strip().lower()) for s in sentences
-    ]
+    cleaned = [dropped.sub("", s.translate(_QUOTES_AND_SLASHES).strip().lower()) for s in sentences]
     return " . ".join(cleaned) + " ."
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raydiology.config_base import check, from_dict, to_dict
+from raydiology.data.reports import CleanStyle
 
 TokenizerKind = Literal["word", "wordpiece", "bpe", "unigram", "pretrained"]
 TRAINED_KINDS = ("word", "wordpiece", "bpe", "unigram")
@@ -55,7 +56,9 @@ class TokenizerConfig:
     max_reports: int | None = None  # cap on training texts (phantom: 400 when null)
     vocab_size: int = 8000  # target for wordpiece/bpe/unigram, upper bound for word
     min_freq: int = 3  # R2Gen's threshold: 3 for IU X-ray, 10 for MIMIC-CXR
-    clean: Literal["iu", "mimic"] | None = "iu"  # R2Gen's cleaning before tokenizing; null = none
+    clean: CleanStyle | None = (
+        "iu"  # R2Gen's cleaning (data/reports.py) before tokenizing; null = none
+    )
     lowercase: bool = True  # trained kinds only
 
     def validate(self, key: str) -> None:

@@ -6,7 +6,10 @@ leaderboard reads (`evaluation/leaderboard.py`):
                                   id = study_id, for a model trained on multi-view studies),
                                   the input of `raydiology eval`; the first few rows also name
                                   "image", a thumbnail under eval/images/ for the leaderboard
-    <run>/eval/run.json           method, encoder, decoder, trainable parameters, test time
+    <run>/eval/run.json           method, encoder, decoder, trainable parameters, the
+                                  evaluation protocol, and test time: generation alone (the
+                                  model loaded and warmed up on one batch first), in total
+                                  and per report
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from raydiology.config_base import from_dict
+from raydiology.evaluation.protocol import Protocol, get_protocol, reference_text
 
 
 def find_export(path: str | Path) -> Path:
@@ -79,6 +83,7 @@ def generate_reports(
     device: str | torch.device = "cpu",
     generation: dict[str, Any] | None = None,
     study_views: int | None = None,
+    protocol: str | Protocol | None = None,
 ) -> list[dict[str, str]]:
     """Generate a report for every image of `corpus` in `split` (None = all rows).
 
@@ -86,35 +91,48 @@ def generate_reports(
     trained with `data.study_views` saw them; None = the run's own setting (its config.yaml),
     and `limit` then counts studies.
     `generation` overrides the run's beam-search settings (e.g. {"num_beams": 1}). The
-    reference is the corpus's report as the tokenizer sees it (R2Gen-cleaned when the
-    tokenizer cleans), so metrics compare like with like. Writes `out` (default:
+    reference is built by the evaluation protocol (`evaluation/protocol.py`; None = the run's
+    `evaluation.protocol`): which report section, cleaned how, cut where. Rows without that
+    section are left out, as R2Gen leaves them out. Writes `out` (default:
     `<run>/eval/predictions.jsonl`) and `run.json` beside it; returns the rows.
     """
+    import pyarrow.compute as pc
+
     from raydiology.config import DataConfig
     from raydiology.data.corpus import read_rows
     from raydiology.data.pipeline import preprocess_batch, study_chunks, to_model_input
     from raydiology.objectives.report_sft import GenerationSettings
 
-    started = time.perf_counter()
     objective, spec = load_generator(export_or_run_dir, device=device)
     if generation:
         merged = {**_as_dict(objective.cfg.generation), **generation}
         objective.cfg.generation = from_dict(GenerationSettings, merged, "generation")
     export = find_export(export_or_run_dir)
     run_dir = export.parent if export.name == "export" else export
-    views = study_views if study_views is not None else _trained_study_views(run_dir)
+    trained = _trained_config(run_dir)
+    views = study_views if study_views is not None else int(trained["data"].get("study_views") or 1)
+    if not isinstance(protocol, Protocol):
+        protocol = get_protocol(protocol or trained["evaluation"].get("protocol", "raydiology"))
     data = from_dict(
         DataConfig,
         {"resolution": spec["image_size"], "channels": spec["in_chans"],
          "mean": spec["mean"], "std": spec["std"], "study_views": views},
         "data",
     )  # fmt: skip
-    column = objective.cfg.report_column
+    column = protocol.column
     table = read_rows(corpus)
+    if column not in table.column_names:
+        raise ValueError(
+            f"{corpus}: no {column!r} column, which evaluation protocol {protocol.name!r} scores "
+            f"(its report_field is {protocol.report_field}); ingest reports whose source has "
+            "sections (a phantom corpus made before sections were kept: delete it to remake it)"
+        )
     if split is not None and "split" in table.column_names:
-        import pyarrow.compute as pc
-
         table = table.filter(pc.equal(table.column("split"), split))
+    # rows without the scored section are left out, as R2Gen leaves such studies out
+    text = pc.utf8_trim_whitespace(table.column(column))
+    with_section = table.filter(pc.fill_null(pc.greater(pc.utf8_length(text), 0), False))
+    skipped, table = table.num_rows - with_section.num_rows, with_section
     step = objective.cfg.generation.batch_size
     if views > 1:
         if "study_id" not in table.column_names:
@@ -133,10 +151,11 @@ def generate_reports(
     thumbnails = path.parent / "images"  # what the leaderboard's example picture shows
     thumbnails.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
+    generating = 0.0
     wanted = {"id": "image_id", "reference": column}
     if views > 1:
         wanted["study"] = "study_id"
-    for start, length in chunks:
+    for index, (start, length) in enumerate(chunks):
         chunk = table.slice(start, length)
         batch = {
             name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names
@@ -145,14 +164,18 @@ def generate_reports(
         images = prepared["image"]  # [B, 1, R, R], or [B, V, 1, R, R] per study
         x = to_model_input(torch.from_numpy(images).to(device), data, dtype=torch.float32)
         mask = torch.from_numpy(prepared["view_mask"]).to(device) if views > 1 else None
+        if index == 0:  # warm-up (allocator, kernels), left out of the test time
+            _predict(objective, x[:1], None if mask is None else mask[:1])
+        started = time.perf_counter()
         predictions = _predict(objective, x, mask)
+        generating += time.perf_counter() - started
         # a study's id is its study_id (the image's own id where it has none)
         own = prepared["id"]
         ids = [s or i for s, i in zip(prepared.get("study", own), own, strict=True)]
         for image_id, report, prediction, image in zip(
             ids, prepared["reference"], predictions, images, strict=True
         ):
-            reference = tokenizer.prepare(str(report or ""))
+            reference = reference_text(str(report), protocol, tokenizer)
             row = {"id": str(image_id), "reference": reference, "prediction": prediction}
             if len(rows) < _THUMBNAILS:  # the first (frontal) view of a study
                 first = image[0] if views > 1 else image
@@ -161,7 +184,10 @@ def generate_reports(
             rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = describe_run(export, spec)
-    info["test_time_s"] = round(time.perf_counter() - started, 3)
+    info["protocol"] = protocol.describe()
+    info["test_time_s"] = round(generating, 3)  # generation alone, warm-up excluded
+    info["test_time_per_report_s"] = round(generating / max(len(rows), 1), 4)
+    info["reports"], info["images_without_section"] = len(rows), skipped
     (path.parent / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return rows
 
@@ -169,15 +195,13 @@ def generate_reports(
 _THUMBNAILS = 16  # images kept for the leaderboard's examples
 
 
-def _trained_study_views(run_dir: Path) -> int:
-    """`data.study_views` of the run's resolved experiment (1 without one)."""
+def _trained_config(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The `data` and `evaluation` sections of the run's resolved experiment ({} without)."""
     import yaml
 
     config = run_dir / "config.yaml"
-    if not config.is_file():
-        return 1
-    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-    return int(data.get("study_views") or 1)
+    raw = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    return {section: raw.get(section) or {} for section in ("data", "evaluation")}
 
 
 def _predict(objective: Any, images: torch.Tensor, view_mask: torch.Tensor | None) -> list[str]:

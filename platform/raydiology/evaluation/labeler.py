@@ -537,6 +537,52 @@ def write_labels_csv(
     return sidecar
 
 
+_LABEL_VALUES: dict[str, Label] = {"": None, "1": 1, "0": 0, "-1": -1, "1.0": 1, "0.0": 0,
+                                   "-1.0": -1}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LabelsFile:
+    """A labels CSV in the CheXpert labeler's layout, as `read_labels_csv` found it."""
+
+    keys: list[str]  # the first column: ids, or the report text (the labeler's "Reports")
+    labels: list[dict[str, Label]]
+    labeler: str  # from the sidecar `raydiology label` writes; else the CheXpert labeler
+
+
+def read_labels_csv(path: str | os.PathLike) -> LabelsFile:
+    """Labels from a CSV in the CheXpert labeler's layout (its own output, CheXbert's, or
+    `raydiology label --out`): a first column, then the 14 observations by name, values
+    1 / 0 / -1 / blank (1.0 / 0.0 / -1.0 too, as the CheXpert labeler writes them). Errors
+    name the file, line and column."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise ValueError(f"{path}: empty labels file")
+    header = [c.strip() for c in rows[0]]
+    missing = [o for o in OBSERVATIONS if o not in header]
+    if missing:
+        raise ValueError(f"{path}: header lacks the CheXpert columns {missing}")
+    where = {o: header.index(o) for o in OBSERVATIONS}
+    keys, labels = [], []
+    for number, row in enumerate(rows[1:], start=2):
+        row = row + [""] * (len(header) - len(row))
+        parsed: dict[str, Label] = {}
+        for name, col in where.items():
+            value = row[col].strip()
+            if value not in _LABEL_VALUES:
+                raise ValueError(f"{path}: line {number}: {name} = {value!r}, not 1/0/-1/blank")
+            parsed[name] = _LABEL_VALUES[value]
+        keys.append(row[0])
+        labels.append(parsed)
+    sidecar = labels_sidecar(path)
+    labeler = "chexpert-labeler"  # a CSV without our sidecar: the CheXpert labeler's own layout
+    if sidecar.is_file():
+        labeler = str(json.loads(sidecar.read_text(encoding="utf-8")).get("labeler", labeler))
+    return LabelsFile(keys=keys, labels=labels, labeler=labeler)
+
+
 def benchmark(reports: list[str], *, repeats: int = 5) -> dict[str, float | int]:
     """Reports/s of one labeler on one core: median over `repeats` passes over `reports`.
 

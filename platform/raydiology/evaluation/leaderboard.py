@@ -10,11 +10,13 @@ Run-results format (what a report-generation run writes, and all this module rea
     <run>/eval/run.json           optional description, every key optional:
                                   {"method": "R2GenGPT", "encoder": "Swin-B",
                                    "decoder": "Llama-2-7B", "trainable_params": 5100000,
-                                   "test_time_s": 812.4}
+                                   "test_time_per_report_s": 0.41}
 
 A RUNS argument may name `<run>`, `<run>/eval`, or the metrics.json itself. Missing
-descriptions fall back to the run folder's name and "-". `test_time_s` may also sit in
-metrics.json (the generation loop knows it). CE columns are the micro averages, as R2Gen's
+descriptions fall back to the run folder's name and "-". Test time is generation alone per
+report (`raydiology generate` measures it with the model loaded and warmed up). The protocol
+and labeler columns come from metrics.json (`raydiology eval` records them); a labeler that
+is not the one the protocol names is starred. CE columns are the micro averages, as R2Gen's
 CE code reports them.
 
 The examples picture puts, for a few studies every run predicted, the image next to the
@@ -32,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("Method", "Encoder", "Decoder", "B4", "R", "M", "C", "P", "R", "F1", "Test time",
-           "Trainable params")  # fmt: skip
+COLUMNS = ("Method", "Encoder", "Decoder", "Protocol", "CE labeler", "B4", "R", "M", "C", "P",
+           "R", "F1", "Test time / report", "Trainable params")  # fmt: skip
 _METRIC_KEYS = ("BLEU_4", "ROUGE_L", "METEOR", "CIDEr",
                 "ce_precision_micro", "ce_recall_micro", "ce_f1_micro")  # fmt: skip
 
@@ -46,7 +48,7 @@ class RunResult:
     decoder: str
     metrics: dict[str, Any]
     trainable_params: int | None = None
-    test_time_s: float | None = None
+    test_time_per_report_s: float | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -79,7 +81,7 @@ def load_run(path: str | os.PathLike) -> RunResult:
         with (folder / "predictions.jsonl").open(encoding="utf-8") as handle:
             predictions = [json.loads(line) for line in handle if line.strip()]
     name = folder.parent.name if folder.name == "eval" else folder.name
-    test_time = info.get("test_time_s", metrics.get("test_time_s"))
+    test_time = info.get("test_time_per_report_s", metrics.get("test_time_per_report_s"))
     return RunResult(
         folder=folder,
         method=str(info.get("method", name)),
@@ -87,7 +89,7 @@ def load_run(path: str | os.PathLike) -> RunResult:
         decoder=str(info.get("decoder", "-")),
         metrics=metrics,
         trainable_params=info.get("trainable_params"),
-        test_time_s=None if test_time is None else float(test_time),
+        test_time_per_report_s=None if test_time is None else float(test_time),
         predictions=predictions,
     )
 
@@ -101,13 +103,28 @@ def _params(n: int | None) -> str:
     return str(n)
 
 
+def _protocol(p: dict[str, Any]) -> str:
+    """'r2gen-iu (findings, iu, words:60, no PTB, uncertain -)' or '-' without a record."""
+    if not p:
+        return "-"
+    ptb = "PTB" if p.get("ptb") else "no PTB"
+    uncertain = "+" if p.get("ce_uncertain_as") == "positive" else "-"
+    return (f"{p.get('name')} ({p.get('report_field')}, {p.get('clean')}, "
+            f"{p.get('reference_truncation')}, {ptb}, uncertain {uncertain})")  # fmt: skip
+
+
 def table_rows(runs: list[RunResult]) -> list[list[str]]:
     """One row of strings per run, in COLUMNS order."""
     rows = []
     for run in runs:
         m = run.metrics
-        time_s = "-" if run.test_time_s is None else f"{run.test_time_s:.1f} s"
-        rows.append([run.method, run.encoder, run.decoder,
+        t = run.test_time_per_report_s
+        time_s = "-" if t is None else f"{t:.3g} s"
+        protocol = m.get("protocol") or {}
+        labeler = str(m.get("labeler", "-"))
+        if protocol and not m.get("ce_labeler_matches_protocol", True):
+            labeler += "*"  # not the labeler the protocol's published numbers used
+        rows.append([run.method, run.encoder, run.decoder, _protocol(protocol), labeler,
                      *(f"{float(m[k]):.3f}" for k in _METRIC_KEYS),
                      time_s, _params(run.trainable_params)])  # fmt: skip
     return rows
@@ -260,7 +277,10 @@ def html_page(runs: list[RunResult], *, picture: str | None, n: int = 4) -> str:
         "mark{background:#c6efce}</style>",
         "<h1>Report generation leaderboard</h1>",
         "<p>B4 BLEU-4, R ROUGE-L, M METEOR, C CIDEr; P / R / F1 clinical efficacy (micro, "
-        "CheXpert observations, uncertain counted as negative unless noted in the runs).</p>",
+        "CheXpert observations; uncertain counted as the protocol says: - negative, + "
+        "positive). Protocol: its name (report section, cleaning, reference truncation, PTB). "
+        "A starred labeler is not the one the protocol's papers used. Test time: generation "
+        "alone per report.</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
     ids = common_examples(runs, n)

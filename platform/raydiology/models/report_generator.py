@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from raydiology.config_base import ConfigError, check, from_dict, with_overrides
+from raydiology.data.reports import CleanStyle
 from raydiology.data.tokenizers import ReportTokenizer, TokenizerConfig, build_tokenizer
 from raydiology.registry import MODELS
 
@@ -154,6 +155,10 @@ class ReportGeneratorConfig:
     # null = the LLM's own tokenizer (llm.path), or without one a word-level tokenizer
     # trained on the built-in phantom reports
     tokenizer: TokenizerConfig | None = None
+    # How reports are cleaned for the tokenizer `tokenizer: null` stands for (a named one
+    # carries its own `clean`): R2Gen's IU style, or `mimic` / `r2gengpt-mimic` for MIMIC-CXR
+    # and CheXpert Plus text, whose newlines IU cleaning would keep (data/reports.py).
+    clean: CleanStyle | None = "iu"
     prompt: str = PAPER_PROMPT
     image_placeholder: str = "<ImageHere>"
 
@@ -189,8 +194,8 @@ class ReportGeneratorConfig:
         if self.tokenizer is not None:
             return self.tokenizer
         if self.llm.path is not None:
-            return TokenizerConfig(kind="pretrained", path=self.llm.path)
-        return TokenizerConfig(kind="word", train_reports="phantom", min_freq=1)
+            return TokenizerConfig(kind="pretrained", path=self.llm.path, clean=self.clean)
+        return TokenizerConfig(kind="word", train_reports="phantom", min_freq=1, clean=self.clean)
 
     def tokenizer_slot(self) -> tuple[Any, TokenizerConfig]:
         """(the config whose `tokenizer` is set, the tokenizer it builds): see pin_tokenizer."""
