@@ -73,6 +73,37 @@ def test_same_labels_compares_whole_rows_and_missing_equals_missing():
     ]
 
 
+def test_mixed_mask_evaluates_deterministically_with_the_bi_mask():
+    """`mixed` draws bi or s2s per pair in training; evaluation uses bi, as the official
+    understanding tasks do at test time, so two evaluations give the same numbers."""
+    from raydiology.config_base import from_dict
+    from raydiology.evaluation.medvill_eval import evaluate_retrieval, pair_scores, visual_features
+    from raydiology.models.medvill import MedViLLConfig, build_medvill
+
+    cfg = from_dict(MedViLLConfig, {"attention": "mixed", "max_text_tokens": 16}, "model")
+    torch.manual_seed(0)
+    model = build_medvill(cfg, image_size=64, in_chans=1).eval()
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "Small left pleural effusion.", "Support devices in place.", "Normal heart."]  # fmt: skip
+    images = torch.randn(len(reports), 1, 64, 64)
+    feats, positions = visual_features(model, images)
+    texts = [model.tokenizer.encode(r) for r in reports]
+    pairs = (
+        torch.arange(len(reports)).repeat_interleave(len(reports)),
+        torch.arange(len(reports)).repeat(len(reports)),
+    )
+    scores = pair_scores(model, feats, positions, texts, *pairs)
+    assert torch.equal(scores, pair_scores(model, feats, positions, texts, *pairs))
+    assert torch.equal(scores, pair_scores(model, feats, positions, texts, *pairs, scheme="bi"))
+    # the mask matters: a random bi/s2s draw per pair would change these scores
+    assert not torch.allclose(
+        scores, pair_scores(model, feats, positions, texts, *pairs, scheme="s2s")
+    )
+    first = evaluate_retrieval(model, images, reports)
+    assert first == evaluate_retrieval(model, images, reports) and first["attention"] == "bi"
+    assert model.train().mask_scheme() == "mixed"  # training still draws per sample
+
+
 RESOLUTION, IMAGES, STEPS = 32, 12, 120
 
 

@@ -149,7 +149,7 @@ def pair_scores(
     """Match log-odds [P] of the pairs (image_index[p], text_index[p]).
 
     feats [N, G, C'] / positions [N, G] from `visual_features`; texts are token ids; `scheme`
-    is the attention mask (None = the model's own).
+    is the attention mask (None = the model's own; `mixed` in eval mode is bi).
     """
     device = _device(model)
     out = []
@@ -212,7 +212,7 @@ def retrieval_from_features(
         same = torch.from_numpy(same_labels(labels))
     queries = torch.arange(n)[:, None]
     out: dict[str, Any] = {"n": n, "candidates": min(candidates, n), "seed": seed,
-                           "attention": scheme or model.cfg.attention,
+                           "attention": model.mask_scheme(scheme),
                            "relevance": "text" if labels is None else "labels",
                            "random": {}}  # fmt: skip
     for direction, name in enumerate(DIRECTIONS):

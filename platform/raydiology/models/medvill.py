@@ -16,7 +16,10 @@ Attention masks (`attention_mask`), True = the row's token may attend to the col
   bar       as s2s, but image rows attend to every non-pad column (the paper's proposal);
   noncross  image block <-> image block and text <-> text only (the text block then starts
             with its own [CLS]);
-  mixed     per sample bi (probability `bi_prob`, 0.25) or s2s.
+  mixed     per sample bi (probability `bi_prob`, 0.25) or s2s, in training; in eval mode
+            bi, so evaluations are deterministic (the official understanding tasks run with
+            full attention at test time: downstream_task/retrieval/retrieval.py
+            `data_processing` feeds a padding-only mask).
 Pad rows attend to every non-pad column in every scheme: their outputs are never used, and a
 row with nothing to attend to would give NaN.
 
@@ -409,12 +412,18 @@ class MedViLL(nn.Module):
         feats, pos = self.visual_tokens(images, keep=keep, generator=generator)
         return self.joint(feats, pos, texts, scheme=scheme, generator=generator)
 
+    def mask_scheme(self, scheme: str | None = None) -> str:
+        """The mask `joint` applies for `scheme` (None = the model's): `mixed` in eval mode is
+        bi, a fixed choice instead of a random mask per pair (see the module doc)."""
+        scheme = scheme or self.cfg.attention
+        return "bi" if scheme == "mixed" and not self.training else scheme
+
     def joint(self, feats: Tensor, grid_pos: Tensor, texts: list[list[int]], *,
               scheme: str | None = None,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Visual features [B, n, C] at grid positions [B, n] + token ids -> as `forward`."""
         embeds, segments, ids = self.assemble(feats, grid_pos, texts)
-        mask = attention_mask(scheme or self.cfg.attention, segments, bi_prob=self.cfg.bi_prob,
+        mask = attention_mask(self.mask_scheme(scheme), segments, bi_prob=self.cfg.bi_prob,
                               generator=generator)  # fmt: skip
         return self.encode(embeds, mask), segments, ids
 
