@@ -105,9 +105,10 @@ def test_sequence_positions_token_types_and_kept_visual_positions():
     assert ids[0, n + 2 : n + 2 + len(text)].tolist() == text
     assert ids[0, n + 2 + len(text)] == tok.sep_id and ids[1, -1] == tok.pad_id
     assert (segments[:, : n + 2] == IMAGE).all() and segments[1, -1] == -1
-    # the embedding is word/visual + position (grid position for visuals) + type, normalised
+    # the embedding is word/visual + position + type, normalised; positions as the official
+    # MedViLL_origin.py: [CLS] 0, visuals their grid index, image [SEP] 0, text from 0
     emb = model.bert.embeddings
-    positions = torch.cat([torch.tensor([0]), kept[0] + 1, torch.tensor([17])])
+    positions = torch.cat([torch.tensor([0]), kept[0], torch.tensor([0])])
     visual = torch.cat([emb.word_embeddings.weight[tok.cls_id][None],
                         model.visual_proj(kept_feats[0]),
                         emb.word_embeddings.weight[tok.sep_id][None]])  # fmt: skip
@@ -115,12 +116,36 @@ def test_sequence_positions_token_types_and_kept_visual_positions():
         visual + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
     )
     assert torch.allclose(embeds[0, : n + 2], expected, atol=1e-5)
-    text_pos = torch.arange(len(text) + 1) + 18
+    text_pos = torch.arange(len(text) + 1)
     words = emb.word_embeddings(ids[0, n + 2 : n + 3 + len(text)])
     expected_text = emb.LayerNorm(
         words + emb.position_embeddings(text_pos) + emb.token_type_embeddings.weight[1]
     )
     assert torch.allclose(embeds[0, n + 2 : n + 3 + len(text)], expected_text, atol=1e-5)
+
+
+def test_noncross_text_cls_and_words_start_at_position_0_and_pool_by_product():
+    """The official non-cross model embeds the text [CLS] alone (position 0) and the words
+    from 0 again, and pools by multiplying the image and text [CLS] states."""
+    model = tiny(attention="noncross").eval()
+    tok = model.tokenizer
+    text = tok.encode("No pneumothorax.")
+    feats, pos = model.visual_tokens(torch.randn(1, 1, 128, 128))
+    embeds, segments, ids = model.assemble(feats, pos, [text])
+    start = 16 + 2  # [CLS] + 16 visuals + [SEP]
+    assert (
+        ids[0, start] == tok.cls_id and ids[0, start + 1 : start + 1 + len(text)].tolist() == text
+    )
+    emb = model.bert.embeddings
+    row = ids[0, start : start + len(text) + 2]  # text [CLS], words, [SEP]
+    text_pos = torch.tensor([0, *range(len(text) + 1)])
+    expected = emb.LayerNorm(emb.word_embeddings(row) + emb.position_embeddings(text_pos)
+                             + emb.token_type_embeddings.weight[1])  # fmt: skip
+    assert torch.allclose(embeds[0, start : start + len(text) + 2], expected, atol=1e-5)
+    with torch.no_grad():
+        hidden, segments, _ = model.joint(feats, pos, [text])
+        pooled = model.pooled(hidden, segments)
+    assert torch.allclose(pooled, hidden[:, 0] * hidden[:, start])
 
 
 def test_mask_reaches_the_encoder_text_cannot_see_later_text_under_s2s():
