@@ -264,7 +264,9 @@ def test_paper_shape_on_the_meta_device():
     assert model.grid == 256 and model.visual_proj.in_features == 2048
     assert round(exp.model.config.visual_keep * 256) == 180
     assert exp.train.optimizer.lr == 1e-5 and exp.train.schedule.name == "constant"
-    assert exp.train.micro_batch_size == 32
+    # the official effective batch (configs/pretrain.yaml): 32 x 4 accumulation steps = 128
+    assert exp.train.micro_batch_size == 32 and exp.train.grad_accum == 4
+    assert exp.scaling.num_workers == 1
 
 
 # The matching head sits at chance until MLM has grounded the report words in the image:
