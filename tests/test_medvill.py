@@ -240,7 +240,41 @@ def test_every_parameter_gets_a_gradient_even_with_no_matched_pair():
     out = objective(batch, generator=torch.Generator().manual_seed(0))
     assert out["negatives"].item() == 1.0 and out["mlm"].item() == 0.0
     out["loss"].backward()
-    assert [n for n, p in objective.named_parameters() if p.grad is None] == []
+    assert [n for n, p in objective.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_frozen_trunk_stages_get_no_gradient_and_stay_out_of_the_optimizer():
+    """Default: the stem and layer1 frozen (the official intent), layer2-4 trained."""
+    from raydiology.train.schedules import param_groups
+
+    model = tiny()  # freeze_trunk_stages 2 by default
+    objective = build_medvill_objective(MedViLLObjectiveConfig(), model=model)
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "There is a small left pleural effusion."]  # fmt: skip
+    batch = {"image": torch.randn(4, 1, 128, 128), "report": reports}
+    for i, c in enumerate(LABEL_COLUMNS):
+        batch[f"label:{c}"] = torch.tensor([float((i + j) % 2) for j in range(4)])
+    objective(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
+    body = "model.encoder.body."
+    assert frozen == {n for n, _ in objective.named_parameters()
+                      if n.startswith((body + "conv1", body + "bn1", body + "layer1."))}  # fmt: skip
+    assert frozen  # resnet10t's stem and layer1 have weights
+    params = dict(objective.named_parameters())
+    assert all(params[n].grad is None for n in frozen)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in params.items() if n.startswith(body + "layer2."))  # fmt: skip
+    in_optimizer = {id(p) for g in param_groups(objective, 0.01) for p in g["params"]}
+    assert {n for n, p in params.items() if id(p) not in in_optimizer} == frozen
+    # 0: the whole trunk trains; 5: all of it frozen; a non-ResNet trunk can only use 0
+    assert all(p.requires_grad for p in tiny(freeze_trunk_stages=0).parameters())
+    assert not any(p.requires_grad for p in tiny(freeze_trunk_stages=5).encoder.parameters())
+    with pytest.raises(ConfigError) as err:
+        from_dict(MedViLLConfig, {"freeze_trunk_stages": 6}, "model")
+    assert err.value.key == "model.freeze_trunk_stages"
+    with pytest.raises(ConfigError) as err:
+        tiny(trunk="efficientnet_b0")
+    assert err.value.key == "model.freeze_trunk_stages"
 
 
 def test_config_errors_name_the_key():

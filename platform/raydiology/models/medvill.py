@@ -51,6 +51,8 @@ from raydiology.registry import MODELS
 MaskScheme = Literal["bi", "s2s", "bar", "noncross", "mixed"]
 MASK_SCHEMES: tuple[str, ...] = ("bi", "s2s", "bar", "noncross", "mixed")
 IMAGE, TEXT, PAD = 0, 1, -1  # segment ids
+# A ResNet trunk's stages in order: the stem (every child before layer1), then layer1-4.
+TRUNK_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 # The full-model export, beside encoder.safetensors/encoder.json in a run's export/ folder.
 MEDVILL_FORMAT = "raydiology-medvill/1"
@@ -169,6 +171,14 @@ class MedViLLConfig:
     flavor: str = "tiny"
     trunk: str | None = None  # override the flavor's timm CNN
     trunk_checkpoint: str | None = None  # local weights (e.g. ImageNet ResNet-50); null = random
+    # Leading ResNet stages kept frozen (no gradient, left out of the optimizer): 1 = the stem,
+    # 2 = stem + layer1, ... 5 = the whole trunk. 2 is the official intent: MedViLL_origin.py
+    # `MedViLLEncoder.__init__` freezes the CNN and re-enables `children()[5:]` ("we train some
+    # part of the layer"), as cnn_bert.py `IMG_Encoder` does ("only fine-tune convolutional
+    # blocks 2 through 4"). (In MedViLL_origin.py that loop walks the wrapper module, whose
+    # only child is the Sequential, so its released code freezes all five: 5 reproduces it.)
+    # BatchNorm statistics still update in training, as there. 0 = train the whole trunk.
+    freeze_trunk_stages: int = 2
     vocab_size: int | None = None
     bert_path: str | None = None  # a local save_pretrained BERT folder (weights + tokenizer)
     # null = the folder's tokenizer (bert_path), else WordPiece trained on the phantom reports
@@ -200,6 +210,8 @@ class MedViLLConfig:
         check(0 < self.visual_keep <= 1, f"{k}visual_keep", self.visual_keep, "0 < share <= 1")
         check(0 <= self.bi_prob <= 1, f"{k}bi_prob", self.bi_prob, "a probability")
         check(self.max_text_tokens >= 1, f"{k}max_text_tokens", self.max_text_tokens, ">= 1")
+        check(0 <= self.freeze_trunk_stages <= len(TRUNK_STAGES), f"{k}freeze_trunk_stages",
+              self.freeze_trunk_stages, f"0 to {len(TRUNK_STAGES)}")  # fmt: skip
         if self.tokenizer is not None:
             self.tokenizer.validate(f"{k}tokenizer")
 
@@ -310,6 +322,20 @@ class CNNGrid(nn.Module):
             self.body.load_state_dict(state.get("model", state), strict=False)
         self.embed_dim = int(self.body.num_features)
         self.in_chans, self.patch_size, self.num_prefix_tokens = in_chans, 32, 0
+
+    def freeze_stages(self, stages: int) -> list[str]:
+        """Turn off gradients of the first `stages` of TRUNK_STAGES; -> the frozen children."""
+        if stages == 0:
+            return []
+        names = [name for name, _ in self.body.named_children()]
+        if "layer1" not in names:
+            raise ConfigError("model.freeze_trunk_stages", stages,
+                              "0 for a trunk without ResNet stages (layer1..layer4)")  # fmt: skip
+        frozen = names[: names.index("layer1")] + list(TRUNK_STAGES[1:stages])
+        for name in frozen:
+            for p in getattr(self.body, name).parameters():
+                p.requires_grad_(False)
+        return frozen
 
     def forward(self, images: Tensor) -> Tensor:
         return self.body.forward_features(images).flatten(2).transpose(1, 2)
@@ -484,6 +510,7 @@ def _medvill(cfg: MedViLLConfig, *, grid: int, in_chans: int, tokenizer: JointTo
     """`weights=False`: no trunk checkpoint or BERT weights read (an export replaces them)."""
     checkpoint = cfg.trunk_checkpoint if weights else None
     encoder = CNNGrid(cfg.args().trunk, in_chans=in_chans, checkpoint=checkpoint)
+    encoder.freeze_stages(cfg.freeze_trunk_stages)
     bert = build_bert(cfg, tokenizer, weights=weights)
     return MedViLL(encoder, bert, tokenizer, grid=grid, cfg=cfg)
 
