@@ -429,13 +429,16 @@ def retrieval_run(
     """`retrieval_on_split` for a MedViLL run or export (`load_medvill`); also written as
     JSON to `out` (default RUN/eval/medvill_retrieval.json), whose path is under "json".
     `relevance="labels"` (default) counts by the label columns the exported objective
-    trained with; "text" by report text."""
+    trained with; "text" by report text. The attention mask (`scheme`) defaults to the one the
+    exported objective fine-tuned with (`medvill_retrieval`: bi), else the model's."""
     from raydiology.models.medvill import MEDVILL_SPEC, find_medvill_export, load_medvill
 
     if relevance not in RELEVANCE:
         raise ValueError(f"relevance {relevance!r} is not one of {', '.join(RELEVANCE)}")
+    spec = json.loads((find_medvill_export(run_or_export_dir) / MEDVILL_SPEC).read_text())
+    if kwargs.get("scheme") is None:
+        kwargs["scheme"] = spec.get("objective", {}).get("attention")
     if relevance == "labels" and not kwargs.get("label_columns"):
-        spec = json.loads((find_medvill_export(run_or_export_dir) / MEDVILL_SPEC).read_text())
         columns = spec.get("objective", {}).get("label_columns")
         if not columns:
             raise ValueError(f"{run_or_export_dir}: the export names no label_columns; "
