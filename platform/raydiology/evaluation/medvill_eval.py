@@ -32,7 +32,8 @@ replaces it, until [SEP] or the length limit. Only the model's own words are eve
 (no teacher forcing); the reference report is read only to be written beside the prediction.
 Under S2S the [MASK] sees the image block and earlier words, never the [SEP] that the sequence
 builder puts after it. A report ends early only if pretraining taught the model to predict
-the closing [SEP] (MLM must also mask it); otherwise every report runs to the length limit.
+the closing [SEP] (our pretraining MLM masks it like a word; the `medvill_s2s` fine-tune
+masks it half the time, as the official one); otherwise every report runs to the length limit.
 """
 
 from __future__ import annotations
