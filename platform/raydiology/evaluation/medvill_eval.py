@@ -31,7 +31,7 @@ Generation: the sequence starts as [CLS] V [SEP] (all grid positions); each step
 replaces it, until [SEP] or the length limit. Only the model's own words are ever fed back
 (no teacher forcing); the reference report is read only to be written beside the prediction.
 Under S2S the [MASK] sees the image block and earlier words, never the [SEP] that the sequence
-builder puts after it. A report ends early only if pretraining taught the model to predict
+builder puts after it. A report ends early only if training taught the model to predict
 the closing [SEP] (our pretraining MLM masks it like a word; the `medvill_s2s` fine-tune
 masks it half the time, as the official one); otherwise every report runs to the length limit.
 """
