@@ -13,6 +13,7 @@ on matched pairs only (a report does not describe a mismatched image), matching 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,11 @@ def mask_tokens(
     return inputs, targets
 
 
+def batch_labels(batch: dict[str, Any], columns: Sequence[str]) -> Tensor:
+    """The batch's ``label:<col>`` entries -> float [B, K] on the CPU (KeyError if absent)."""
+    return torch.stack([torch.as_tensor(batch[f"label:{c}"]).float().cpu() for c in columns], 1)
+
+
 def text_targets(model: MedViLL, segments: Tensor, targets: list[list[int]]) -> Tensor:
     """Per-row targets over the text rows -> long [B, L] on the joint sequence, -100 elsewhere.
 
@@ -197,8 +203,7 @@ class MedViLLObjective(nn.Module):
                        extra={"task": "pretraining"})  # fmt: skip
 
     def labels(self, batch: dict[str, Any]) -> Tensor:
-        columns = [batch[f"label:{c}"] for c in self.cfg.label_columns]
-        return torch.stack([torch.as_tensor(c).float().cpu() for c in columns], dim=1)
+        return batch_labels(batch, self.cfg.label_columns)
 
     def forward(
         self, batch: dict[str, Any], *, generator: torch.Generator | None = None

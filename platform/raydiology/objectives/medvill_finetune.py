@@ -33,6 +33,7 @@ from raydiology.data.phantom import LABEL_COLUMNS
 from raydiology.models.medvill import MASK_SCHEMES, MedViLL
 from raydiology.objectives.medvill import (
     _uniform,
+    batch_labels,
     choose_negatives,
     export_medvill,
     text_targets,
@@ -117,8 +118,7 @@ class MedViLLRetrieval(_MedViLLFineTune):
     def forward(
         self, batch: dict[str, Any], *, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
-        columns = [batch[f"label:{c}"] for c in self.cfg.label_columns]
-        labels = torch.stack([torch.as_tensor(c).float().cpu() for c in columns], dim=1)
+        labels = batch_labels(batch, self.cfg.label_columns)
         texts = self.reports(batch)
         image, report, matched = self.pairs(labels, generator=generator)
         feats, pos = self.model.visual_tokens(batch["image"])
