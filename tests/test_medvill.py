@@ -105,9 +105,10 @@ def test_sequence_positions_token_types_and_kept_visual_positions():
     assert ids[0, n + 2 : n + 2 + len(text)].tolist() == text
     assert ids[0, n + 2 + len(text)] == tok.sep_id and ids[1, -1] == tok.pad_id
     assert (segments[:, : n + 2] == IMAGE).all() and segments[1, -1] == -1
-    # the embedding is word/visual + position (grid position for visuals) + type, normalised
+    # the embedding is word/visual + position + type, normalised; positions as the official
+    # MedViLL_origin.py: [CLS] 0, visuals their grid index, image [SEP] 0, text from 0
     emb = model.bert.embeddings
-    positions = torch.cat([torch.tensor([0]), kept[0] + 1, torch.tensor([17])])
+    positions = torch.cat([torch.tensor([0]), kept[0], torch.tensor([0])])
     visual = torch.cat([emb.word_embeddings.weight[tok.cls_id][None],
                         model.visual_proj(kept_feats[0]),
                         emb.word_embeddings.weight[tok.sep_id][None]])  # fmt: skip
@@ -115,12 +116,36 @@ def test_sequence_positions_token_types_and_kept_visual_positions():
         visual + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
     )
     assert torch.allclose(embeds[0, : n + 2], expected, atol=1e-5)
-    text_pos = torch.arange(len(text) + 1) + 18
+    text_pos = torch.arange(len(text) + 1)
     words = emb.word_embeddings(ids[0, n + 2 : n + 3 + len(text)])
     expected_text = emb.LayerNorm(
         words + emb.position_embeddings(text_pos) + emb.token_type_embeddings.weight[1]
     )
     assert torch.allclose(embeds[0, n + 2 : n + 3 + len(text)], expected_text, atol=1e-5)
+
+
+def test_noncross_text_cls_and_words_start_at_position_0_and_pool_by_product():
+    """The official non-cross model embeds the text [CLS] alone (position 0) and the words
+    from 0 again, and pools by multiplying the image and text [CLS] states."""
+    model = tiny(attention="noncross").eval()
+    tok = model.tokenizer
+    text = tok.encode("No pneumothorax.")
+    feats, pos = model.visual_tokens(torch.randn(1, 1, 128, 128))
+    embeds, segments, ids = model.assemble(feats, pos, [text])
+    start = 16 + 2  # [CLS] + 16 visuals + [SEP]
+    assert (
+        ids[0, start] == tok.cls_id and ids[0, start + 1 : start + 1 + len(text)].tolist() == text
+    )
+    emb = model.bert.embeddings
+    row = ids[0, start : start + len(text) + 2]  # text [CLS], words, [SEP]
+    text_pos = torch.tensor([0, *range(len(text) + 1)])
+    expected = emb.LayerNorm(emb.word_embeddings(row) + emb.position_embeddings(text_pos)
+                             + emb.token_type_embeddings.weight[1])  # fmt: skip
+    assert torch.allclose(embeds[0, start : start + len(text) + 2], expected, atol=1e-5)
+    with torch.no_grad():
+        hidden, segments, _ = model.joint(feats, pos, [text])
+        pooled = model.pooled(hidden, segments)
+    assert torch.allclose(pooled, hidden[:, 0] * hidden[:, start])
 
 
 def test_mask_reaches_the_encoder_text_cannot_see_later_text_under_s2s():
@@ -215,7 +240,41 @@ def test_every_parameter_gets_a_gradient_even_with_no_matched_pair():
     out = objective(batch, generator=torch.Generator().manual_seed(0))
     assert out["negatives"].item() == 1.0 and out["mlm"].item() == 0.0
     out["loss"].backward()
-    assert [n for n, p in objective.named_parameters() if p.grad is None] == []
+    assert [n for n, p in objective.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_frozen_trunk_stages_get_no_gradient_and_stay_out_of_the_optimizer():
+    """Default: the stem and layer1 frozen (the official intent), layer2-4 trained."""
+    from raydiology.train.schedules import param_groups
+
+    model = tiny()  # freeze_trunk_stages 2 by default
+    objective = build_medvill_objective(MedViLLObjectiveConfig(), model=model)
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "There is a small left pleural effusion."]  # fmt: skip
+    batch = {"image": torch.randn(4, 1, 128, 128), "report": reports}
+    for i, c in enumerate(LABEL_COLUMNS):
+        batch[f"label:{c}"] = torch.tensor([float((i + j) % 2) for j in range(4)])
+    objective(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
+    body = "model.encoder.body."
+    assert frozen == {n for n, _ in objective.named_parameters()
+                      if n.startswith((body + "conv1", body + "bn1", body + "layer1."))}  # fmt: skip
+    assert frozen  # resnet10t's stem and layer1 have weights
+    params = dict(objective.named_parameters())
+    assert all(params[n].grad is None for n in frozen)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in params.items() if n.startswith(body + "layer2."))  # fmt: skip
+    in_optimizer = {id(p) for g in param_groups(objective, 0.01) for p in g["params"]}
+    assert {n for n, p in params.items() if id(p) not in in_optimizer} == frozen
+    # 0: the whole trunk trains; 5: all of it frozen; a non-ResNet trunk can only use 0
+    assert all(p.requires_grad for p in tiny(freeze_trunk_stages=0).parameters())
+    assert not any(p.requires_grad for p in tiny(freeze_trunk_stages=5).encoder.parameters())
+    with pytest.raises(ConfigError) as err:
+        from_dict(MedViLLConfig, {"freeze_trunk_stages": 6}, "model")
+    assert err.value.key == "model.freeze_trunk_stages"
+    with pytest.raises(ConfigError) as err:
+        tiny(trunk="efficientnet_b0")
+    assert err.value.key == "model.freeze_trunk_stages"
 
 
 def test_config_errors_name_the_key():
@@ -239,7 +298,9 @@ def test_paper_shape_on_the_meta_device():
     assert model.grid == 256 and model.visual_proj.in_features == 2048
     assert round(exp.model.config.visual_keep * 256) == 180
     assert exp.train.optimizer.lr == 1e-5 and exp.train.schedule.name == "constant"
-    assert exp.train.micro_batch_size == 32
+    # the official effective batch (configs/pretrain.yaml): 32 x 4 accumulation steps = 128
+    assert exp.train.micro_batch_size == 32 and exp.train.grad_accum == 4
+    assert exp.scaling.num_workers == 1
 
 
 # The matching head sits at chance until MLM has grounded the report words in the image:

@@ -73,6 +73,37 @@ def test_same_labels_compares_whole_rows_and_missing_equals_missing():
     ]
 
 
+def test_mixed_mask_evaluates_deterministically_with_the_bi_mask():
+    """`mixed` draws bi or s2s per pair in training; evaluation uses bi, as the official
+    understanding tasks do at test time, so two evaluations give the same numbers."""
+    from raydiology.config_base import from_dict
+    from raydiology.evaluation.medvill_eval import evaluate_retrieval, pair_scores, visual_features
+    from raydiology.models.medvill import MedViLLConfig, build_medvill
+
+    cfg = from_dict(MedViLLConfig, {"attention": "mixed", "max_text_tokens": 16}, "model")
+    torch.manual_seed(0)
+    model = build_medvill(cfg, image_size=64, in_chans=1).eval()
+    reports = ["The heart is enlarged.", "No pneumothorax.", "The lungs are clear.",
+               "Small left pleural effusion.", "Support devices in place.", "Normal heart."]  # fmt: skip
+    images = torch.randn(len(reports), 1, 64, 64)
+    feats, positions = visual_features(model, images)
+    texts = [model.tokenizer.encode(r) for r in reports]
+    pairs = (
+        torch.arange(len(reports)).repeat_interleave(len(reports)),
+        torch.arange(len(reports)).repeat(len(reports)),
+    )
+    scores = pair_scores(model, feats, positions, texts, *pairs)
+    assert torch.equal(scores, pair_scores(model, feats, positions, texts, *pairs))
+    assert torch.equal(scores, pair_scores(model, feats, positions, texts, *pairs, scheme="bi"))
+    # the mask matters: a random bi/s2s draw per pair would change these scores
+    assert not torch.allclose(
+        scores, pair_scores(model, feats, positions, texts, *pairs, scheme="s2s")
+    )
+    first = evaluate_retrieval(model, images, reports)
+    assert first == evaluate_retrieval(model, images, reports) and first["attention"] == "bi"
+    assert model.train().mask_scheme() == "mixed"  # training still draws per sample
+
+
 RESOLUTION, IMAGES, STEPS = 32, 12, 120
 
 
@@ -147,7 +178,8 @@ def _train(objective, batch, texts, *, steps, generator):
 
 def test_retrieval_beats_the_random_baseline(trained):
     model, data, corpus = trained
-    result = retrieval_on_split(model, corpus, data, split=None, candidates=100, seed=0)
+    result = retrieval_on_split(model, corpus, data, split=None, candidates=100, seed=0,
+                                relevance="text")  # fmt: skip
     print("MedViLL smoke retrieval:", result)
     assert result["n"] == IMAGES and result["candidates"] == IMAGES  # min(100, split size)
     assert result["attention"] == "bar"  # the model's own mask by default
@@ -155,7 +187,8 @@ def test_retrieval_beats_the_random_baseline(trained):
         measured, chance = result[direction], result["random"][direction]
         assert measured["MRR"] >= 2 * chance["MRR"], (direction, measured, chance)
         assert measured["Hit@5"] > chance["Hit@5"], (direction, measured, chance)
-    again = retrieval_on_split(model, corpus, data, split=None, candidates=100, seed=0)
+    again = retrieval_on_split(model, corpus, data, split=None, candidates=100, seed=0,
+                               relevance="text")  # fmt: skip
     assert again == result  # same candidate sets, same scores
     assert result["relevance"] == "text"
 
@@ -164,9 +197,11 @@ def test_retrieval_by_labels_counts_every_report_with_the_query_s_labels(trained
     from raydiology.data.phantom import LABEL_COLUMNS
 
     model, data, corpus = trained
-    by_text = retrieval_on_split(model, corpus, data, split=None)
+    by_text = retrieval_on_split(model, corpus, data, split=None, relevance="text")
     by_labels = retrieval_on_split(model, corpus, data, split=None, label_columns=LABEL_COLUMNS)
-    assert by_labels["relevance"] == "labels"
+    assert by_labels["relevance"] == "labels" and by_text["relevance"] == "text"
+    # the paper's relevance (same labels) is the default, with the objective's label columns
+    assert retrieval_on_split(model, corpus, data, split=None) == by_labels
     table = read_split(corpus, None)
     labels = [tuple(table.column(c)[i].as_py() for c in LABEL_COLUMNS)
               for i in range(table.num_rows)]  # fmt: skip
@@ -263,11 +298,12 @@ def test_cli_loads_the_export_and_writes_retrieval_and_predictions(trained, tmp_
     for direction in ("image_to_report", "report_to_image"):
         for key, value in expected[direction].items():
             assert written[direction][key] == pytest.approx(value, abs=1e-6), (direction, key)
-    by_labels = runner.invoke(app, ["evaluate", "medvill-retrieval", str(tmp_path / "run"),
-                                    "--corpus", str(corpus), "--split", "all",
-                                    "--relevance", "labels", "--out", str(tmp_path / "l.json")])  # fmt: skip
-    assert by_labels.exit_code == 0, by_labels.output
-    assert json.loads((tmp_path / "l.json").read_text())["relevance"] == "labels"
+    assert written["relevance"] == "labels"  # the paper's, by default
+    by_text = runner.invoke(app, ["evaluate", "medvill-retrieval", str(tmp_path / "run"),
+                                  "--corpus", str(corpus), "--split", "all",
+                                  "--relevance", "text", "--out", str(tmp_path / "t.json")])  # fmt: skip
+    assert by_text.exit_code == 0, by_text.output
+    assert json.loads((tmp_path / "t.json").read_text())["relevance"] == "text"
 
     out = tmp_path / "predictions.jsonl"
     result = runner.invoke(app, ["evaluate", "medvill-generate", str(tmp_path / "run"),

@@ -1269,10 +1269,10 @@ def evaluate_medvill_retrieval(
     relevance: Annotated[
         str,
         typer.Option(
-            help="a candidate is relevant when its report text (text) or its "
-            "diagnosis labels (labels: what the matching head learns) equal the query's"
+            help="a candidate is relevant when its diagnosis labels (labels: the paper's "
+            "protocol, what the matching head learns) or its report text (text) equal the query's"
         ),
-    ] = "text",
+    ] = "labels",
 ) -> None:
     """Image<->report retrieval with the MedViLL matching head: each query ranks its true
     pair among CANDIDATES; MRR, Hit@5, Recall@5, Precision@5 against random ranking."""

@@ -6,12 +6,15 @@ the other modality, its true partner plus 99 others drawn from the split (seeded
 direction and query, so every run and model sees the same sets). The joint encoder scores each
 (image, report) pair with the matching head; candidates are ranked by the match log-odds
 (logit "match" - logit "no match": the same order as P(match), but without the ties a
-saturated float32 softmax makes). A candidate is relevant when its report text equals the
-query's (as `clip_retrieval` counts it: templated reports repeat word for word, and no model
-can tell two identical reports apart), or, with `relevance="labels"`, when its diagnosis
-labels equal the query's: the matching head is trained to tell apart only pairs whose labels
-differ (its negatives), so two reports stating the same findings in other words are equally
-good matches to it. Either way a query may have several relevant candidates:
+saturated float32 softmax makes). A candidate is relevant when its diagnosis labels equal the
+query's, as the paper counts it (the official retrieval.py is a "label conditioned retrieval
+task": its test pairs are aligned when their CheXpert labels match, retrieval.py lines 3 and
+530-540): the matching head is trained to tell apart only pairs whose labels differ (its
+negatives), so two reports stating the same findings in other words are equally good matches
+to it. With `relevance="text"`, a candidate is relevant when its report text equals the
+query's instead (as `clip_retrieval` counts it: templated reports repeat word for word, and
+no model can tell two identical reports apart). Either way a query may have several relevant
+candidates:
 
     MRR           mean of 1 / rank of the first relevant candidate
     Hit@5         share of queries with a relevant candidate in the top 5
@@ -28,8 +31,9 @@ Generation: the sequence starts as [CLS] V [SEP] (all grid positions); each step
 replaces it, until [SEP] or the length limit. Only the model's own words are ever fed back
 (no teacher forcing); the reference report is read only to be written beside the prediction.
 Under S2S the [MASK] sees the image block and earlier words, never the [SEP] that the sequence
-builder puts after it. A report ends early only if pretraining taught the model to predict
-the closing [SEP] (MLM must also mask it); otherwise every report runs to the length limit.
+builder puts after it. A report ends early only if training taught the model to predict
+the closing [SEP] (our pretraining MLM masks it like a word; the `medvill_s2s` fine-tune
+masks it half the time, as the official one); otherwise every report runs to the length limit.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydiology.data.phantom import LABEL_COLUMNS
 from raydiology.evaluation.clip_retrieval import random_mrr, random_recall_at, same_text
 from raydiology.evaluation.ranking import best_first
 
@@ -145,7 +150,7 @@ def pair_scores(
     """Match log-odds [P] of the pairs (image_index[p], text_index[p]).
 
     feats [N, G, C'] / positions [N, G] from `visual_features`; texts are token ids; `scheme`
-    is the attention mask (None = the model's own).
+    is the attention mask (None = the model's own; `mixed` in eval mode is bi).
     """
     device = _device(model)
     out = []
@@ -208,7 +213,7 @@ def retrieval_from_features(
         same = torch.from_numpy(same_labels(labels))
     queries = torch.arange(n)[:, None]
     out: dict[str, Any] = {"n": n, "candidates": min(candidates, n), "seed": seed,
-                           "attention": scheme or model.cfg.attention,
+                           "attention": model.mask_scheme(scheme),
                            "relevance": "text" if labels is None else "labels",
                            "random": {}}  # fmt: skip
     for direction, name in enumerate(DIRECTIONS):
@@ -339,14 +344,19 @@ def retrieval_on_split(
     split: str | None = "test",
     limit: int | None = None,
     report_column: str = "report",
+    relevance: str = "labels",
     label_columns: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """`evaluate_retrieval` on a corpus split; `data` is the DataConfig images are fed with.
-    With `label_columns`, relevance is by those diagnosis labels (see the module doc)."""
+    `relevance` "labels" (the paper's) counts by `label_columns` (default the pretraining
+    objective's), "text" by report text (see the module doc)."""
+    if relevance not in RELEVANCE:
+        raise ValueError(f"relevance {relevance!r} is not one of {', '.join(RELEVANCE)}")
     table = read_split(corpus, split, limit=limit)
     labels = None
-    if label_columns:
+    if relevance == "labels":
+        label_columns = label_columns or LABEL_COLUMNS
         missing = [c for c in label_columns if c not in table.column_names]
         if missing:
             raise ValueError(f"{corpus}: no label column {', '.join(missing)} for relevance")
@@ -414,25 +424,31 @@ def retrieval_run(
     split: str | None = "test",
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
-    relevance: str = "text",
+    relevance: str = "labels",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """`retrieval_on_split` for a MedViLL run or export (`load_medvill`); also written as
     JSON to `out` (default RUN/eval/medvill_retrieval.json), whose path is under "json".
-    `relevance="labels"` counts by the label columns the exported objective trained with."""
+    `relevance="labels"` (default) counts by the label columns the exported objective
+    trained with; "text" by report text. The attention mask (`scheme`) defaults to the one the
+    exported objective fine-tuned with (`medvill_retrieval`: bi), else the model's."""
     from raydiology.models.medvill import MEDVILL_SPEC, find_medvill_export, load_medvill
 
     if relevance not in RELEVANCE:
         raise ValueError(f"relevance {relevance!r} is not one of {', '.join(RELEVANCE)}")
-    if relevance == "labels" and "label_columns" not in kwargs:
-        spec = json.loads((find_medvill_export(run_or_export_dir) / MEDVILL_SPEC).read_text())
+    spec = json.loads((find_medvill_export(run_or_export_dir) / MEDVILL_SPEC).read_text())
+    if kwargs.get("scheme") is None:
+        kwargs["scheme"] = spec.get("objective", {}).get("attention")
+    if relevance == "labels" and not kwargs.get("label_columns"):
         columns = spec.get("objective", {}).get("label_columns")
         if not columns:
             raise ValueError(f"{run_or_export_dir}: the export names no label_columns; "
                              "relevance by labels needs them")  # fmt: skip
         kwargs["label_columns"] = columns
     model = load_medvill(run_or_export_dir, device=device)
-    result = retrieval_on_split(model, corpus, data_config(model), split=split, **kwargs)
+    result = retrieval_on_split(
+        model, corpus, data_config(model), split=split, relevance=relevance, **kwargs
+    )
     path = Path(out) if out is not None else _run_dir(run_or_export_dir) / "eval"
     path = path / "medvill_retrieval.json" if out is None else path
     path.parent.mkdir(parents=True, exist_ok=True)

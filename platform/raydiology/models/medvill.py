@@ -6,8 +6,13 @@ attention mask decides what it is good at (understanding vs generation).
         + BERT position embedding of the grid position + token type 0
     sequence  [CLS] v_1 .. v_n [SEP] w_1 .. w_m [SEP] pad     (text: token type 1)
 
-Position ids: [CLS] 0, visual token at grid index g -> 1 + g, the image [SEP] 1 + G, text
-from 2 + G on; with G = 256 and 253 text tokens the sequence fills BERT's 512 positions.
+Position ids as the official pretraining model assigns them (models/MedViLL_origin.py
+`MedViLLEncoder.forward`, models/image.py `ImageEncoder_cnn.forward`): the visual token at grid
+index g -> g; [CLS] and the image [SEP] are embedded on their own by BERT's embeddings -> 0
+each; the text is embedded as its own sequence -> 0, 1, 2, ... (with `noncross`, its [CLS] is
+embedded alone too -> 0, and the words again from 0). The token type tells the segments apart.
+With G = 256 and 253 text tokens the sequence is the official 512 tokens
+(configs/pretrain.yaml `seq_len: 253`, `max_seq_len: 512`).
 
 Attention masks (`attention_mask`), True = the row's token may attend to the column's:
   bi        every non-pad token attends to every non-pad token;
@@ -15,8 +20,11 @@ Attention masks (`attention_mask`), True = the row's token may attend to the col
             image block and causally to text (itself and earlier);
   bar       as s2s, but image rows attend to every non-pad column (the paper's proposal);
   noncross  image block <-> image block and text <-> text only (the text block then starts
-            with its own [CLS]);
-  mixed     per sample bi (probability `bi_prob`, 0.25) or s2s.
+            with its own [CLS]; the pooled output is the product of the two [CLS] states);
+  mixed     per sample bi (probability `bi_prob`, 0.25) or s2s, in training; in eval mode
+            bi, so evaluations are deterministic (the official understanding tasks run with
+            full attention at test time: downstream_task/retrieval/retrieval.py
+            `data_processing` feeds a padding-only mask).
 Pad rows attend to every non-pad column in every scheme: their outputs are never used, and a
 row with nothing to attend to would give NaN.
 
@@ -43,6 +51,8 @@ from raydiology.registry import MODELS
 MaskScheme = Literal["bi", "s2s", "bar", "noncross", "mixed"]
 MASK_SCHEMES: tuple[str, ...] = ("bi", "s2s", "bar", "noncross", "mixed")
 IMAGE, TEXT, PAD = 0, 1, -1  # segment ids
+# A ResNet trunk's stages in order: the stem (every child before layer1), then layer1-4.
+TRUNK_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 # The full-model export, beside encoder.safetensors/encoder.json in a run's export/ folder.
 MEDVILL_FORMAT = "raydiology-medvill/1"
@@ -161,11 +171,19 @@ class MedViLLConfig:
     flavor: str = "tiny"
     trunk: str | None = None  # override the flavor's timm CNN
     trunk_checkpoint: str | None = None  # local weights (e.g. ImageNet ResNet-50); null = random
+    # Leading ResNet stages kept frozen (no gradient, left out of the optimizer): 1 = the stem,
+    # 2 = stem + layer1, ... 5 = the whole trunk. 2 is the official intent: MedViLL_origin.py
+    # `MedViLLEncoder.__init__` freezes the CNN and re-enables `children()[5:]` ("we train some
+    # part of the layer"), as cnn_bert.py `IMG_Encoder` does ("only fine-tune convolutional
+    # blocks 2 through 4"). (In MedViLL_origin.py that loop walks the wrapper module, whose
+    # only child is the Sequential, so its released code freezes all five: 5 reproduces it.)
+    # BatchNorm statistics still update in training, as there. 0 = train the whole trunk.
+    freeze_trunk_stages: int = 2
     vocab_size: int | None = None
     bert_path: str | None = None  # a local save_pretrained BERT folder (weights + tokenizer)
     # null = the folder's tokenizer (bert_path), else WordPiece trained on the phantom reports
     tokenizer: TokenizerConfig | None = None
-    max_text_tokens: int = 253  # 1 + 256 + 1 + 253 + 1 = BERT's 512 positions
+    max_text_tokens: int = 253  # 1 + 256 + 1 + 253 + 1 = 512 tokens (pretrain.yaml seq_len)
     visual_keep: float = 180 / 256  # share of grid positions kept in pretraining (180 of 256)
     attention: MaskScheme = "bar"
     bi_prob: float = 0.25  # `mixed`: bi for this share of samples, s2s for the rest
@@ -192,6 +210,8 @@ class MedViLLConfig:
         check(0 < self.visual_keep <= 1, f"{k}visual_keep", self.visual_keep, "0 < share <= 1")
         check(0 <= self.bi_prob <= 1, f"{k}bi_prob", self.bi_prob, "a probability")
         check(self.max_text_tokens >= 1, f"{k}max_text_tokens", self.max_text_tokens, ">= 1")
+        check(0 <= self.freeze_trunk_stages <= len(TRUNK_STAGES), f"{k}freeze_trunk_stages",
+              self.freeze_trunk_stages, f"0 to {len(TRUNK_STAGES)}")  # fmt: skip
         if self.tokenizer is not None:
             self.tokenizer.validate(f"{k}tokenizer")
 
@@ -303,6 +323,20 @@ class CNNGrid(nn.Module):
         self.embed_dim = int(self.body.num_features)
         self.in_chans, self.patch_size, self.num_prefix_tokens = in_chans, 32, 0
 
+    def freeze_stages(self, stages: int) -> list[str]:
+        """Turn off gradients of the first `stages` of TRUNK_STAGES; -> the frozen children."""
+        if stages == 0:
+            return []
+        names = [name for name, _ in self.body.named_children()]
+        if "layer1" not in names:
+            raise ConfigError("model.freeze_trunk_stages", stages,
+                              "0 for a trunk without ResNet stages (layer1..layer4)")  # fmt: skip
+        frozen = names[: names.index("layer1")] + list(TRUNK_STAGES[1:stages])
+        for name in frozen:
+            for p in getattr(self.body, name).parameters():
+                p.requires_grad_(False)
+        return frozen
+
     def forward(self, images: Tensor) -> Tensor:
         return self.body.forward_features(images).flatten(2).transpose(1, 2)
 
@@ -365,22 +399,20 @@ class MedViLL(nn.Module):
         ids[:, 1 : n + 1] = -1
         segments = torch.full((b, length), PAD, dtype=torch.long, device=device)
         segments[:, : n + 2] = IMAGE
+        # [CLS], image [SEP] and pads 0; visuals their grid index; text from 0 (module doc)
         positions = torch.zeros((b, length), dtype=torch.long, device=device)
-        positions[:, 1 : n + 1] = grid_pos + 1
-        positions[:, n + 1] = self.grid + 1
+        positions[:, 1 : n + 1] = grid_pos
+        words = torch.arange(width - len(lead), device=device)
         for i, row in enumerate(rows):
             ids[i, n + 2 : n + 2 + len(row)] = torch.tensor(row, device=device)
             segments[i, n + 2 : n + 2 + len(row)] = TEXT
-            positions[i, n + 2 : n + 2 + len(row)] = torch.arange(len(row), device=device)
-            positions[i, n + 2 :] += self.grid + 2
-        positions[:, n + 2 :] = positions[:, n + 2 :].clamp(
-            max=self.bert.config.max_position_embeddings - 1
-        )
+            start = n + 2 + len(lead)  # a text [CLS] keeps 0, as it is embedded alone
+            positions[i, start : n + 2 + len(row)] = words[: len(row) - len(lead)]
         emb = self.bert.embeddings
-        words = emb.word_embeddings(ids.clamp(min=0))
-        words[:, 1 : n + 1] = self.visual_proj(feats).to(words.dtype)
+        tokens = emb.word_embeddings(ids.clamp(min=0))
+        tokens[:, 1 : n + 1] = self.visual_proj(feats).to(tokens.dtype)
         types = (segments == TEXT).long()
-        x = words + emb.position_embeddings(positions) + emb.token_type_embeddings(types)
+        x = tokens + emb.position_embeddings(positions) + emb.token_type_embeddings(types)
         return emb.dropout(emb.LayerNorm(x)), segments, ids
 
     def encode(self, embeds: Tensor, mask: Tensor) -> Tensor:
@@ -395,12 +427,15 @@ class MedViLL(nn.Module):
         return h @ self.bert.embeddings.word_embeddings.weight.t() + self.mlm_bias
 
     def pooled(self, hidden: Tensor, segments: Tensor) -> Tensor:
-        """The pooled [CLS] [B, H]; with `noncross`, the sum of the image and text [CLS]."""
-        cls = hidden[:, 0]
+        """The pooled [CLS] [B, H]: BERT's pooler on [CLS]; with `noncross`, where neither
+        [CLS] sees the other modality, the element-wise product of the image and text [CLS]
+        states, unpooled (models/MedViLL_origin.py `MedViLLEncoder.forward`, the
+        disturbing_mask branch: ``encoded_layers[-1][:, 0] * encoded_layers[-1][:, N + 2]``)."""
         if self.cfg.attention == "noncross":
             first_text = (segments == TEXT).long().argmax(dim=1)
-            cls = cls + hidden[torch.arange(len(hidden), device=hidden.device), first_text]
-        return self.pooler(cls)
+            text_cls = hidden[torch.arange(len(hidden), device=hidden.device), first_text]
+            return hidden[:, 0] * text_cls
+        return self.pooler(hidden[:, 0])
 
     def forward(self, images: Tensor, texts: list[list[int]], *, keep: float = 1.0,
                 scheme: str | None = None,
@@ -409,12 +444,18 @@ class MedViLL(nn.Module):
         feats, pos = self.visual_tokens(images, keep=keep, generator=generator)
         return self.joint(feats, pos, texts, scheme=scheme, generator=generator)
 
+    def mask_scheme(self, scheme: str | None = None) -> str:
+        """The mask `joint` applies for `scheme` (None = the model's): `mixed` in eval mode is
+        bi, a fixed choice instead of a random mask per pair (see the module doc)."""
+        scheme = scheme or self.cfg.attention
+        return "bi" if scheme == "mixed" and not self.training else scheme
+
     def joint(self, feats: Tensor, grid_pos: Tensor, texts: list[list[int]], *,
               scheme: str | None = None,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Visual features [B, n, C] at grid positions [B, n] + token ids -> as `forward`."""
         embeds, segments, ids = self.assemble(feats, grid_pos, texts)
-        mask = attention_mask(scheme or self.cfg.attention, segments, bi_prob=self.cfg.bi_prob,
+        mask = attention_mask(self.mask_scheme(scheme), segments, bi_prob=self.cfg.bi_prob,
                               generator=generator)  # fmt: skip
         return self.encode(embeds, mask), segments, ids
 
@@ -454,7 +495,7 @@ def build_medvill(cfg: MedViLLConfig, *, image_size: int, in_chans: int) -> MedV
     grid = (image_size // 32) ** 2
     if grid + cfg.max_text_tokens + 3 > 512:  # [CLS] V [SEP] W [SEP]
         raise ConfigError("data.resolution", image_size,
-                          f"at most 512 positions: {grid} visual + {cfg.max_text_tokens} text + 3")  # fmt: skip
+                          f"at most 512 tokens: {grid} visual + {cfg.max_text_tokens} text + 3")  # fmt: skip
     if cfg.pretrained is not None and torch.empty(0).device.type != "meta":
         folder = find_medvill_export(cfg.pretrained)
         tokenizer = JointTokenizer.load(folder / MEDVILL_TOKENIZER)
@@ -469,6 +510,7 @@ def _medvill(cfg: MedViLLConfig, *, grid: int, in_chans: int, tokenizer: JointTo
     """`weights=False`: no trunk checkpoint or BERT weights read (an export replaces them)."""
     checkpoint = cfg.trunk_checkpoint if weights else None
     encoder = CNNGrid(cfg.args().trunk, in_chans=in_chans, checkpoint=checkpoint)
+    encoder.freeze_stages(cfg.freeze_trunk_stages)
     bert = build_bert(cfg, tokenizer, weights=weights)
     return MedViLL(encoder, bert, tokenizer, grid=grid, cfg=cfg)
 

@@ -16,6 +16,7 @@ from raydiology.objectives import (  # noqa: F401
     masking,
     medvill,
     medvill_downstream,
+    medvill_finetune,
     mfm,
     report_sft,
 )

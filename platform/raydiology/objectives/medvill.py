@@ -13,6 +13,7 @@ on matched pairs only (a report does not describe a mismatched image), matching 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,24 @@ def mask_tokens(
     return inputs, targets
 
 
+def batch_labels(batch: dict[str, Any], columns: Sequence[str]) -> Tensor:
+    """The batch's ``label:<col>`` entries -> float [B, K] on the CPU (KeyError if absent)."""
+    return torch.stack([torch.as_tensor(batch[f"label:{c}"]).float().cpu() for c in columns], 1)
+
+
+def text_targets(model: MedViLL, segments: Tensor, targets: list[list[int]]) -> Tensor:
+    """Per-row targets over the text rows -> long [B, L] on the joint sequence, -100 elsewhere.
+
+    They sit on the text tokens after any text [CLS], where `assemble` put the inputs.
+    """
+    target = torch.full(segments.shape, -100, dtype=torch.long, device=segments.device)
+    lead = 1 if model.cfg.attention == "noncross" else 0
+    start = int((segments[0] == 1).long().argmax()) + lead  # the same for every row
+    for i, row in enumerate(targets):
+        target[i, start : start + len(row)] = torch.tensor(row, device=segments.device)
+    return target
+
+
 class MedViLLObjective(nn.Module):
     """batch {"image", "report": list[str], "label:<col>": [B]} -> {"loss", "mlm", "itm", ...}."""
 
@@ -184,8 +203,7 @@ class MedViLLObjective(nn.Module):
                        extra={"task": "pretraining"})  # fmt: skip
 
     def labels(self, batch: dict[str, Any]) -> Tensor:
-        columns = [batch[f"label:{c}"] for c in self.cfg.label_columns]
-        return torch.stack([torch.as_tensor(c).float().cpu() for c in columns], dim=1)
+        return batch_labels(batch, self.cfg.label_columns)
 
     def forward(
         self, batch: dict[str, Any], *, generator: torch.Generator | None = None
@@ -198,24 +216,20 @@ class MedViLLObjective(nn.Module):
             self.labels(batch), prob=self.cfg.negative_prob, generator=generator
         )
         reports = list(batch["report"])
-        # Each report ends in [SEP], maskable like a word (UniLM/MedViLL): predicting it is
-        # how iterative [MASK] decoding learns where a report ends.
+        # Each report ends in [SEP], maskable here like a word, so that iterative [MASK]
+        # decoding can learn where a report ends. The official pretraining never masks it
+        # (data/dataset_origin.py `CXRDataset.__getitem__`: the [SEP] is appended after
+        # `random_word`, with label -100); its S2S generation fine-tune does, half the time
+        # (`medvill_s2s`, from downstream_task/report_generation_and_vqa/data_loader.py).
         limit = model.cfg.max_text_tokens - 1
         texts = [[*tok.encode(reports[int(j)])[:limit], tok.sep_id] for j in partner]
         inputs, targets = mask_tokens(texts, prob=self.cfg.mask_prob, mask_id=tok.mask_id,
                                       vocab_size=tok.vocab_size,
                                       special=tok.special_ids - {tok.sep_id},
                                       generator=generator)  # fmt: skip
-        hidden, segments, ids = model(
-            images, inputs, keep=model.cfg.visual_keep, generator=generator
-        )
+        hidden, segments, _ = model(images, inputs, keep=model.cfg.visual_keep, generator=generator)
         device = hidden.device
-        # targets sit on the text tokens, after any text [CLS]: place them like the inputs
-        target = torch.full(ids.shape, -100, dtype=torch.long, device=device)
-        lead = 1 if model.cfg.attention == "noncross" else 0
-        start = int((segments[0] == 1).long().argmax())  # the same for every row
-        for i, row in enumerate(targets):
-            target[i, start + lead : start + lead + len(row)] = torch.tensor(row, device=device)
+        target = text_targets(model, segments, targets)
         target[~matched.to(device)] = -100
         picked = target != -100
         if picked.any():
