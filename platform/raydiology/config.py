@@ -403,6 +403,11 @@ def _component(registry: Registry[Any], raw: Any, key: str) -> Component:
     return Component(raw["name"], from_dict(entry.config_cls, body, key))
 
 
+# Models whose forward takes a study (images [B, V, ...] + view_mask): report_generator
+# averages its views' tokens, r2gen concatenates them.
+MULTI_VIEW_MODELS = ("report_generator", "r2gen")
+
+
 def _validate_across_sections(exp: Experiment) -> None:
     """Rules that span sections: building the model on the meta device checks image size
     against patch size, and the objective checks its masking against the patch grid."""
@@ -418,10 +423,12 @@ def _validate_across_sections(exp: Experiment) -> None:
         "fp32 or bf16 on CPU workers (fp16 needs GPUs)",
     )
     check(
-        exp.data.study_views == 1 or exp.model.name == "report_generator",
+        exp.data.study_views == 1 or exp.model.name in MULTI_VIEW_MODELS,
         "data.study_views",
         exp.data.study_views,
-        f"1 for a {exp.model.name} model (multi-view studies feed report generators)",
+        f"1 for a {exp.model.name} model (multi-view studies feed "
+        + " and ".join(MULTI_VIEW_MODELS)
+        + " models)",
     )
 
 

@@ -1,0 +1,293 @@
+"""R2Gen: the paper flavor's size on the meta device, the relational memory's gates, MCLN's
+conditioning, two views concatenated along the token axis, greedy and beam decoding, and
+training through the real `report_sft` objective on phantom studies (PA + LATERAL), then
+reports from its export with `generate_reports`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raydiology.config import load_experiment, save_resolved
+from raydiology.config_base import ConfigError, from_dict
+from raydiology.models import count_parameters
+from raydiology.models.r2gen import (
+    R2GEN_FLAVORS,
+    ConditionalLayerNorm,
+    R2Gen,
+    R2GenConfig,
+    RelationalMemory,
+    build_r2gen,
+)
+from raydiology.objectives.report_sft import build_report_sft
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "r2gen_iu.yaml"
+RESNET101_TRUNK = 42_500_160  # torchvision/timm ResNet-101 without its fc (R2Gen's extractor)
+
+
+def tiny(**section) -> R2Gen:
+    cfg = from_dict(R2GenConfig, {"flavor": "tiny", **section}, "model")
+    torch.manual_seed(0)
+    return build_r2gen(cfg, image_size=64, in_chans=1)
+
+
+def decoder_params(vocab: int, d: int = 512, ff: int = 512, layers: int = 3, slots: int = 3,
+                   d_vf: int = 2048) -> int:  # fmt: skip
+    """R2Gen's encoder-decoder by hand (encoder_decoder.py make_model, att_model.py att_embed)."""
+    linear = d * d + d
+    attention, feed_forward, norm = 4 * linear, 2 * (d * ff) + ff + d, 2 * d
+    mcln = norm + 2 * ((slots * d) * d + d + linear)
+    memory = attention + 2 * linear + 2 * (d * 2 * d + 2 * d)
+    encoder = layers * (attention + feed_forward + 2 * norm) + norm
+    decoder = layers * (2 * attention + feed_forward + 3 * mcln) + norm
+    return (d_vf * d + d) + encoder + memory + decoder + vocab * d + (d * vocab + vocab)
+
+
+# ----------------------------------------------------------------------------- size
+
+
+def test_paper_flavor_matches_the_official_sizes_on_the_meta_device():
+    r = R2GEN_FLAVORS["paper"]
+    assert (r.d_model, r.d_ff, r.num_layers, r.num_heads, r.dropout) == (512, 512, 3, 8, 0.1)
+    assert (r.rm_num_slots, r.rm_num_heads, r.rm_d_model) == (3, 8, 512)
+    # the experiment file: ResNet-101 on two 224-px views, the word vocabulary of the Open-I
+    # (IU X-ray) reports at R2Gen's threshold 3
+    exp = load_experiment(EXPERIMENT)
+    assert exp.model.name == "r2gen" and exp.data.study_views == 2
+    with torch.device("meta"):
+        model = build_r2gen(exp.model.config, image_size=224, in_chans=3)
+    counts = count_parameters(model)
+    vocab = model.tokenizer.vocab_size
+    assert vocab == 1253
+    assert counts["encoder"] == RESNET101_TRUNK
+    assert counts["total"] - counts["encoder"] == decoder_params(vocab) == 36_477_669
+    assert counts["total"] == 78_977_829
+    assert model.encoder(torch.empty(1, 3, 224, 224, device="meta")).shape == (1, 49, 2048)
+
+
+def test_config_is_checked():
+    with pytest.raises(ConfigError) as err:
+        from_dict(R2GenConfig, {"flavor": "huge"}, "model")
+    assert err.value.key == "model.flavor"
+    with pytest.raises(ConfigError) as err:
+        from_dict(R2GenConfig, {"views": "stack"}, "model")
+    assert err.value.key == "model.views"
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def test_relational_memory_gates_keep_or_replace_the_slots():
+    torch.manual_seed(0)
+    rm = RelationalMemory(num_slots=3, dim=8, heads=2, dropout=0.0).eval()
+    tokens = torch.randn(2, 5, 8)
+    start = rm.initial(2, tokens)
+    assert torch.equal(start[0], torch.eye(3, 8))  # one identity row a slot, zero-padded
+    d = 8
+    with torch.no_grad():
+        rm.W.weight.zero_()
+        rm.U.weight.zero_()
+        rm.U.bias.zero_()
+        rm.W.bias[:d], rm.W.bias[d:] = -50.0, 50.0  # input gate shut, forget gate open
+        kept = rm(tokens)
+        assert kept.shape == (2, 5, 3 * 8)
+        torch.testing.assert_close(kept[:, -1], start.flatten(1))  # nothing gets in
+        rm.W.bias[:d], rm.W.bias[d:] = 50.0, -50.0  # input gate open, forget gate shut
+        replaced = rm(tokens)
+        one = rm.step(tokens[:, 0], start)
+        torch.testing.assert_close(replaced[:, 0], one.flatten(1))
+        # the new slots are tanh of the attention update alone: inside (-1, 1), and they
+        # depend on the tokens read
+        assert replaced.abs().max() < 1 and not torch.allclose(replaced, kept)
+        other = rm(tokens.flip(1))
+        assert not torch.allclose(other[:, -1], replaced[:, -1])
+
+
+def test_mcln_is_a_layer_norm_shifted_and_scaled_by_the_memory():
+    torch.manual_seed(0)
+    norm = ConditionalLayerNorm(16, memory_dim=3 * 16)
+    x = torch.randn(2, 4, 16)
+    a, b = torch.randn(2, 4, 48), torch.randn(2, 4, 48)
+    assert not torch.allclose(norm(x, a), norm(x, b))  # the memory conditions the output
+    with torch.no_grad():  # without the memory's deltas: R2Gen's plain layer norm
+        for mlp in (norm.mlp_gamma, norm.mlp_beta):
+            mlp[2].weight.zero_()
+            mlp[2].bias.zero_()
+    plain = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x, a), plain)
+    torch.testing.assert_close(norm(x, b), plain)
+
+
+def test_the_decoder_reads_the_memory_through_mcln():
+    model = tiny().eval()
+    images = torch.randn(2, 1, 64, 64)
+    ids = torch.tensor([[model.tokenizer.bos_id, 5, 6, 7]] * 2)
+    with torch.no_grad():
+        hidden, mask = model.encode(images)
+        before = model.decode(ids, hidden, mask)
+        model.memory.W.bias.add_(3.0)  # other gates -> another memory; nothing else changes
+        assert not torch.allclose(model.decode(ids, hidden, mask), before)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def test_two_views_are_concatenated_along_the_token_axis():
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(0)
+    pa, lateral = torch.randn(2, 1, 64, 64, generator=g), torch.randn(2, 1, 64, 64, generator=g)
+    study = torch.stack([pa, lateral], dim=1)  # [B, 2, 1, R, R]
+    with torch.no_grad():
+        one, _ = model.encode(pa)
+        two, mask = model.encode(study)
+        assert mask is None and two.shape[1] == 2 * one.shape[1]  # the token count doubles
+        # the encoder's input: the PA's patch features, then the lateral's
+        feats = model.att_embed(torch.cat([model.encoder(pa), model.encoder(lateral)], dim=1))
+        x = feats
+        for layer in model.encoder_layers:
+            x = layer(x, None)
+        torch.testing.assert_close(two, model.encoder_norm(x))
+        # report_generator's way, on request: the views averaged, one view's token count
+        model.views = "mean"
+        assert model.encode(study)[0].shape == one.shape
+
+
+def test_a_padded_view_is_masked_out_of_the_concatenation():
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(1)
+    study = torch.randn(2, 2, 1, 64, 64, generator=g)
+    mask = torch.tensor([[True, True], [True, False]])
+    changed = study.clone()
+    changed[1, 1] = torch.randn(1, 64, 64, generator=g) * 5  # the padded view's pixels
+    tok = model.tokenizer
+    ids = [tok.encode("the heart is enlarged ."), tok.encode("no effusion .")]
+    with torch.no_grad():
+        hidden, token_mask = model.encode(study, mask)
+        n = hidden.shape[1] // 2
+        assert token_mask is not None
+        assert token_mask.tolist() == [[True] * 2 * n, [True] * n + [False] * n]
+        torch.testing.assert_close(model(changed, ids, mask), model(study, ids, mask))
+        assert not torch.allclose(model(changed, ids), model(study, ids))
+        settings = dict(num_beams=2, max_new_tokens=6)
+        assert model.generate(changed, view_mask=mask, **settings) == model.generate(
+            study, view_mask=mask, **settings
+        )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_greedy_decoding_is_the_argmax_path_and_beams_score_at_least_as_well():
+    model = tiny().eval()
+    tok = model.tokenizer
+    images = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    steps = 8
+    with torch.no_grad():
+        hidden, mask = model.encode(images)
+        ids = torch.full((3, 1), tok.bos_id)
+        for _ in range(steps):  # stop rule aside, greedy = the argmax at every step
+            logits = model.decode(ids, hidden, mask)[:, -1]
+            logits[:, [tok.bos_id, tok.pad_id]] = -torch.inf
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    want = []
+    for row in ids[:, 1:].tolist():
+        want.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
+    assert model.generate(images, num_beams=1, max_new_tokens=steps) == want
+
+    def logp(image: torch.Tensor, report: str) -> float:
+        words = tok.encode(report, clean=False)
+        seq = torch.tensor([[tok.bos_id, *words, tok.eos_id]])
+        with torch.no_grad():
+            h, m = model.encode(image[None])
+            out = model.decode(seq[:, :-1], h, m).log_softmax(-1)
+        return out[0].gather(1, seq[0, 1:, None]).sum().item()
+
+    beams = model.generate(images, num_beams=3, max_new_tokens=steps)
+    for image, greedy, beam in zip(images, want, beams, strict=True):
+        if (
+            len(tok.encode(greedy, clean=False)) < steps
+            and len(tok.encode(beam, clean=False)) < steps
+        ):
+            assert logp(image, beam) >= logp(image, greedy) - 1e-4  # both ended: beam wins
+    # min_new_tokens holds EOS back; the repetition rules are Hugging Face's processors
+    long = model.generate(images, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    assert all(len(r.split()) == 6 for r in long)
+    no_repeat = model.generate(images, num_beams=1, max_new_tokens=12, no_repeat_ngram_size=1)
+    assert all(len(set(r.split())) == len(r.split()) for r in no_repeat)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _phantom_studies(n: int, size: int = 64) -> dict:
+    from raydiology.data.phantom import make_phantom
+
+    images, reports = [], []
+    for i in range(n):
+        views = [make_phantom(np.random.default_rng([7, i]), size=size, finding_prob=0.5,
+                              view=view) for view in ("PA", "LATERAL")]  # fmt: skip
+        images.append(np.stack([v.image for v in views])[:, None])
+        reports.append(views[0].report)
+    pixels = torch.from_numpy(np.stack(images)).float()
+    return {"image": (pixels / pixels.amax() - 0.5) / 0.5, "report": reports,
+            "view_mask": torch.ones(n, 2, dtype=torch.bool)}  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids contention (4 s -> 0.2 s a step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_report_sft_trains_r2gen_on_two_view_phantoms_and_generates_from_its_export(
+    tmp_path, one_thread
+):
+    from raydiology.evaluation.generate import generate_reports
+    from raydiology.train.export import export_encoder
+
+    exp = load_experiment(
+        EXPERIMENT,
+        profile="r2gen_smoke",
+        overrides=["model.flavor=tiny", "data.resolution=64", "data.phantom.size=64"],
+    )
+    assert exp.model.name == "r2gen" and exp.data.study_views == 2
+    torch.manual_seed(0)
+    model = build_r2gen(exp.model.config, image_size=64, in_chans=3)
+    objective = build_report_sft(exp.objective.config, model=model)
+    batch = _phantom_studies(4)
+    batch["image"] = batch["image"].expand(-1, -1, 3, -1, -1)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        out = objective(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+    # the export round trip that `raydiology eval` uses: one report per two-view study
+    from raydiology.data.phantom import write_phantom_corpus
+
+    run = tmp_path / "run"
+    export_encoder(objective, run / "export", exp=exp, corpus_sha256=None, step=0)
+    objective.export_extra(run / "export", write=True, gather=False)
+    save_resolved(exp, run / "config.yaml")
+    write_phantom_corpus(tmp_path / "c", n=3, size=64, views=2, progress=False)
+    quick = {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 1, "batch_size": 2}
+    rows = generate_reports(run, tmp_path / "c", split=None, generation=quick)
+    assert [r["id"] for r in rows] == [f"phantom-{i:07d}" for i in range(3)]
+    model.eval()
+    from raydiology.evaluation.generate import load_generator
+
+    loaded, _ = load_generator(run)
+    assert isinstance(loaded.model, R2Gen)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], p)
