@@ -160,13 +160,19 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    name: Literal["constant", "cosine"] = "cosine"
+    name: Literal["constant", "cosine", "step"] = "cosine"
     warmup_steps: int = 0
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine's floor
+    # step: the rate times `gamma` every `step_size` optimizer steps (torch's StepLR, R2Gen's
+    # schedule, counted in steps rather than epochs)
+    step_size: int = 1000
+    gamma: float = 0.1
 
     def validate(self, key: str) -> None:
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
         check(self.min_lr >= 0, f"{key}.min_lr", self.min_lr, ">= 0")
+        check(self.step_size >= 1, f"{key}.step_size", self.step_size, "at least 1")
+        check(0 < self.gamma <= 1, f"{key}.gamma", self.gamma, "0 < gamma <= 1")
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,8 @@ def lr_factor(step: int, *, schedule: ScheduleConfig, base_lr: float, max_steps:
         return (step + 1) / schedule.warmup_steps
     if schedule.name == "constant":
         return 1.0
+    if schedule.name == "step":
+        return float(schedule.gamma ** (step // schedule.step_size))
     span = max(1, max_steps - schedule.warmup_steps)
     progress = min(1.0, (step - schedule.warmup_steps) / span)
     floor = schedule.min_lr / base_lr
