@@ -98,6 +98,27 @@ def test_step_schedule_decays_as_r2gens_steplr():
     assert err.value.key == "train.schedule.gamma"
 
 
+def test_visual_extractor_trains_at_half_the_decoders_rate():
+    from raydiology.train.schedules import param_groups
+
+    exp = load_experiment(EXPERIMENT, profile="r2gen_smoke", overrides=["data.resolution=64"])
+    lr = exp.train.optimizer.lr
+    objective = build_report_sft(
+        exp.objective.config, model=build_r2gen(exp.model.config, image_size=64, in_chans=3)
+    )
+    groups = param_groups(objective, 5e-5, lr)
+    assert [g.get("lr") for g in groups] == [None, None, lr / 2, lr / 2]  # lr_ve = lr_ed / 2
+    encoder = {id(p) for p in objective.model.encoder.parameters()}
+    for g in groups:
+        assert all((id(p) in encoder) == ("lr" in g) for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(objective.parameters()))
+    # what the training loop builds: each group's rate follows the schedule from its own
+    opt = torch.optim.AdamW(groups, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr / 10] * 2 + [lr / 20] * 2)
+    assert schedule.get_last_lr()[0] == pytest.approx(lr / 10)  # what the loop logs
+
+
 def test_config_is_checked():
     with pytest.raises(ConfigError) as err:
         from_dict(R2GenConfig, {"flavor": "huge"}, "model")

@@ -91,6 +91,9 @@ class R2GenConfig:
     # along the token axis (models/r2gen.py l.30-31, forward_iu_xray); `mean` averages them
     # as report_generator does.
     views: ViewCombine = "concat"
+    # The visual extractor's learning rate relative to the rest: R2Gen trains it at lr_ve
+    # 5e-5 and the encoder-decoder at lr_ed 1e-4 (main_train.py l.71-72, optimizers.py)
+    vision_lr_scale: float = 0.5
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
@@ -101,6 +104,7 @@ class R2GenConfig:
             "one of the flavors " + ", ".join(R2GEN_FLAVORS),
         )
         self.vision.validate(f"{k}vision")
+        check(self.vision_lr_scale > 0, f"{k}vision_lr_scale", self.vision_lr_scale, "> 0")
         r = R2GEN_FLAVORS[self.flavor]
         # the memory attends over [slots; token embedding] and its gates read the embedding
         # (encoder_decoder.py l.276-282): one width for both
@@ -496,6 +500,8 @@ def build_r2gen(
     encoder = build_vision(cfg.vision, image_size=image_size, in_chans=in_chans)
     # R2Gen fine-tunes its visual extractor (optimizers.py: its own parameter group)
     encoder = set_training(encoder, cfg.vision.train, cfg.vision.lora, default_targets=("qkv",))
+    for p in encoder.parameters():  # read by train.schedules.param_groups
+        p._lr_scale = cfg.vision_lr_scale  # type: ignore[attr-defined]
     return R2Gen(
         encoder,
         tokenizer,
