@@ -17,7 +17,7 @@ reproduces R2Gen's cleaning and frequency threshold. `report_sft` trains it as i
 report_generator: `forward(images, reports, view_mask) -> loss` and `generate(images, ...)`.
 
 Facts from the official code (github.com/zhjohnchan/R2Gen, commit e8cd3cf) are cited by file
-and line; the code here is written anew.
+and line (a bare "l." is modules/encoder_decoder.py's); the code here is written anew.
 Shapes: B batch, V views, N visual tokens, d model width, S report tokens + 1, K beams.
 """
 
@@ -88,8 +88,9 @@ class R2GenConfig:
         default_factory=lambda: TokenizerConfig(kind="word", train_reports="phantom", min_freq=1)
     )
     # How a study's views meet: R2Gen concatenates the two IU X-ray views' patch features
-    # along the token axis (models/r2gen.py l.30-31, forward_iu_xray); `mean` averages them
-    # as report_generator does.
+    # along the token axis (models/r2gen.py l.27-30, forward_iu_xray); `mean` averages them
+    # as report_generator does. (R2Gen also concatenates the pooled features, along the
+    # channels, but never uses them: encoder_decoder.py l.344-349 encodes patches only.)
     views: ViewCombine = "concat"
     # The visual extractor's learning rate relative to the rest: R2Gen trains it at lr_ve
     # 5e-5 and the encoder-decoder at lr_ed 1e-4 (main_train.py l.71-72, optimizers.py)
@@ -405,7 +406,7 @@ class R2Gen(nn.Module):
         the penalties are its logits processors. R2Gen's own decoding is beam 3
         (main_train.py --beam_size 3, l.51), up to max_seq_length tokens, no length penalty
         (caption_model.py l.116, penalty_builder('')), no repetition rules in beam search.
-        Like R2Gen (l.379-387) each step re-runs the decoder over the prefix: no cache.
+        Like R2Gen (encoder_decoder.py l.379-387) each step re-runs the decoder over the prefix: no cache.
         `synced_gpus` runs all `max_new_tokens` steps so every ZeRO-3 rank forwards alike.
         """
         from transformers.generation.logits_process import (
