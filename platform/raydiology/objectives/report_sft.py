@@ -1,5 +1,9 @@
 """Report SFT: supervised fine-tuning of a report generator on image-report pairs.
 
+It trains any model with the report generators' interface — `encoder`, `tokenizer`,
+`model(images, report_ids, view_mask) -> loss` and `model.generate(images, num_beams=...,
+view_mask=...) -> reports`: `report_generator` (an LLM decoder) and `r2gen`.
+
 The objective asks the data pipeline for the corpus's report text (`corpus_columns`),
 tokenizes it on the training worker with the model's tokenizer (truncated to
 `max_report_tokens`: 100 for MIMIC-CXR, 60 for IU X-ray in R2GenGPT/MambaXray-VL) and returns
