@@ -161,13 +161,19 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    name: Literal["constant", "cosine"] = "cosine"
+    name: Literal["constant", "cosine", "step"] = "cosine"
     warmup_steps: int = 0
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine's floor
+    # step: the rate times `gamma` every `step_size` optimizer steps (torch's StepLR, R2Gen's
+    # schedule, counted in steps rather than epochs)
+    step_size: int = 1000
+    gamma: float = 0.1
 
     def validate(self, key: str) -> None:
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
         check(self.min_lr >= 0, f"{key}.min_lr", self.min_lr, ">= 0")
+        check(self.step_size >= 1, f"{key}.step_size", self.step_size, "at least 1")
+        check(0 < self.gamma <= 1, f"{key}.gamma", self.gamma, "0 < gamma <= 1")
 
 
 @dataclass(kw_only=True)
@@ -408,6 +414,11 @@ def _component(registry: Registry[Any], raw: Any, key: str) -> Component:
     return Component(raw["name"], from_dict(entry.config_cls, body, key))
 
 
+# Models whose forward takes a study (images [B, V, ...] + view_mask): report_generator
+# averages its views' tokens, r2gen concatenates them.
+MULTI_VIEW_MODELS = ("report_generator", "r2gen")
+
+
 def _validate_across_sections(exp: Experiment) -> None:
     """Rules that span sections: building the model on the meta device checks image size
     against patch size, and the objective checks its masking against the patch grid."""
@@ -423,10 +434,12 @@ def _validate_across_sections(exp: Experiment) -> None:
         "fp32 or bf16 on CPU workers (fp16 needs GPUs)",
     )
     check(
-        exp.data.study_views == 1 or exp.model.name == "report_generator",
+        exp.data.study_views == 1 or exp.model.name in MULTI_VIEW_MODELS,
         "data.study_views",
         exp.data.study_views,
-        f"1 for a {exp.model.name} model (multi-view studies feed report generators)",
+        f"1 for a {exp.model.name} model (multi-view studies feed "
+        + " and ".join(MULTI_VIEW_MODELS)
+        + " models)",
     )
 
 

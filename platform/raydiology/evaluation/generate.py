@@ -40,21 +40,22 @@ def load_generator(export_or_run_dir: str | Path, *, device: str | torch.device 
     from safetensors.torch import load_file
 
     from raydiology.data.tokenizers import ReportTokenizer
-    from raydiology.models.report_generator import ReportGeneratorConfig, build_report_generator
     from raydiology.objectives.report_sft import (
         GENERATOR_SPEC,
         ReportSFTConfig,
         build_report_sft,
     )
+    from raydiology.registry import MODELS
     from raydiology.train.export import SPEC, WEIGHTS
 
     folder = find_export(export_or_run_dir)
     spec: dict[str, Any] = json.loads((folder / SPEC).read_text())
     extra: dict[str, Any] = json.loads((folder / GENERATOR_SPEC).read_text())
     section = {k: v for k, v in spec["model"].items() if k != "name"}
-    cfg = from_dict(ReportGeneratorConfig, section, "model")
+    entry = MODELS.get(spec["model"]["name"])  # report_generator or r2gen
+    cfg: Any = from_dict(entry.config_cls, section, "model")
     tokenizer = ReportTokenizer.load(folder / extra["tokenizer"])
-    model = build_report_generator(
+    model = entry.builder(
         cfg, image_size=spec["image_size"], in_chans=spec["in_chans"], tokenizer=tokenizer
     )
     model.encoder.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
@@ -62,7 +63,7 @@ def load_generator(export_or_run_dir: str | Path, *, device: str | torch.device 
     missing, unexpected = model.load_state_dict(rest, strict=False)
     # Not in the file: the encoder (loaded above) and a frozen LLM read from llm.path.
     stray = [k for k in missing if not k.startswith("encoder.") and not (
-        k.startswith("llm.") and model.llm_from_path)]  # fmt: skip
+        k.startswith("llm.") and getattr(model, "llm_from_path", False))]  # fmt: skip
     if unexpected or stray:
         raise ValueError(f"{folder}: export does not fit the generator: {unexpected or stray}")
     objective_section = {k: v for k, v in extra["objective"].items() if k != "name"}
@@ -235,9 +236,12 @@ def describe_run(export: Path, spec: dict[str, Any]) -> dict[str, Any]:
     else:
         section = vision.get("model", {})
         encoder = f"{section.get('name')}/{section.get('flavor', '-')}"
-    decoder = (
-        Path(llm["path"]).name if llm.get("path") else f"{llm.get('family')}/{model['flavor']}"
-    )
+    if llm.get("path"):
+        decoder = Path(llm["path"]).name
+    elif model.get("name") == "report_generator":
+        decoder = f"{llm.get('family')}/{model['flavor']}"
+    else:  # a model that is its own decoder (r2gen)
+        decoder = f"{model.get('name')}/{model['flavor']}"
     extra = json.loads((export / GENERATOR_SPEC).read_text())
     method, run = spec.get("experiment"), export.parent.name
     return {

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from torch import nn
 
-# Imported to register: HD-MAE, EVA-X, Vision Mamba (MambaXray-VL), DINOv2 (XR-0), report SFT.
+# Imported to register: HD-MAE, EVA-X, Vision Mamba (MambaXray-VL), DINOv2 (XR-0), report SFT,
+# R2Gen.
 from raydiology.models import (  # noqa: F401
     clip,
     dinov2,
     eva,
     hd_mae,
     medvill,
+    r2gen,
     report_generator,
     vision_mamba,
     vit,

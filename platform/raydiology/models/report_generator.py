@@ -135,7 +135,7 @@ class VisionConfig:
         if self.path is None and self.timm is None:
             name = self.model.get("name") if isinstance(self.model, dict) else None
             check(
-                isinstance(name, str) and name != "report_generator",
+                isinstance(name, str) and name not in ("report_generator", "r2gen"),
                 f"{key}.model.name",
                 name,
                 "a registered image model (e.g. hd_mae)",
@@ -209,6 +209,47 @@ def _model_entry(name: Any, key: str):
         raise ConfigError(key, name, f"one of the registered models {MODELS.names()}") from None
 
 
+# ----------------------------------------------------------------------------- views
+
+
+def encode_views(
+    encoder: nn.Module,
+    images: Tensor,
+    view_mask: Tensor | None = None,
+    *,
+    drop_prefix: int = 0,
+    combine: Literal["mean", "concat"] = "mean",
+) -> tuple[Tensor, Tensor | None]:
+    """An encoder's tokens for single images or multi-view studies.
+
+    images [B, C, R, R] -> tokens [B, T, d], None. A study, images [B, V, C, R, R] with
+    `view_mask` [B, V] (True = a real view; None = all real), combines its views' tokens:
+    - mean: [B, T, d], averaged over the real views (report_generator), None;
+    - concat: [B, V*T, d], the views one after the other (R2Gen), and a token mask
+      [B, V*T] that is False on a padded view's tokens (None without a view mask).
+    Padded views never reach the encoder, so they cost nothing and cannot touch batch
+    statistics; their concatenated tokens are zeros, for the mask to hide.
+    """
+    if images.ndim == 4:
+        return encoder(images)[:, drop_prefix:], None
+    b, v = images.shape[:2]
+    flat = images.flatten(0, 1)  # [B*V, C, R, R]
+    if view_mask is None:
+        tokens = encoder(flat)[:, drop_prefix:].unflatten(0, (b, v))  # [B, V, T, d]
+        return (tokens.mean(dim=1) if combine == "mean" else tokens.flatten(1, 2)), None
+    real = view_mask.reshape(-1).bool()
+    tokens = encoder(flat[real])[:, drop_prefix:]  # [real views, T, d]
+    if combine == "concat":
+        where = real.nonzero().squeeze(1)
+        every = tokens.new_zeros(b * v, *tokens.shape[1:]).index_copy(0, where, tokens)
+        mask = view_mask.bool().repeat_interleave(tokens.shape[1], dim=1)  # [B, V*T]
+        return every.unflatten(0, (b, v)).flatten(1, 2), mask
+    study = torch.arange(b, device=images.device).repeat_interleave(v)[real]
+    sums = tokens.new_zeros(b, *tokens.shape[1:]).index_add(0, study, tokens)
+    counts = view_mask.sum(dim=1).clamp_min(1).to(tokens.dtype)  # [B]
+    return sums / counts[:, None, None], None
+
+
 # ----------------------------------------------------------------------------- the module
 
 
@@ -252,24 +293,10 @@ class ReportGenerator(nn.Module):
         """images [B, C, R, R] or [B, V, C, R, R] -> visual embeddings [B, T, H].
 
         With several views per study the views' tokens are averaged (MambaXray-VL, R2GenGPT),
-        over the views `view_mask` [B, V] marks real: padded views never reach the encoder,
-        so they cost nothing and cannot touch batch statistics.
+        over the views `view_mask` [B, V] marks real (see `encode_views`).
         """
-        if images.ndim == 4:
-            return self.proj_norm(self.proj(self.encoder(images)[:, self.drop_prefix :]))
-        b, v = images.shape[:2]
-        flat = images.flatten(0, 1)  # [B*V, C, R, R]
-        if view_mask is None:
-            tokens = self.encoder(flat)[:, self.drop_prefix :]  # [B*V, T, d]
-            pooled = tokens.unflatten(0, (b, v)).mean(dim=1)  # [B, T, d]
-        else:
-            real = view_mask.reshape(-1).bool()
-            tokens = self.encoder(flat[real])[:, self.drop_prefix :]  # [real views, T, d]
-            study = torch.arange(b, device=images.device).repeat_interleave(v)[real]
-            sums = tokens.new_zeros(b, *tokens.shape[1:]).index_add(0, study, tokens)
-            counts = view_mask.sum(dim=1).clamp_min(1).to(tokens.dtype)  # [B]
-            pooled = sums / counts[:, None, None]
-        return self.proj_norm(self.proj(pooled))
+        tokens, _ = encode_views(self.encoder, images, view_mask, drop_prefix=self.drop_prefix)
+        return self.proj_norm(self.proj(tokens))
 
     def embed_ids(self, ids: Tensor) -> Tensor:
         """token ids [B, S] -> the LLM's input embeddings [B, S, H]."""

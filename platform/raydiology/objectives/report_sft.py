@@ -1,5 +1,9 @@
 """Report SFT: supervised fine-tuning of a report generator on image-report pairs.
 
+It trains any model with the report generators' interface — `encoder`, `tokenizer`,
+`model(images, report_ids, view_mask) -> loss` and `model.generate(images, num_beams=...,
+view_mask=...) -> reports`: `report_generator` (an LLM decoder) and `r2gen`.
+
 The objective asks the data pipeline for the corpus's report text (`corpus_columns`),
 tokenizes it on the training worker with the model's tokenizer (truncated to
 `max_report_tokens`: 100 for MIMIC-CXR, 60 for IU X-ray in R2GenGPT/MambaXray-VL) and returns
@@ -19,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from raydiology.config_base import check, to_dict
+from raydiology.models.r2gen import R2Gen
 from raydiology.models.report_generator import ReportGenerator
 from raydiology.registry import OBJECTIVES
 
@@ -104,7 +109,7 @@ class ReportSFTConfig:
 class ReportSFT(nn.Module):
     """batch {"image": [B, C, R, R], "report": list[str]} -> {"loss", "report_tokens"}."""
 
-    def __init__(self, cfg: ReportSFTConfig, model: ReportGenerator) -> None:
+    def __init__(self, cfg: ReportSFTConfig, model: ReportGenerator | R2Gen) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
@@ -211,10 +216,10 @@ class ReportSFT(nn.Module):
         (folder / GENERATOR_SPEC).write_text(json.dumps(spec, indent=2))
 
 
-def _exported(model: ReportGenerator, name: str) -> bool:
+def _exported(model: ReportGenerator | R2Gen, name: str) -> bool:
     if name.startswith("encoder."):
         return False  # in encoder.safetensors
-    if name.startswith("llm.") and model.llm_from_path:
+    if name.startswith("llm.") and getattr(model, "llm_from_path", False):
         return "lora_" in name or model.llm_train == "full"
     return True
 
@@ -231,8 +236,10 @@ def count_trainable(model: nn.Module) -> dict[str, int]:
 
 @OBJECTIVES.register("report_sft", ReportSFTConfig)
 def build_report_sft(cfg: ReportSFTConfig, *, model: nn.Module) -> ReportSFT:
-    if not isinstance(model, ReportGenerator):
+    # both take (images, report ids, view_mask) -> loss and generate(images, beam settings)
+    if not isinstance(model, ReportGenerator | R2Gen):
         raise TypeError(
-            f"objective 'report_sft' trains a report_generator model, not {type(model).__name__}"
+            "objective 'report_sft' trains a report_generator or r2gen model, "
+            f"not {type(model).__name__}"
         )
     return ReportSFT(cfg, model)

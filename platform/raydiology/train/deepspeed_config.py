@@ -62,7 +62,7 @@ def training_engine(objective: torch.nn.Module, train: TrainConfig, ds_config: d
 
     if train.compile:
         compile_blocks(objective)
-    groups = param_groups(objective, train.optimizer.weight_decay)
+    groups = param_groups(objective, train.optimizer.weight_decay, train.optimizer.lr)
     optimizer = None
     if "optimizer" not in ds_config:  # torch's fused AdamW: one kernel for all parameters
         opt = train.optimizer
