@@ -382,10 +382,23 @@ def test_experiment_file_and_profiles_load() -> None:
     )
     assert exp.data.channels == 3 and exp.train.optimizer.weight_decay_end == 0.2
     assert exp.train.grad_clip == 3.0 and exp.train.optimizer.lr == 1e-3
+    assert exp.train.micro_batch_size == 10  # XR-0's per-GPU batch
+    opt, schedule = exp.train.optimizer, exp.train.schedule
+    assert (opt.layer_decay, opt.patch_embed_lr_mult, opt.freeze_last_layer_steps) == (
+        0.9,
+        0.2,
+        1250,
+    )
+    assert schedule.name == "cosine_restarts"
+    assert schedule.warmup_steps + schedule.restart_steps * (1 + schedule.restart_mult) == (
+        exp.train.max_steps
+    )  # the last cycle ends with the run
     defaults = load_experiment(EXPERIMENT, profile="dinov2_defaults")
     cfg = defaults.objective.config
     assert (cfg.global_crop_size, cfg.local_crop_size) == (224, 98)
     assert cfg.global_crop_scale == (0.32, 1.0) and cfg.local_crop_scale == (0.05, 0.32)
+    assert defaults.train.schedule.name == "cosine"
+    assert defaults.train.optimizer.freeze_last_layer_steps == 1250
     smoke = load_experiment(EXPERIMENT, profile="smoke")
     assert smoke.model.config.flavor == "tiny" and smoke.data.resolution == 128
     with pytest.raises(ConfigError) as err:
