@@ -33,7 +33,9 @@ def lr_factor(step: int, *, schedule: ScheduleConfig, base_lr: float, max_steps:
 
 def _restart_position(step: int, first: int, mult: int) -> tuple[int, int]:
     """(steps into the current cycle, its length): cycles of first, first*mult, ... steps."""
-    cycle = first
+    if mult == 1:
+        return step % first, first
+    cycle = first  # cycles grow geometrically: a few turns of the loop
     while step >= cycle:
         step -= cycle
         cycle *= mult
