@@ -465,6 +465,7 @@ def test_smoke_run_on_two_deepspeed_workers(ray_cluster, tmp_path) -> None:
     torch.manual_seed(saved.train.seed)
     objective = build_objective(saved.objective, build_model(saved.model, saved.data))
     start = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
+    head = {k: v.clone() for k, v in objective.model.head.state_dict().items()}
     states = weights_only_load(
         str(Path(result.checkpoint) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
     )
@@ -476,3 +477,9 @@ def test_smoke_run_on_two_deepspeed_workers(ray_cluster, tmp_path) -> None:
         student = objective.model.encoder.eval()(images)
         assert not torch.allclose(student, features, atol=1e-4)
     assert objective.progress.tolist() == [exp.train.max_steps, exp.train.max_steps]
+    # XR-0's file freezes the head's last layer for 1250 steps (all of these 16) through
+    # DeepSpeed's optimizer; the rest of the head trained
+    assert exp.train.optimizer.freeze_last_layer_steps > exp.train.max_steps
+    trained = objective.model.head.state_dict()
+    assert torch.equal(trained["last_layer.weight"], head["last_layer.weight"])
+    assert not torch.equal(trained["mlp.0.weight"], head["mlp.0.weight"])
