@@ -382,10 +382,23 @@ def test_experiment_file_and_profiles_load() -> None:
     )
     assert exp.data.channels == 3 and exp.train.optimizer.weight_decay_end == 0.2
     assert exp.train.grad_clip == 3.0 and exp.train.optimizer.lr == 1e-3
+    assert exp.train.micro_batch_size == 10  # XR-0's per-GPU batch
+    opt, schedule = exp.train.optimizer, exp.train.schedule
+    assert (opt.layer_decay, opt.patch_embed_lr_mult, opt.freeze_last_layer_steps) == (
+        0.9,
+        0.2,
+        1250,
+    )
+    assert schedule.name == "cosine_restarts"
+    assert schedule.warmup_steps + schedule.restart_steps * (1 + schedule.restart_mult) == (
+        exp.train.max_steps
+    )  # the last cycle ends with the run
     defaults = load_experiment(EXPERIMENT, profile="dinov2_defaults")
     cfg = defaults.objective.config
     assert (cfg.global_crop_size, cfg.local_crop_size) == (224, 98)
     assert cfg.global_crop_scale == (0.32, 1.0) and cfg.local_crop_scale == (0.05, 0.32)
+    assert defaults.train.schedule.name == "cosine"
+    assert defaults.train.optimizer.freeze_last_layer_steps == 1250
     smoke = load_experiment(EXPERIMENT, profile="smoke")
     assert smoke.model.config.flavor == "tiny" and smoke.data.resolution == 128
     with pytest.raises(ConfigError) as err:
@@ -452,6 +465,7 @@ def test_smoke_run_on_two_deepspeed_workers(ray_cluster, tmp_path) -> None:
     torch.manual_seed(saved.train.seed)
     objective = build_objective(saved.objective, build_model(saved.model, saved.data))
     start = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
+    head = {k: v.clone() for k, v in objective.model.head.state_dict().items()}
     states = weights_only_load(
         str(Path(result.checkpoint) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
     )
@@ -463,3 +477,9 @@ def test_smoke_run_on_two_deepspeed_workers(ray_cluster, tmp_path) -> None:
         student = objective.model.encoder.eval()(images)
         assert not torch.allclose(student, features, atol=1e-4)
     assert objective.progress.tolist() == [exp.train.max_steps, exp.train.max_steps]
+    # XR-0's file freezes the head's last layer for 1250 steps (all of these 16) through
+    # DeepSpeed's optimizer; the rest of the head trained
+    assert exp.train.optimizer.freeze_last_layer_steps > exp.train.max_steps
+    trained = objective.model.head.state_dict()
+    assert torch.equal(trained["last_layer.weight"], head["last_layer.weight"])
+    assert not torch.equal(trained["mlp.0.weight"], head["mlp.0.weight"])

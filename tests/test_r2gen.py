@@ -99,6 +99,7 @@ def test_step_schedule_decays_as_r2gens_steplr():
 
 
 def test_visual_extractor_trains_at_half_the_decoders_rate():
+    from raydiology.config import OptimizerConfig
     from raydiology.train.schedules import param_groups
 
     exp = load_experiment(EXPERIMENT, profile="r2gen_smoke", overrides=["data.resolution=64"])
@@ -106,7 +107,7 @@ def test_visual_extractor_trains_at_half_the_decoders_rate():
     objective = build_report_sft(
         exp.objective.config, model=build_r2gen(exp.model.config, image_size=64, in_chans=3)
     )
-    groups = param_groups(objective, 5e-5, lr)
+    groups = param_groups(objective, 5e-5, OptimizerConfig(lr=lr))
     assert [g.get("lr") for g in groups] == [None, None, lr / 2, lr / 2]  # lr_ve = lr_ed / 2
     encoder = {id(p) for p in objective.model.encoder.parameters()}
     for g in groups:

@@ -267,7 +267,12 @@ def test_yardstick_on_a_bounded_probe_corpus_in_a_task_that_holds_resources(tmp_
     run_dir.mkdir()
     scores = yardstick(Path(export), probe, made, run_dir)
     assert scores["probe_images"] == 30  # rows embedded
-    assert json.loads((run_dir / "probe.json").read_text())["corpus"] == made
+    probed = json.loads((run_dir / "probe.json").read_text())
+    assert probed["corpus"] == made
+    # XR-0's protocol by default (the sweep's max_epochs on top), XR-0's relevance
+    assert probed["config"]["monitor"] == "score" and probed["config"]["weight_decay"] == 1e-6
+    assert probed["config"]["max_epochs"] == 2
+    assert json.loads((run_dir / "retrieval.json").read_text())["match"] == "any"
 
     cpu = score_options(exp.scaling)
     assert cpu["num_cpus"] >= 1 and "num_gpus" not in cpu

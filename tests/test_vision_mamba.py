@@ -243,12 +243,30 @@ def test_image_size_must_fit_clusters() -> None:
         build_arg(ARGObjectiveConfig(), model=torch.nn.Linear(2, 2))
 
 
+def mamba_params(d: int, *, directions: int, expand: int = 1, n: int = 16, k: int = 4) -> int:
+    """A Mamba mixer of width d (inner di = expand * d, dt rank r = ceil(d/16), state n,
+    conv k): in_proj d x 2di and out_proj di x d (no biases) shared by every direction;
+    per direction conv1d (depthwise di x k + bias di), x_proj di x (r + 2n), dt_proj
+    r x di + bias di, A_log di x n and D di."""
+    di, r = expand * d, math.ceil(d / 16)
+    direction = (di * k + di) + di * (r + 2 * n) + (r * di + di) + di * n + di
+    return d * 2 * di + di * d + directions * direction
+
+
+def swiglu_params(d: int) -> int:
+    """w1, w2: d -> h and w3: h -> d, with biases; h = floor(8d/3)."""
+    h = d * 8 // 3
+    return 2 * (d * h + h) + (h * d + d)
+
+
+def block_params(d: int, directions: int) -> int:
+    """norm1 + mixer + norm2 + SwiGLU; each LayerNorm is weight + bias (2d)."""
+    return 2 * d + mamba_params(d, directions=directions) + 2 * d + swiglu_params(d)
+
+
 def expected_encoder_params(d: int, depth: int, in_chans: int = 3, p: int = 16) -> int:
-    r, n, h = math.ceil(d / 16), 16, d * 8 // 3
-    mamba = d * 2 * d + (d * 4 + d) + d * (r + 2 * n) + (r * d + d) + d * n + d + d * d
-    swiglu = 2 * (d * h + h) + (h * d + d)
-    block = mamba + swiglu + 2 * 2 * d
-    return depth * block + (in_chans * p * p * d + d) + 4 * 2 * d
+    """Stage 1: blocks, the patch embedding (C·p·p x d + bias) and 4 feature LayerNorms."""
+    return depth * block_params(d, 1) + (in_chans * p * p * d + d) + 4 * 2 * d
 
 
 @pytest.mark.parametrize(
@@ -354,14 +372,22 @@ def test_bidirectional_cls_sees_the_whole_image() -> None:
         assert not torch.allclose(encoder(images)[:, 0], encoder(changed)[:, 0])
 
 
-def test_bidirectional_paper_flavors_on_meta_device() -> None:
-    for flavor in ("base", "large"):
-        cfg = from_dict(VisionMambaConfig, {"flavor": flavor}, "model")
-        with torch.device("meta"):
-            model = build_vision_mamba(cfg, image_size=224, in_chans=3)
-        counts = count_parameters(model)
-        assert counts["total"] == counts["encoder"] > 0
-        print(f"\nvision_mamba {flavor}: {counts}")
+@pytest.mark.parametrize(("flavor", "d", "depth"), [("base", 768, 12), ("large", 1024, 24)])
+def test_bidirectional_paper_flavors_on_meta_device(flavor, d, depth) -> None:
+    """The 4-direction encoder at 224 px, 3 channels, 16-px patches (N = 196 patches):
+    depth x (2 LayerNorms + a 4-direction Mamba mixer + SwiGLU) + patch embedding
+    (3·16·16 x d + d) + CLS (d) + learned positions ((N+1) x d) + final LayerNorm (2d);
+    no head (VisionMamba holds the encoder alone)."""
+    cfg = from_dict(VisionMambaConfig, {"flavor": flavor}, "model")
+    with torch.device("meta"):
+        model = build_vision_mamba(cfg, image_size=224, in_chans=3)
+    counts = count_parameters(model)
+    n = (224 // 16) ** 2
+    want = depth * block_params(d, 4) + (3 * 16 * 16 * d + d) + d + (n + 1) * d + 2 * d
+    assert counts["total"] == counts["encoder"] == want
+    mixer = model.encoder.layers[0].mixer
+    assert sum(p.numel() for p in mixer.parameters()) == mamba_params(d, directions=4)
+    print(f"\nvision_mamba {flavor}: {counts}")
 
 
 # ----------------------------------------------------------------------------- training

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 import raydiology
@@ -238,12 +239,49 @@ def test_probe_learns_separable_labels_and_reports_the_protocol() -> None:
     assert blind["fractions"]["100%"]["auroc_mean"]["mean"] < 0.75
 
 
-def test_probe_stops_early_and_keeps_its_best_epoch() -> None:
-    """On noise the val loss soon rises: the LR is halved, training stops `patience` epochs
-    after the best one, and the returned weights are the best epoch's."""
+def test_probe_default_is_xr0s_protocol_and_v1_is_kept() -> None:
+    xr0 = ProbeConfig()
+    # XR-0's probe training: Adam 1e-4, weight decay 1e-6, batch 64, <= 500 epochs, lr
+    # halved after 2 epochs without a better val score, early stop on the val score
+    assert (xr0.lr, xr0.weight_decay, xr0.batch_size, xr0.max_epochs) == (1e-4, 1e-6, 64, 500)
+    assert (xr0.lr_factor, xr0.lr_patience, xr0.monitor) == (0.5, 2, "score")
+    assert ProbeConfig.of("xr0") == xr0
+    v1 = ProbeConfig.of("raydiology-v1", seeds=2)
+    assert (v1.lr, v1.weight_decay, v1.batch_size, v1.max_epochs) == (1e-4, 0.0, 256, 200)
+    assert (v1.monitor, v1.patience, v1.seeds) == ("loss", 10, 2)
+    with pytest.raises(ValueError, match="protocol"):
+        ProbeConfig.of("xr-0")
+
+
+def test_xr0_probe_stops_on_the_val_score_and_keeps_its_best_epoch() -> None:
+    """Monitored on the val score (mean val AUROC): the lr is halved on a plateau, training
+    stops `patience` epochs after the best-scoring epoch, whose weights are returned."""
     features, labels, split = _synthetic()
     noise = np.random.default_rng(3).standard_normal(features.shape).astype(np.float32)
-    cfg = ProbeConfig(lr=1e-3, hidden_dim=64, batch_size=32, max_epochs=300, patience=6)
+    cfg = ProbeConfig(lr=1e-3, hidden_dim=64, max_epochs=300, patience=6)
+    assert cfg.monitor == "score"
+    train, val = split == "train", split == "val"
+    model, log = train_probe(
+        noise[train], labels[train], noise[val], labels[val], task="multilabel", cfg=cfg, seed=0
+    )
+    assert log["monitor"] == "score"
+    assert log["epochs"] < 300 and log["epochs"] == log["best_epoch"] + cfg.patience
+    assert log["final_lr"] < cfg.lr
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(noise[val]))).numpy()
+    want = np.mean([roc_auc_score(labels[val][:, j], probs[:, j]) for j in range(2)])
+    assert log["best_val_score"] == pytest.approx(want, rel=1e-9)
+
+
+def test_probe_stops_early_and_keeps_its_best_epoch() -> None:
+    """raydiology-v1, on the val loss: on noise the val loss soon rises, the LR is halved,
+    training stops `patience` epochs after the best one, and the returned weights are the
+    best epoch's."""
+    features, labels, split = _synthetic()
+    noise = np.random.default_rng(3).standard_normal(features.shape).astype(np.float32)
+    cfg = ProbeConfig.of(
+        "raydiology-v1", lr=1e-3, hidden_dim=64, batch_size=32, max_epochs=300, patience=6
+    )
     train, val = split == "train", split == "val"
     model, log = train_probe(
         noise[train], labels[train], noise[val], labels[val], task="multilabel", cfg=cfg, seed=0
@@ -313,6 +351,7 @@ def test_retrieval_uses_test_queries_and_train_gallery() -> None:
     features, labels, split = _synthetic()
     out = run_retrieval(features, labels, split, label_columns=["a", "b"], ks=(5,))
     assert (out["n_queries"], out["n_gallery"]) == (40, 320)
+    assert out["match"] == "any"  # XR-0's relevance: a shared positive label
     # labels move the features, so neighbours agree more often than chance
     assert out["precision"]["5"] > out["chance"] + 0.1
 
@@ -368,3 +407,6 @@ def test_cli_writes_json_and_a_comparison_table(world) -> None:
     bad = CliRunner().invoke(app, ["evaluate", "probe", str(world["gray"]), "--corpus", corpus,
                                    "--label", "label_fracture"])  # fmt: skip
     assert bad.exit_code == 2
+    bad = CliRunner().invoke(app, ["evaluate", "probe", str(world["gray"]), "--corpus", corpus,
+                                   "--label", "label_*", "--protocol", "xr-0"])  # fmt: skip
+    assert bad.exit_code == 2 and "protocol" in bad.output

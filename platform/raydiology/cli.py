@@ -520,7 +520,12 @@ def evaluate_probe(
         typer.Option("--fractions", help="train fractions, e.g. 1% or 0.01 (repeatable)"),
     ] = None,
     seeds: Annotated[int, typer.Option(help="probe seeds per fraction")] = 5,
-    max_epochs: Annotated[int, typer.Option(help="epoch cap (early stop: 10 flat epochs)")] = 200,
+    protocol: Annotated[
+        str, typer.Option(help="xr0 (XR-0's probe training) or raydiology-v1 (faster, older)")
+    ] = "xr0",
+    max_epochs: Annotated[
+        int | None, typer.Option(help="epoch cap; default the protocol's (xr0 500, v1 200)")
+    ] = None,
     task: Annotated[str, typer.Option(help="auto, multilabel (BCE) or multiclass (CE)")] = "auto",
     device: EvalDevice = "auto",
     batch_size: EvalBatch = 64,
@@ -534,7 +539,8 @@ def evaluate_probe(
             float(f[:-1]) / 100 if f.endswith("%") else float(f)
             for f in (fractions or ["0.01", "0.1", "1"])
         )
-        cfg = ProbeConfig(fractions=fracs, seeds=seeds, max_epochs=max_epochs, task=task)  # type: ignore[arg-type]
+        caps = {} if max_epochs is None else {"max_epochs": max_epochs}
+        cfg = ProbeConfig.of(protocol, fractions=fracs, seeds=seeds, task=task, **caps)
         cfg.validate("probe")
     except ValueError as e:  # ConfigError is a ValueError
         err.print(f"[red]{e}[/]")
@@ -565,8 +571,9 @@ def evaluate_retrieval(
     cache: EvalCache = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="Precision@k (repeatable)")] = None,
     match: Annotated[
-        str, typer.Option(help="exact (same label vector) or any (a shared positive label)")
-    ] = "exact",
+        str,
+        typer.Option(help="any (a shared positive label: XR-0's) or exact (same label vector)"),
+    ] = "any",
     device: EvalDevice = "auto",
     batch_size: EvalBatch = 64,
 ) -> None:

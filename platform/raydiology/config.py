@@ -145,9 +145,31 @@ class OptimizerConfig:
     # with it prebuilt (the cluster image), else torch's fused AdamW on GPUs (no JIT build at
     # run time) and torch's foreach AdamW on CPUs.
     kernel: Literal["auto", "deepspeed_fused", "torch_fused", "torch"] = "auto"
+    # Layer-wise lr decay (BEiT, DINOv2 `optim.layerwise_decay`): a parameter at depth i of
+    # an encoder of L blocks takes lr x layer_decay^(L+1-i); depth 0 = patch embedding,
+    # positions and tokens, i = block i-1, L+1 = the rest (final norm, heads). 1 = off.
+    layer_decay: float = 1.0
+    patch_embed_lr_mult: float = 1.0  # lr multiplier of `patch_embed.*` (DINOv2: 0.2)
+    # The DINO head's `last_layer` takes lr 0 for this many optimizer steps (DINOv2's
+    # `optim.freeze_last_layer_epochs`, counted in steps as the loop counts: DINOv2's epoch
+    # is OFFICIAL_EPOCH_LENGTH = 1250 iterations). 0 = off.
+    freeze_last_layer_steps: int = 0
 
     def validate(self, key: str) -> None:
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
+        check(0 < self.layer_decay <= 1, f"{key}.layer_decay", self.layer_decay, "in (0, 1]")
+        check(
+            self.patch_embed_lr_mult > 0,
+            f"{key}.patch_embed_lr_mult",
+            self.patch_embed_lr_mult,
+            "a positive multiplier",
+        )
+        check(
+            self.freeze_last_layer_steps >= 0,
+            f"{key}.freeze_last_layer_steps",
+            self.freeze_last_layer_steps,
+            ">= 0 (0 = off)",
+        )
         # eps keeps Adam's update finite where a gradient's second moment is 0
         check(self.eps > 0, f"{key}.eps", self.eps, "a positive number (e.g. 1e-8)")
         check(
@@ -161,19 +183,32 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0  # cosine's floor
     # step: the rate times `gamma` every `step_size` optimizer steps (torch's StepLR, R2Gen's
-    # schedule, counted in steps rather than epochs)
+    # schedule, counted in steps rather than epochs).
+    # cosine_restarts: cosine with warm restarts (SGDR; torch's CosineAnnealingWarmRestarts)
+    # after the warmup, the first cycle `restart_steps` long (T_0), each next one
+    # `restart_mult` times longer (T_mult)
+    name: Literal["constant", "cosine", "cosine_restarts", "step"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # the cosines' floor
     step_size: int = 1000
     gamma: float = 0.1
+    restart_steps: int | None = None
+    restart_mult: int = 1
 
     def validate(self, key: str) -> None:
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
         check(self.min_lr >= 0, f"{key}.min_lr", self.min_lr, ">= 0")
         check(self.step_size >= 1, f"{key}.step_size", self.step_size, "at least 1")
         check(0 < self.gamma <= 1, f"{key}.gamma", self.gamma, "0 < gamma <= 1")
+        check(
+            self.name != "cosine_restarts"
+            or (self.restart_steps is not None and self.restart_steps >= 1),
+            f"{key}.restart_steps",
+            self.restart_steps,
+            "the first cycle's length in steps (at least 1) for cosine_restarts",
+        )
+        check(self.restart_mult >= 1, f"{key}.restart_mult", self.restart_mult, "at least 1")
 
 
 @dataclass(kw_only=True)

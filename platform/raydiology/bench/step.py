@@ -221,7 +221,7 @@ def _torch_step(exp: Experiment, objective: torch.nn.Module):
     if exp.train.compile:
         compile_blocks(objective)
     optimizer = torch.optim.AdamW(
-        param_groups(objective, opt.weight_decay, opt.lr), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+        param_groups(objective, opt.weight_decay, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps,
         fused=device.type == "cuda",
     )  # fmt: skip
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(exp.train.precision)

@@ -1,10 +1,19 @@
-"""Frozen-feature probe (XR-0's protocol): a 3-layer MLP on precomputed encoder features.
+"""Frozen-feature probe: a 3-layer MLP on precomputed encoder features.
 
 For each training fraction (1% / 10% / 100% of the train split) and each seed the probe is
 trained from scratch on a subset of the train split, early-stopped on the whole val split and
 scored on the whole test split: AUROC per label (and their mean) and MCC, then mean ± std over
 seeds. The subsets depend only on the labels, the fraction and the seed, never on the
 encoder, so every encoder is probed on exactly the same images.
+
+Two named protocols (`PROTOCOLS`, `ProbeConfig.of`):
+- "xr0" (the default): XR-0's probe training, Adam lr 1e-4 with weight decay 1e-6, batch
+  64, up to 500 epochs, the lr halved when the validation score (mean val AUROC) has not
+  improved for 2 epochs, early stopping on the validation score; the patience of the early
+  stop is not given by XR-0 (10 here, as raydiology-v1);
+- "raydiology-v1": this platform's first protocol, kept for comparison with earlier results
+  and for fast checks: no weight decay, batch 256, up to 200 epochs, plateau and early stop
+  (10 epochs) on the validation loss.
 
 Choices the protocol leaves open, fixed here:
 - features are standardised with the mean/std of the whole train split (labels are what is
@@ -32,27 +41,43 @@ from raydiology.config_base import check
 Task = Literal["auto", "multilabel", "multiclass"]
 
 
+Monitor = Literal["score", "loss"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProbeConfig:
-    """Probe training; defaults are XR-0's protocol."""
+    """Probe training; the defaults are XR-0's protocol ("xr0" in `PROTOCOLS`)."""
 
     hidden_dim: int = 512
     dropout: float = 0.2
     lr: float = 1e-4  # Adam
-    batch_size: int = 256
-    max_epochs: int = 200
-    patience: int = 10  # early stop: epochs without a better val loss
-    lr_patience: int = 2  # ReduceLROnPlateau on val loss
+    weight_decay: float = 1e-6  # Adam's (L2) weight decay
+    batch_size: int = 64
+    max_epochs: int = 500
+    # What the lr plateau and the early stop watch on the val split: "score" (mean AUROC,
+    # higher is better) or "loss" (lower is better)
+    monitor: Monitor = "score"
+    patience: int = 10  # early stop: epochs without a better val score/loss
+    lr_patience: int = 2  # ReduceLROnPlateau on the same
     lr_factor: float = 0.5
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: int = 5
     task: Task = "auto"  # auto: multiclass when the label columns are one-hot, else multilabel
     standardize: bool = True
 
+    @classmethod
+    def of(cls, protocol: str, **overrides: Any) -> ProbeConfig:
+        """A named protocol's settings, with `overrides` (e.g. fractions, seeds) on top."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"probe protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+        return cls(**{**PROTOCOLS[protocol], **overrides})
+
     def validate(self, key: str = "probe") -> None:
         check(self.hidden_dim >= 1, f"{key}.hidden_dim", self.hidden_dim, "at least 1")
         check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "0 <= dropout < 1")
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
+        check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
+        check(self.monitor in ("score", "loss"), f"{key}.monitor", self.monitor, "score or loss")
         check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "at least 1")
         check(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "at least 1")
         check(self.patience >= 1, f"{key}.patience", self.patience, "at least 1")
@@ -71,6 +96,15 @@ class ProbeConfig:
             self.task,
             "auto, multilabel or multiclass",
         )
+
+
+# Named probe protocols: ProbeConfig fields that differ from its defaults (XR-0's).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "xr0": {},
+    "raydiology-v1": {
+        "weight_decay": 0.0, "batch_size": 256, "max_epochs": 200, "monitor": "loss",
+    },
+}  # fmt: skip
 
 
 class MLPProbe(nn.Module):
@@ -151,20 +185,25 @@ def train_probe(
     seed: int,
     device: str | torch.device = "cpu",
 ) -> tuple[MLPProbe, dict[str, Any]]:
-    """Train one probe; returns it with the weights of its best val-loss epoch, and a log.
+    """Train one probe; returns it with the weights of its best val epoch (on `cfg.monitor`),
+    and a log.
 
     x [n, D] float32, y [n, L] 0/1. Deterministic given the seed (init, shuffling, dropout).
     """
     device = torch.device(device)
     fork = [device] if device.type == "cuda" else []
+    higher = cfg.monitor == "score"
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         model = MLPProbe(
             x_train.shape[1], y_train.shape[1], hidden_dim=cfg.hidden_dim, dropout=cfg.dropout
         ).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
+            optimizer,
+            mode="max" if higher else "min",
+            factor=cfg.lr_factor,
+            patience=cfg.lr_patience,
         )
         loss_fn = _loss_fn(task)
         xt = torch.from_numpy(x_train).float().to(device)
@@ -173,7 +212,9 @@ def train_probe(
         yv = _targets(y_val, task).to(device)
         shuffle = torch.Generator().manual_seed(seed)
 
-        best_loss, best_epoch, best_state = math.inf, -1, copy.deepcopy(model.state_dict())
+        best = -math.inf if higher else math.inf
+        best_epoch, best_loss, best_score = -1, math.inf, None
+        best_state = copy.deepcopy(model.state_dict())
         epoch = 0
         for epoch in range(cfg.max_epochs):
             model.train()
@@ -185,10 +226,18 @@ def train_probe(
                 optimizer.step()
             model.eval()
             with torch.no_grad():
-                val_loss = float(loss_fn(model(xv), yv))
-            scheduler.step(val_loss)
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+                logits = model(xv)
+                val_loss = float(loss_fn(logits, yv))
+            val_score = _mean(_aurocs(y_val, _probabilities(logits, task))) if higher else None
+            if not higher:
+                value = val_loss
+            elif val_score is not None:
+                value = val_score
+            else:  # no label has both classes in val (so never, for this split)
+                value = -val_loss
+            scheduler.step(value)
+            if (value > best) if higher else (value < best):
+                best, best_epoch, best_loss, best_score = value, epoch, val_loss, val_score
                 best_state = copy.deepcopy(model.state_dict())
             elif epoch - best_epoch >= cfg.patience:
                 break
@@ -197,36 +246,52 @@ def train_probe(
     log = {
         "epochs": epoch + 1,
         "best_epoch": best_epoch + 1,
+        "monitor": cfg.monitor,
         "best_val_loss": best_loss if math.isfinite(best_loss) else None,
+        "best_val_score": best_score,
         "final_lr": optimizer.param_groups[0]["lr"],
     }
     return model, log
+
+
+def _probabilities(logits: torch.Tensor, task: str) -> np.ndarray:
+    """Softmax (multi-class) or per-label sigmoid, [n, L] float64 on the CPU."""
+    probs = logits.softmax(dim=1) if task == "multiclass" else logits.sigmoid()
+    return probs.cpu().double().numpy()
+
+
+def _aurocs(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """AUROC per label column; None where the labels hold one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    return [
+        float(roc_auc_score(y_true[:, j], probs[:, j]))
+        if 0 < y_true[:, j].sum() < len(y_true)
+        else None
+        for j in range(y_true.shape[1])
+    ]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    scored = [v for v in values if v is not None]
+    return float(np.mean(scored)) if scored else None
 
 
 @torch.no_grad()
 def predict(model: MLPProbe, x: np.ndarray, task: str) -> np.ndarray:
     """Probabilities [n, L]: softmax (multi-class) or per-label sigmoid."""
     device = next(model.parameters()).device
-    logits = model(torch.from_numpy(x).float().to(device))
-    probs = logits.softmax(dim=1) if task == "multiclass" else logits.sigmoid()
-    return probs.cpu().double().numpy()
+    return _probabilities(model(torch.from_numpy(x).float().to(device)), task)
 
 
 def probe_metrics(
     y_true: np.ndarray, probs: np.ndarray, task: str, label_columns: list[str]
 ) -> dict[str, Any]:
     """AUROC per label (null where the labels hold one class only), their mean, and MCC."""
-    from sklearn.metrics import matthews_corrcoef, roc_auc_score
+    from sklearn.metrics import matthews_corrcoef
 
-    auroc: dict[str, float | None] = {}
-    for j, name in enumerate(label_columns):
-        y = y_true[:, j]
-        auroc[name] = float(roc_auc_score(y, probs[:, j])) if 0 < y.sum() < len(y) else None
-    scored = [v for v in auroc.values() if v is not None]
-    out: dict[str, Any] = {
-        "auroc": auroc,
-        "auroc_mean": float(np.mean(scored)) if scored else None,
-    }
+    auroc = dict(zip(label_columns, _aurocs(y_true, probs), strict=True))
+    out: dict[str, Any] = {"auroc": auroc, "auroc_mean": _mean(list(auroc.values()))}
     if task == "multiclass":
         out["mcc"] = float(matthews_corrcoef(y_true.argmax(1), probs.argmax(1)))
     else:

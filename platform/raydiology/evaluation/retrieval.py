@@ -1,14 +1,13 @@
-"""Image retrieval with frozen embeddings (XR-0's protocol): Precision@k by label agreement.
+"""Image retrieval with frozen embeddings: Precision@k by label agreement.
 
 Queries are the test split, the gallery is the train split (a retrieval database of seen
 images, the usual set-up; no query can retrieve itself). Items are ranked by cosine
 similarity of the pooled features, ties in a seeded random order (`evaluation.ranking`). A
 retrieved item is relevant when its labels agree with the query's:
-- "exact" (default): the whole label vector is equal. Every query, normal films included,
-  has relevant items, and a finding-free query is not rewarded for finding-free matches
-  only by accident of a shared absent label;
-- "any": the two share at least one positive label (a query with no positive label has
-  no relevant items and scores 0).
+- "any" (default, XR-0's relevance: the same disease is present): the two share at least
+  one positive label (a query with no positive label has no relevant items and scores 0);
+- "exact" (raydiology-v1's): the whole label vector is equal. Every query, normal films
+  included, has relevant items, but a query must match every finding at once.
 `chance` is the expected precision of a random ranking: the mean share of relevant gallery
 items per query.
 """
@@ -23,7 +22,7 @@ import torch
 from raydiology.evaluation.ranking import best_first
 
 Match = Literal["exact", "any"]
-MATCHES: tuple[str, ...] = ("exact", "any")
+MATCHES: tuple[str, ...] = ("any", "exact")
 DEFAULT_KS = (5, 10, 100)
 
 
@@ -47,7 +46,7 @@ def precision_at_k(
     g_labels: np.ndarray,
     *,
     ks: tuple[int, ...] = DEFAULT_KS,
-    match: str = "exact",
+    match: str = "any",
     chunk: int = 1024,
 ) -> dict[str, Any]:
     """Mean Precision@k over queries; queries [Q, D], gallery [G, D].
@@ -91,7 +90,7 @@ def run_retrieval(
     *,
     label_columns: list[str],
     ks: tuple[int, ...] = DEFAULT_KS,
-    match: str = "exact",
+    match: str = "any",
 ) -> dict[str, Any]:
     """Test-split queries against the train-split gallery; features [N, D], labels [N, L]."""
     q_rows, g_rows = np.flatnonzero(split == "test"), np.flatnonzero(split == "train")
@@ -110,7 +109,7 @@ def run_retrieval(
 
 
 def retrieve_features(
-    fs: Any, label_columns: list[str], *, ks: tuple[int, ...] = DEFAULT_KS, match: str = "exact"
+    fs: Any, label_columns: list[str], *, ks: tuple[int, ...] = DEFAULT_KS, match: str = "any"
 ) -> dict[str, Any]:
     """`run_retrieval` on a `features.FeatureSet`, with who/what was evaluated on top."""
     result = run_retrieval(

@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from raydiology.config_base import check, with_overrides
-from raydiology.models.vit import LinearPatchEmbed, check_input_geometry, is_meta
+from raydiology.models.vit import LayerIds, LinearPatchEmbed, check_input_geometry, is_meta
 from raydiology.registry import MODELS
 
 
@@ -105,7 +105,7 @@ class DINOv2Config:
         )
 
 
-class DINOv2ViT(nn.Module):
+class DINOv2ViT(LayerIds, nn.Module):
     """A ViT that takes any input size (positions interpolated) and optional iBOT masks.
 
     The position table is learnt at the build size (`image_size`, i.e. data.resolution) and

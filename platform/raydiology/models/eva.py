@@ -35,7 +35,7 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from raydiology.config_base import ConfigError, check, with_overrides
-from raydiology.models.vit import ViTEncoder, check_input_geometry
+from raydiology.models.vit import LayerIds, ViTEncoder, check_input_geometry
 from raydiology.registry import MODELS
 
 
@@ -156,7 +156,7 @@ def _building_on_meta() -> bool:
     return torch.empty(0).is_meta
 
 
-class EvaXEncoder(Eva):
+class EvaXEncoder(LayerIds, Eva):
     """timm's Eva without a head: images [B, C, H, W] (+ mask [B, N]) -> tokens [B, 1+N, D].
 
     Follows the encoder protocol (CLS first, `num_prefix_tokens`, `embed_dim`, `patch_size`,

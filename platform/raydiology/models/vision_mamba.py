@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from raydiology.config_base import ConfigError, check, with_overrides
 from raydiology.models.mamba import SCAN_IMPLS, Mamba, Mamba4D
 from raydiology.models.vit import (
+    LayerIds,
     LinearPatchEmbed,
     PatchGrid,
     check_input_geometry,
@@ -603,12 +604,14 @@ def column_order_with_middle_cls(grid: tuple[int, int], device: Any = None) -> T
     return torch.cat([position[:mid], cls, position[mid:]])
 
 
-class BiVisionMambaEncoder(PatchGrid, nn.Module):
+class BiVisionMambaEncoder(LayerIds, PatchGrid, nn.Module):
     """The 4-direction Vision Mamba encoder of MambaXray-VL stages 2-3.
 
     The CLS token sits in the middle of the sequence (N//2) while the blocks run, with
     learned positions [1, N+1, D] (CLS's slot in the middle too); `forward` returns it first.
     """
+
+    layer_stack = "layers"
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ patches, K kept (visible) patches, D embedding dim.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from timm.models.vision_transformer import Block
@@ -166,6 +166,34 @@ def is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
+# Parameters before the first block: depth 0 for layer-wise lr decay.
+_EMBEDDINGS = frozenset({"patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens"})
+
+
+class LayerIds:
+    """Each parameter's depth in a ViT-style encoder, for layer-wise lr decay
+    (`train.schedules.layer_lr_multipliers`). DINOv2's rule (dinov2/utils/param_groups.py,
+    get_vit_lr_decay_rate): 0 for the patch embedding, positions and tokens, i+1 for block
+    i, num_layers+1 for the rest (the final norm). Mixed into encoders whose repeated
+    blocks are the ModuleList named by `layer_stack`.
+    """
+
+    layer_stack: ClassVar[str] = "blocks"
+
+    @property
+    def num_layers(self) -> int:
+        return len(getattr(self, self.layer_stack))
+
+    def layer_id(self, name: str) -> int:
+        """name: a parameter name relative to this encoder, e.g. "blocks.3.attn.qkv.weight"."""
+        first, _, rest = name.partition(".")
+        if first in _EMBEDDINGS:
+            return 0
+        if first == self.layer_stack:
+            return int(rest.partition(".")[0]) + 1
+        return self.num_layers + 1
+
+
 class PatchGrid:
     """An encoder's geometry, readable without running it (part of the encoder protocol).
 
@@ -199,7 +227,7 @@ class PatchGrid:
         return self._in_chans
 
 
-class ViTEncoder(PatchGrid, nn.Module):
+class ViTEncoder(LayerIds, PatchGrid, nn.Module):
     """A ViT over a fixed patch grid with a CLS token and fixed sin-cos positions.
 
     `forward(images, ids_keep)` embeds only the patches named in `ids_keep` (MAE's visible

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from raydiology.config import OptimizerConfig, TrainConfig
-from raydiology.train.schedules import lr_factor, param_groups
+from raydiology.train.schedules import lr_scheduler, param_groups
 
 
 def optimizer_kernel(opt: OptimizerConfig, *, on_gpu: bool) -> str:
@@ -62,7 +62,7 @@ def training_engine(objective: torch.nn.Module, train: TrainConfig, ds_config: d
 
     if train.compile:
         compile_blocks(objective)
-    groups = param_groups(objective, train.optimizer.weight_decay, train.optimizer.lr)
+    groups = param_groups(objective, train.optimizer.weight_decay, train.optimizer)
     optimizer = None
     if "optimizer" not in ds_config:  # torch's fused AdamW: one kernel for all parameters
         opt = train.optimizer
@@ -75,12 +75,7 @@ def training_engine(objective: torch.nn.Module, train: TrainConfig, ds_config: d
         model_parameters=groups if optimizer is None else None,
         optimizer=optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: lr_factor(
-                s, schedule=train.schedule, base_lr=train.optimizer.lr, max_steps=train.max_steps
-            ),
-        ),
+        lr_scheduler=lambda opt: lr_scheduler(opt, train),
     )
     match_norm_buffers(engine.module)  # bf16 BatchNorm statistics (ResNet trunks)
     return engine

@@ -118,16 +118,20 @@ class ProbeMetricConfig:
     """The frozen-encoder yardstick on the trial's export after training, from one set of
     features: `probe_auroc` (an MLP probe, raydiology.evaluation.probe: mean test AUROC over
     the label columns) and `retrieval_precision` (test queries against the train gallery,
-    raydiology.evaluation.retrieval: mean Precision@`retrieval_k`, same labels = relevant)."""
+    raydiology.evaluation.retrieval: mean Precision@`retrieval_k`). By default both follow
+    XR-0: its probe training (`protocol: xr0`) and its relevance (`match: any`, a shared
+    disease); `protocol: raydiology-v1` / `match: exact` give this platform's first ones."""
 
     corpus: str | None = None  # labelled corpus folder; null = the trial's own corpus
     labels: tuple[str, ...] = ("label_*",)
     pool: Literal["cls", "mean"] = "cls"
     fraction: float = 1.0  # of the train split
     seeds: int = 1
-    max_epochs: int = 50
-    batch_size: int = 64
+    protocol: Literal["xr0", "raydiology-v1"] = "xr0"  # evaluation.probe.PROTOCOLS
+    max_epochs: int | None = None  # null = the protocol's (xr0: 500)
+    batch_size: int = 64  # images per embedding batch
     retrieval_k: int = 10
+    match: Literal["any", "exact"] = "any"  # retrieval relevance (evaluation.retrieval)
     # Images of the corpus the yardstick embeds: a fixed sample (by image id) made once per
     # sweep; null = every image (one task embeds the whole corpus: slow on a large one)
     max_images: int | None = 2000
@@ -142,7 +146,12 @@ class ProbeMetricConfig:
         )
         check(0 < self.fraction <= 1, f"{key}.fraction", self.fraction, "a fraction in (0, 1]")
         check(self.seeds >= 1, f"{key}.seeds", self.seeds, "at least 1")
-        check(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "at least 1")
+        check(
+            self.max_epochs is None or self.max_epochs >= 1,
+            f"{key}.max_epochs",
+            self.max_epochs,
+            "at least 1, or null for the protocol's",
+        )
         check(bool(self.labels), f"{key}.labels", list(self.labels), "label columns or globs")
 
 

@@ -122,8 +122,9 @@ def yardstick(
 ) -> dict[str, float | None]:
     """The frozen-encoder yardstick of `raydiology evaluate probe` / `retrieval` on the
     trial's export, on `corpus`, from one set of features: probe_auroc (mean test AUROC of an
-    MLP probe), retrieval_precision (mean Precision@k of test queries against the train
-    gallery) and probe_images (the images embedded). Details go to probe.json and
+    MLP probe trained by `probe.protocol`, XR-0's by default), retrieval_precision (mean
+    Precision@k of test queries against the train gallery, relevance `probe.match`, XR-0's
+    "any" by default) and probe_images (the images embedded). Details go to probe.json and
     retrieval.json in the trial's run directory."""
     from raydiology.data.corpus import read_manifest
     from raydiology.evaluation.features import load_features, resolve_labels
@@ -135,11 +136,12 @@ def yardstick(
         export, corpus, pooling=probe.pool, cache_dir=run_dir / "probe_features",
         batch_size=probe.batch_size, device=device, progress=False,
     )  # fmt: skip
-    pcfg = ProbeConfig(fractions=(probe.fraction,), seeds=probe.seeds, max_epochs=probe.max_epochs)
+    caps = {} if probe.max_epochs is None else {"max_epochs": probe.max_epochs}
+    pcfg = ProbeConfig.of(probe.protocol, fractions=(probe.fraction,), seeds=probe.seeds, **caps)
     probed = probe_features(fs, columns, pcfg)
     probed["corpus"] = corpus
     (run_dir / "probe.json").write_text(json.dumps(probed, indent=2, default=str))
-    retrieved = retrieve_features(fs, columns, ks=(probe.retrieval_k,))
+    retrieved = retrieve_features(fs, columns, ks=(probe.retrieval_k,), match=probe.match)
     (run_dir / "retrieval.json").write_text(json.dumps(retrieved, indent=2, default=str))
     return {
         "probe_auroc": probed["fractions"][fraction_name(probe.fraction)]["auroc_mean"]["mean"],
