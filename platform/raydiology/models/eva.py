@@ -50,6 +50,9 @@ class EvaXArgs:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(embed_dim * 8/3)
     qkv_fused: bool = True  # one qkv matrix (Ti/S) or separate q/k/v projections (B)
     sub_ln: bool = False  # LayerNorm inside the SwiGLU FFN (B)
+    # Stochastic depth in pre-training: EVA-02's MIM settings, which EVA-X's pre-training
+    # code reuses, give 0.1 for B and none for Ti/S.
+    drop_path: float = 0.0
 
 
 EVAX_FLAVORS: dict[str, EvaXArgs] = {
@@ -58,7 +61,9 @@ EVAX_FLAVORS: dict[str, EvaXArgs] = {
     # The three EVA-X sizes (ViT-Ti/S/B with patch 16 at 224 px).
     "ti": EvaXArgs(embed_dim=192, depth=12, num_heads=3),
     "s": EvaXArgs(embed_dim=384, depth=12, num_heads=6),
-    "b": EvaXArgs(embed_dim=768, depth=12, num_heads=12, qkv_fused=False, sub_ln=True),
+    "b": EvaXArgs(
+        embed_dim=768, depth=12, num_heads=12, qkv_fused=False, sub_ln=True, drop_path=0.1
+    ),
 }
 
 
@@ -116,7 +121,7 @@ class EvaXConfig:
     mlp_ratio: float | None = None
     qkv_fused: bool | None = None
     sub_ln: bool | None = None
-    drop_path: float = 0.0  # stochastic depth (EVA-02 MIM used 0 for Ti/S, 0.1 for B)
+    drop_path: float | None = None  # stochastic depth; null = the flavor's
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def resolved(self) -> dict[str, Any]:
@@ -134,7 +139,12 @@ class EvaXConfig:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{k}{name}", value, "a positive number")
-        check(0.0 <= self.drop_path < 1.0, f"{k}drop_path", self.drop_path, "a rate in [0, 1)")
+        check(
+            self.drop_path is None or 0.0 <= self.drop_path < 1.0,
+            f"{k}drop_path",
+            self.drop_path,
+            "a rate in [0, 1) or null",
+        )
         r = self.resolved()
         check(
             r["embed_dim"] % r["num_heads"] == 0,
@@ -165,7 +175,7 @@ class EvaXEncoder(Eva):
     `raydiology.load_encoder` does) is correct once its weights are loaded.
     """
 
-    def __init__(self, args: EvaXArgs, *, image_size: int, in_chans: int, drop_path: float) -> None:
+    def __init__(self, args: EvaXArgs, *, image_size: int, in_chans: int) -> None:
         grid = image_size // args.patch_size
         super().__init__(
             img_size=image_size,
@@ -181,7 +191,7 @@ class EvaXEncoder(Eva):
             mlp_ratio=args.mlp_ratio,
             swiglu_mlp=True,
             scale_mlp=args.sub_ln,
-            drop_path_rate=drop_path,
+            drop_path_rate=args.drop_path,
             norm_layer=partial(LayerNorm, eps=1e-6),
             init_values=None,  # no layer-scale
             use_abs_pos_emb=True,
@@ -500,6 +510,6 @@ def build_evax(cfg: EvaXConfig, *, image_size: int, in_chans: int) -> EvaX:
     cfg.validate("model")
     a = EvaXArgs(**cfg.resolved())
     check_input_geometry(image_size, in_chans, a.patch_size)
-    encoder = EvaXEncoder(a, image_size=image_size, in_chans=in_chans, drop_path=cfg.drop_path)
+    encoder = EvaXEncoder(a, image_size=image_size, in_chans=in_chans)
     teacher = build_teacher(cfg.teacher, a, image_size=image_size, in_chans=in_chans)
     return EvaX(encoder, teacher)
