@@ -244,16 +244,14 @@ def load_external_teacher(
     file = Path(path).expanduser()
     if not file.exists():
         raise ConfigError(f"{key}.path", path, f"an existing {fmt} checkpoint")
+    if fmt in NEEDS_MODEL_NAME and model is None:
+        raise ConfigError(f"{key}.model", model, f"the {fmt} model name")
     if fmt == "open_clip":
-        assert model is not None
-        loaded = _open_clip(model, str(file), key)
-    elif fmt == "timm":
-        assert model is not None
-        loaded = _timm(model, str(file), key)
-    elif fmt == "hf_clip":
-        loaded = _hf_clip(str(file), key)
-    elif fmt == "mgca":
-        loaded = _mgca(str(file), key)
-    else:
-        raise ConfigError(f"{key}.format", fmt, "one of " + ", ".join(EXTERNAL_FORMATS))
-    return loaded
+        return _open_clip(str(model), str(file), key)
+    if fmt == "timm":
+        return _timm(str(model), str(file), key)
+    if fmt == "hf_clip":
+        return _hf_clip(str(file), key)
+    if fmt == "mgca":
+        return _mgca(str(file), key)
+    raise ConfigError(f"{key}.format", fmt, "one of " + ", ".join(EXTERNAL_FORMATS))
