@@ -159,7 +159,7 @@ def test_config_validation_names_the_key() -> None:
 
 def test_recipe_is_eva_x_appendix_and_official_code() -> None:
     """lr 3e-4 on 8 GPUs (appendix B.1), EVA-X's dataset statistics (its datasets.py), the
-    teacher told the same normalisation, drop path 0.1 only for the B flavor (EVA-02-B)."""
+    teacher told the same normalisation, drop path 0.1 only for the B flavor."""
     exp = load_experiment(EVAX)
     assert exp.train.optimizer.lr == pytest.approx(3e-4)
     assert exp.scaling.num_workers == 8

@@ -54,8 +54,9 @@ class EvaXArgs:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(embed_dim * 8/3)
     qkv_fused: bool = True  # one qkv matrix (Ti/S) or separate q/k/v projections (B)
     sub_ln: bool = False  # LayerNorm inside the SwiGLU FFN (B)
-    # Stochastic depth in pre-training: EVA-02's MIM settings, which EVA-X's pre-training
-    # code reuses, give 0.1 for B and none for Ti/S.
+    # Stochastic depth in pre-training. B: 0.1, EVA-X's appendix B.1 (EVA-02's own B MIM
+    # script used 0.0); Ti/S: 0.0, EVA-02's Ti/S MIM scripts (baaivision/EVA,
+    # EVA-02/asuka/README.md, `dpr`), which EVA-X's pre-training code reuses.
     drop_path: float = 0.0
 
 
