@@ -102,6 +102,11 @@ def test_mgca_stripped_state_dict_loads_and_pickled_objects_are_refused(tmp_path
     save_file(vit.state_dict(), tmp_path / "mgca_vit.safetensors")
     model = _model({"format": "mgca", "path": str(tmp_path / "mgca_vit.safetensors")})
     _same_tokens(model, vit.forward_features(_images(128))[:, 1:], 128)
+    # DDP-prefixed names inside a training script's {"model": ...} wrapper read the same.
+    wrapped = {"model": {f"module.{k}": v for k, v in vit.state_dict().items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    model = _model({"format": "mgca", "path": str(tmp_path / "ddp.pth")})
+    _same_tokens(model, vit.forward_features(_images(128))[:, 1:], 128)
 
     # Lightning keeps hyper-parameters beside the weights; a pickled object among them is
     # never unpickled (weights_only=True), the file is refused with a way out.
