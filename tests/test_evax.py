@@ -157,6 +157,27 @@ def test_config_validation_names_the_key() -> None:
     assert err.value.key == "objective.mask_ratio"
 
 
+def test_recipe_is_eva_x_appendix_and_official_code() -> None:
+    """lr 3e-4 on 8 GPUs (appendix B.1), EVA-X's dataset statistics (its datasets.py), the
+    teacher told the same normalisation, drop path 0.1 only for the B flavor."""
+    exp = load_experiment(EVAX)
+    assert exp.train.optimizer.lr == pytest.approx(3e-4)
+    assert exp.scaling.num_workers == 8
+    assert exp.data.mean == pytest.approx((0.49185243,) * 3)
+    assert exp.data.std == pytest.approx((0.28509309,) * 3)
+    teacher = exp.model.config.teacher
+    assert tuple(teacher.input_mean) == tuple(exp.data.mean)
+    assert tuple(teacher.input_std) == tuple(exp.data.std)
+    for flavor, last_rate in (("s", 0.0), ("ti", 0.0), ("b", 0.1), ("tiny", 0.0)):
+        with torch.device("meta"):
+            enc = _model(flavor, image_size=224, in_chans=3).encoder
+        rate = getattr(enc.blocks[-1].drop_path1, "drop_prob", 0.0)  # Identity when 0
+        assert rate == pytest.approx(last_rate), flavor
+    with torch.device("meta"):
+        enc = _model("b", image_size=224, in_chans=3, drop_path=0.0).encoder
+    assert isinstance(enc.blocks[-1].drop_path1, torch.nn.Identity)  # an override wins
+
+
 # ----------------------------------------------------------------------------- teacher
 
 

@@ -9,9 +9,11 @@ projections and a LayerNorm inside the FFN (SubLN). Parameter names therefore ma
 (and, after EVA-X's own key renaming, the released EVA-X checkpoints). Added here: a learnable
 mask token that replaces masked patch embeddings before positions are added (EVA-02/BEiT).
 
-The teacher ("tokenizer", MGCA's ViT-B/16 in the paper) is any raydiology encoder export,
-frozen; its input is resized to its own image size and channel count and its patch-feature grid
-interpolated to the student's, so a 1280-px HD-MAE can teach a 224-px student. Without a path
+The teacher ("tokenizer", MGCA's ViT-B/16 in the paper) is a raydiology encoder export or
+another project's checkpoint (open_clip, timm, a Hugging Face CLIP folder, MGCA; see
+`raydiology.models.teachers`), frozen; its input is resized to its own image size, channel
+count and normalisation and its patch-feature grid interpolated to the student's, so a
+1280-px HD-MAE can teach a 224-px student. Without a path
 it is a randomly initialised ViT (tests, smoke runs). A linear head maps student width to
 teacher width.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +38,7 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from raydiology.config_base import ConfigError, check, with_overrides
+from raydiology.models.teachers import NEEDS_MODEL_NAME, TeacherFormat, load_external_teacher
 from raydiology.models.vit import LayerIds, ViTEncoder, check_input_geometry
 from raydiology.registry import MODELS
 
@@ -50,6 +54,10 @@ class EvaXArgs:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(embed_dim * 8/3)
     qkv_fused: bool = True  # one qkv matrix (Ti/S) or separate q/k/v projections (B)
     sub_ln: bool = False  # LayerNorm inside the SwiGLU FFN (B)
+    # Stochastic depth in pre-training. B: 0.1, EVA-X's appendix B.1 (EVA-02's own B MIM
+    # script used 0.0); Ti/S: 0.0, EVA-02's Ti/S MIM scripts (baaivision/EVA,
+    # EVA-02/asuka/README.md, `dpr`), which EVA-X's pre-training code reuses.
+    drop_path: float = 0.0
 
 
 EVAX_FLAVORS: dict[str, EvaXArgs] = {
@@ -58,7 +66,9 @@ EVAX_FLAVORS: dict[str, EvaXArgs] = {
     # The three EVA-X sizes (ViT-Ti/S/B with patch 16 at 224 px).
     "ti": EvaXArgs(embed_dim=192, depth=12, num_heads=3),
     "s": EvaXArgs(embed_dim=384, depth=12, num_heads=6),
-    "b": EvaXArgs(embed_dim=768, depth=12, num_heads=12, qkv_fused=False, sub_ln=True),
+    "b": EvaXArgs(
+        embed_dim=768, depth=12, num_heads=12, qkv_fused=False, sub_ln=True, drop_path=0.1
+    ),
 }
 
 
@@ -66,15 +76,20 @@ EVAX_FLAVORS: dict[str, EvaXArgs] = {
 class TeacherConfig:
     """The frozen teacher, `model.teacher`.
 
-    With `path` (a raydiology encoder export folder, e.g. an HD-MAE run's `export/`), the
-    export decides the architecture; the size fields below then only describe the random
-    stand-in and `embed_dim`, if set, must equal the export's width. Without a path the
-    teacher is a random ViT (linear patch embedding, the student's patch size) whose sizes
-    default to the student's.
+    `format` says what `path` is: `raydiology` (default) an encoder export folder (e.g. an
+    HD-MAE run's `export/`), whose spec decides the architecture; `open_clip` / `timm` a local
+    checkpoint file of the library's model `model` (e.g. open_clip's `EVA02-B-16`);
+    `hf_clip` a Hugging Face CLIPVisionModel folder (safetensors); `mgca` MGCA's checkpoint
+    (its ViT-B/16; key map in `raydiology.models.teachers`). Nothing is downloaded. The size
+    fields below then only describe the random stand-in, and `embed_dim`, if set, must equal
+    the teacher's width. Without a path the teacher is a random ViT (linear patch embedding,
+    the student's patch size) whose sizes default to the student's.
     """
 
     path: str | None = None
-    embed_dim: int | None = None  # target width T; null = the export's / the student's
+    format: TeacherFormat = "raydiology"
+    model: str | None = None  # the library's model name (open_clip, timm)
+    embed_dim: int | None = None  # target width T; null = the teacher's / the student's
     depth: int | None = None  # random teacher only; null = the student's
     num_heads: int | None = None  # random teacher only; null = the student's
     # How the student's images are normalised (copy data.mean / data.std). When set, images
@@ -85,7 +100,21 @@ class TeacherConfig:
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
-        check(self.path is None or bool(self.path), f"{k}path", self.path, "a folder or null")
+        check(self.path is None or bool(self.path), f"{k}path", self.path, "a path or null")
+        check(
+            self.format == "raydiology" or self.path is not None,
+            f"{k}path",
+            self.path,
+            f"the {self.format} checkpoint (a format other than raydiology needs a path)",
+        )
+        check(
+            (self.model is not None) == (self.format in NEEDS_MODEL_NAME),
+            f"{k}model",
+            self.model,
+            f"the {self.format} model name"
+            if self.format in NEEDS_MODEL_NAME
+            else f"null (only {', '.join(NEEDS_MODEL_NAME)} take a model name)",
+        )
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{k}{name}", value, "a positive integer or null")
@@ -116,7 +145,7 @@ class EvaXConfig:
     mlp_ratio: float | None = None
     qkv_fused: bool | None = None
     sub_ln: bool | None = None
-    drop_path: float = 0.0  # stochastic depth (EVA-02 MIM used 0 for Ti/S, 0.1 for B)
+    drop_path: float | None = None  # stochastic depth; null = the flavor's
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def resolved(self) -> dict[str, Any]:
@@ -134,7 +163,12 @@ class EvaXConfig:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{k}{name}", value, "a positive number")
-        check(0.0 <= self.drop_path < 1.0, f"{k}drop_path", self.drop_path, "a rate in [0, 1)")
+        check(
+            self.drop_path is None or 0.0 <= self.drop_path < 1.0,
+            f"{k}drop_path",
+            self.drop_path,
+            "a rate in [0, 1) or null",
+        )
         r = self.resolved()
         check(
             r["embed_dim"] % r["num_heads"] == 0,
@@ -165,7 +199,7 @@ class EvaXEncoder(LayerIds, Eva):
     `raydiology.load_encoder` does) is correct once its weights are loaded.
     """
 
-    def __init__(self, args: EvaXArgs, *, image_size: int, in_chans: int, drop_path: float) -> None:
+    def __init__(self, args: EvaXArgs, *, image_size: int, in_chans: int) -> None:
         grid = image_size // args.patch_size
         super().__init__(
             img_size=image_size,
@@ -181,7 +215,7 @@ class EvaXEncoder(LayerIds, Eva):
             mlp_ratio=args.mlp_ratio,
             swiglu_mlp=True,
             scale_mlp=args.sub_ln,
-            drop_path_rate=drop_path,
+            drop_path_rate=args.drop_path,
             norm_layer=partial(LayerNorm, eps=1e-6),
             init_values=None,  # no layer-scale
             use_abs_pos_emb=True,
@@ -425,21 +459,47 @@ def _exported_teacher(cfg: TeacherConfig, key: str) -> FrozenTeacher | None:
 
         encoder = load_encoder(cfg.path)
     width = int(spec.get("embed_dim") or encoder.embed_dim)
-    if cfg.embed_dim is not None and cfg.embed_dim != width:
-        raise ConfigError(
-            f"{key}.embed_dim", cfg.embed_dim, f"null or the export's width ({width})"
-        )
-    renormalize = None
-    if cfg.input_mean is not None and cfg.input_std is not None:
-        renormalize = (cfg.input_mean, cfg.input_std, list(spec["mean"]), list(spec["std"]))
     return FrozenTeacher(
         encoder,
         image_size=int(spec["image_size"]),
         in_chans=int(spec["in_chans"]),
         patch_size=int(spec.get("patch_size") or encoder.patch_size),
-        embed_dim=width,
+        embed_dim=_checked_width(cfg, width, key),
         num_prefix_tokens=int(getattr(encoder, "num_prefix_tokens", 1)),
-        renormalize=renormalize,
+        renormalize=_renormalize(cfg, spec["mean"], spec["std"]),
+        loaded_from=str(cfg.path),
+    )
+
+
+def _checked_width(cfg: TeacherConfig, width: int, key: str) -> int:
+    if cfg.embed_dim is not None and cfg.embed_dim != width:
+        raise ConfigError(
+            f"{key}.embed_dim", cfg.embed_dim, f"null or the teacher's width ({width})"
+        )
+    return width
+
+
+def _renormalize(
+    cfg: TeacherConfig, mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...], list[float], list[float]] | None:
+    """Student normalisation -> the teacher's own, when the student's is given."""
+    if cfg.input_mean is None or cfg.input_std is None:
+        return None
+    return (cfg.input_mean, cfg.input_std, list(mean), list(std))
+
+
+def _external_teacher(cfg: TeacherConfig, key: str) -> FrozenTeacher:
+    """A teacher from another project's checkpoint (open_clip, timm, HF CLIP, MGCA)."""
+    assert cfg.path is not None
+    loaded = load_external_teacher(cfg.format, path=cfg.path, model=cfg.model, key=key)
+    return FrozenTeacher(
+        loaded.tokens,
+        image_size=loaded.image_size,
+        in_chans=len(loaded.mean),
+        patch_size=loaded.patch_size,
+        embed_dim=_checked_width(cfg, loaded.embed_dim, key),
+        num_prefix_tokens=0,  # the readers return patch tokens only
+        renormalize=_renormalize(cfg, loaded.mean, loaded.std),
         loaded_from=str(cfg.path),
     )
 
@@ -478,20 +538,26 @@ def build_teacher(
     cfg: TeacherConfig, student: EvaXArgs, *, image_size: int, in_chans: int
 ) -> FrozenTeacher:
     """The frozen teacher a `model.teacher` section describes (see TeacherConfig)."""
-    if cfg.path is not None:
-        teacher = _exported_teacher(cfg, "model.teacher")
-        if teacher is not None:
-            return teacher
+    if cfg.path is None:
+        return _random_teacher(cfg, student, image_size=image_size, in_chans=in_chans)
+    if cfg.format != "raydiology":
+        if not _building_on_meta():
+            return _external_teacher(cfg, "model.teacher")
+        # On the meta device (a student export being rebuilt) another project's teacher is
+        # not read at all: the student never needs it, and its weights would not load there.
+    else:
+        exported = _exported_teacher(cfg, "model.teacher")
+        if exported is not None:
+            return exported
         warnings.warn(
             f"model.teacher.path {cfg.path!r} is not here: a random stand-in of the configured "
             "size takes its place (fine for loading the student; the mfm objective refuses it)",
             stacklevel=2,
         )
-        teacher = _random_teacher(cfg, student, image_size=image_size, in_chans=in_chans)
-        teacher.placeholder = True
-        teacher.loaded_from = cfg.path
-        return teacher
-    return _random_teacher(cfg, student, image_size=image_size, in_chans=in_chans)
+    teacher = _random_teacher(cfg, student, image_size=image_size, in_chans=in_chans)
+    teacher.placeholder = True
+    teacher.loaded_from = cfg.path
+    return teacher
 
 
 @MODELS.register("evax", EvaXConfig)
@@ -500,6 +566,6 @@ def build_evax(cfg: EvaXConfig, *, image_size: int, in_chans: int) -> EvaX:
     cfg.validate("model")
     a = EvaXArgs(**cfg.resolved())
     check_input_geometry(image_size, in_chans, a.patch_size)
-    encoder = EvaXEncoder(a, image_size=image_size, in_chans=in_chans, drop_path=cfg.drop_path)
+    encoder = EvaXEncoder(a, image_size=image_size, in_chans=in_chans)
     teacher = build_teacher(cfg.teacher, a, image_size=image_size, in_chans=in_chans)
     return EvaX(encoder, teacher)

@@ -187,6 +187,6 @@ def build_mfm(cfg: MFMObjectiveConfig, *, model: nn.Module) -> MFMObjective:
         raise ConfigError(
             "model.teacher.path",
             teacher.loaded_from,
-            "an existing raydiology encoder export folder (the teacher to train against)",
+            "an existing teacher (export folder or checkpoint) to train against",
         )
     return MFMObjective(cfg, cast(EvaX, model))
