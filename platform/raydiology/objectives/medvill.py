@@ -248,6 +248,15 @@ class MedViLLObjective(nn.Module):
                 "negatives": (~matched).float().mean().to(device)}  # fmt: skip
 
 
+def require_medvill(model: nn.Module, objective: str) -> MedViLL:
+    """`model`, checked to be a MedViLL for the MedViLL fine-tune `objective`."""
+    if not isinstance(model, MedViLL):
+        raise TypeError(
+            f"objective {objective!r} needs a medvill model, not {type(model).__name__}"
+        )
+    return model
+
+
 @OBJECTIVES.register("medvill", MedViLLObjectiveConfig)
 def build_medvill_objective(cfg: MedViLLObjectiveConfig, *, model: nn.Module) -> MedViLLObjective:
     if not isinstance(model, MedViLL):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from raydiology.config_base import check
 from raydiology.data.phantom import LABEL_COLUMNS
 from raydiology.models.medvill import MASK_SCHEMES, MedViLL
-from raydiology.objectives.medvill import export_medvill
+from raydiology.objectives.medvill import export_medvill, require_medvill
 from raydiology.registry import OBJECTIVES
 
 NO_FINDING = "label_no_finding"  # a label column, but not a finding to ask about
@@ -148,10 +148,7 @@ class MedViLLDiagnosis(_MedViLLHead):
 
 @OBJECTIVES.register("medvill_diagnosis", DiagnosisConfig)
 def build_medvill_diagnosis(cfg: DiagnosisConfig, *, model: nn.Module) -> MedViLLDiagnosis:
-    if not isinstance(model, MedViLL):
-        raise TypeError(f"objective 'medvill_diagnosis' needs a medvill model, "
-                        f"not {type(model).__name__}")  # fmt: skip
-    return MedViLLDiagnosis(cfg, model)
+    return MedViLLDiagnosis(cfg, require_medvill(model, "medvill_diagnosis"))
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -278,11 +275,7 @@ class MedViLLVQA(_MedViLLHead):
 
 @OBJECTIVES.register("medvill_vqa", VQAConfig)
 def build_medvill_vqa(cfg: VQAConfig, *, model: nn.Module) -> MedViLLVQA:
-    if not isinstance(model, MedViLL):
-        raise TypeError(
-            f"objective 'medvill_vqa' needs a medvill model, not {type(model).__name__}"
-        )
-    return MedViLLVQA(cfg, model)
+    return MedViLLVQA(cfg, require_medvill(model, "medvill_vqa"))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -36,6 +36,7 @@ from raydiology.objectives.medvill import (
     batch_labels,
     choose_negatives,
     export_medvill,
+    require_medvill,
     text_targets,
 )
 from raydiology.registry import OBJECTIVES
@@ -138,10 +139,7 @@ class MedViLLRetrieval(_MedViLLFineTune):
 
 @OBJECTIVES.register("medvill_retrieval", RetrievalConfig)
 def build_medvill_retrieval(cfg: RetrievalConfig, *, model: nn.Module) -> MedViLLRetrieval:
-    if not isinstance(model, MedViLL):
-        raise TypeError(f"objective 'medvill_retrieval' needs a medvill model, "
-                        f"not {type(model).__name__}")  # fmt: skip
-    return MedViLLRetrieval(cfg, model)
+    return MedViLLRetrieval(cfg, require_medvill(model, "medvill_retrieval"))
 
 
 # ----------------------------------------------------------------------------- S2S
@@ -226,8 +224,4 @@ class MedViLLS2S(_MedViLLFineTune):
 
 @OBJECTIVES.register("medvill_s2s", S2SConfig)
 def build_medvill_s2s(cfg: S2SConfig, *, model: nn.Module) -> MedViLLS2S:
-    if not isinstance(model, MedViLL):
-        raise TypeError(
-            f"objective 'medvill_s2s' needs a medvill model, not {type(model).__name__}"
-        )
-    return MedViLLS2S(cfg, model)
+    return MedViLLS2S(cfg, require_medvill(model, "medvill_s2s"))
