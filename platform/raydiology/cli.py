@@ -186,6 +186,13 @@ def ingest(
     clean_reports: Annotated[
         str | None, typer.Option(help="R2Gen cleaning: iu | mimic | r2gengpt-mimic")
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="segmentation masks: a folder of per-class folders of mask images named like "
+            "the images (e.g. MASKS/heart/JPCLN001.png -> column mask_heart)"
+        ),
+    ] = None,
     salt_env: Annotated[
         str,
         typer.Option(help="environment variable holding the id salt (kept out of shell history)"),
@@ -240,6 +247,7 @@ def ingest(
             attribution=attribution,
             near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
             reports=joined,
+            masks=masks,
             write_source_map=source_map,
             chunk_rows=chunk_rows,
             shard_rows=shard_rows,
@@ -291,12 +299,15 @@ def corpus_phantom(
     seed: int = 0,
     finding_prob: Annotated[float, typer.Option(help="probability of each finding")] = 0.3,
     views: Annotated[int, typer.Option(help="films per study: 1 (PA) or 2 (PA + lateral)")] = 1,
+    masks: Annotated[
+        bool, typer.Option(help="also write mask_lungs/heart/clavicles/lesion (PA films)")
+    ] = False,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
 
     manifest = write_phantom_corpus(
-        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views
+        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views, masks=masks
     )
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
