@@ -621,7 +621,10 @@ def evaluate_segment(
     out: EvalOut = Path("runs/evaluate"),
     max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
     eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
-    augment: Annotated[bool, typer.Option(help="XR-0's joint image+mask augmentations")] = True,
+    lr: Annotated[float, typer.Option(help="Adam lr (XR-0: 1e-4)")] = 1e-4,
+    augment: Annotated[
+        bool, typer.Option(help="XR-0's joint image+mask augmentations (off: features cached)")
+    ] = True,
     seed: int = 0,
     device: EvalDevice = "auto",
 ) -> None:
@@ -639,7 +642,7 @@ def evaluate_segment(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cfg = SegmentConfig(decoder=decoder, max_steps=max_steps, eval_every=eval_every,  # type: ignore[arg-type]
-                            augment=augment, seed=seed)  # fmt: skip
+                            lr=lr, augment=augment, seed=seed)  # fmt: skip
         cfg.validate("segment")
         manifest = read_manifest(corpus)
         columns = resolve_labels(masks or ["mask_*"], manifest.mask_columns)

@@ -25,10 +25,11 @@ NUM_INTERMEDIATE = 4
 def intermediate_layers(depth: int, n: int = NUM_INTERMEDIATE) -> list[int]:
     """Block indices spread evenly and ending at the last block: depth 12 -> [2, 5, 8, 11],
     the layers ViT-Adapter/BEiT feed UPerNet (mmseg configs `out_indices=[3, 5, 7, 11]` for
-    BEiT-B are one variant; the even spread is used here, for any depth)."""
+    BEiT-B are one variant; the even spread is used here, for any depth). An encoder with
+    fewer than `n` blocks repeats some (depth 2 -> [0, 0, 0, 1]), so decoders always get `n`."""
     if depth < 1:
         raise ValueError("an encoder without blocks has no intermediate layers")
-    return sorted({max(0, depth * (i + 1) // n - 1) for i in range(n)})
+    return [max(0, depth * (i + 1) // n - 1) for i in range(n)]
 
 
 class FrozenDenseEncoder(nn.Module):
@@ -52,7 +53,7 @@ class FrozenDenseEncoder(nn.Module):
         self.prefix = int(getattr(encoder, "num_prefix_tokens", 1))
         self.embed_dim = int(encoder.embed_dim)
         self._captured: dict[int, Tensor] = {}
-        for i in self.layer_ids:
+        for i in sorted(set(self.layer_ids)):
             stack[i].register_forward_hook(self._capture(i))
 
     def _capture(self, index: int):

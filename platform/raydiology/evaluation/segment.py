@@ -71,7 +71,7 @@ class SegmentConfig:
 
 class LinearDecoder(nn.Module):
     """XR-0's linear decoder: a 1x1 conv on the last layer's patch features [B, D, gh, gw]
-    -> logits [B, K, gh, gw], upsampled bilinearly to the image by `segment_logits`. A
+    -> logits [B, K, gh, gw], upsampled bilinearly to the image by `upsample_logits`. A
     BatchNorm first, as DINOv2's linear segmentation head (dinov2/eval/segmentation
     `BNHead`), since frozen features are not scaled for a fresh linear map."""
 
@@ -149,10 +149,28 @@ def build_decoder(cfg: SegmentConfig, dim: int, classes: int) -> nn.Module:
     return UPerDecoder(dim, classes, cfg.uper_channels)
 
 
-def segment_logits(encoder: FrozenDenseEncoder, decoder: nn.Module, x: Tensor) -> Tensor:
-    """Normalised images [B, C, R, R] -> logits [B, K, R, R] (decoder output upsampled)."""
-    logits = decoder(encoder(x))
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+def upsample_logits(logits: Tensor, size: int) -> Tensor:
+    """Decoder logits [B, K, h, w] -> [B, K, size, size] (bilinear: XR-0's upsampling)."""
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class FeatureBank:
+    """A split's frozen features, computed once: without augmentation every step would feed
+    the decoder the very same features again, so the encoder runs once per image, not once
+    per step (the frozen encoder is most of a step's cost)."""
+
+    def __init__(
+        self, encoder: FrozenDenseEncoder, split: DenseSplit, device: str | torch.device
+    ) -> None:
+        parts = [encoder(_model_input(split.images[rows], encoder, device))
+                 for rows in _batches(split, 32)]  # fmt: skip
+        self.last = torch.cat([p["last"] for p in parts]) if parts else None
+        self.layers = [torch.cat([p["layers"][i] for p in parts]) for i in
+                       range(len(encoder.layer_ids))] if parts else []  # fmt: skip
+
+    def __getitem__(self, rows: Tensor | slice) -> dict[str, Any]:
+        assert self.last is not None
+        return {"last": self.last[rows], "layers": [x[rows] for x in self.layers]}
 
 
 # -- loss and metric ----------------------------------------------------------------------
@@ -240,14 +258,18 @@ def predict(
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    bank: FeatureBank | None = None,
 ) -> Tensor:
-    """Binary predictions [N, K, R, R] (sigmoid >= 0.5)."""
+    """Binary predictions [N, K, R, R] (sigmoid >= 0.5); `bank`: the split's features."""
     decoder.eval()
-    out = [
-        segment_logits(encoder, decoder, _model_input(split.images[rows], encoder, device)).cpu()
-        >= 0
-        for rows in _batches(split, batch_size)
-    ]
+    size = split.images.shape[-1]
+    out = []
+    for rows in _batches(split, batch_size):
+        if bank is not None:
+            feats = bank[rows]
+        else:
+            feats = encoder(_model_input(split.images[rows], encoder, device))
+        out.append(upsample_logits(decoder(feats), size).cpu() >= 0)
     return torch.cat(out) if out else torch.zeros(split.masks.shape, dtype=torch.bool)
 
 
@@ -257,9 +279,11 @@ def evaluate_dice(
     split: DenseSplit,
     *,
     device: str | torch.device = "cpu",
+    bank: FeatureBank | None = None,
 ) -> np.ndarray:
     """Mean Dice per class [K] over images with a non-empty, annotated truth (NaN: none)."""
-    scores = dice_scores(predict(encoder, decoder, split, device=device), split.masks)
+    pred = predict(encoder, decoder, split, device=device, bank=bank)
+    scores = dice_scores(pred, split.masks)
     scores = torch.where(split.known, scores, torch.nan).numpy()
     with np.errstate(all="ignore"):
         return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in scores.T])
@@ -290,7 +314,11 @@ def train_decoder(
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
     )
-    augment = JointAugment(train.images.shape[-1]) if cfg.augment else None
+    size = train.images.shape[-1]
+    augment = JointAugment(size) if cfg.augment else None
+    banks = None
+    if augment is None:
+        banks = {k: FeatureBank(encoder, splits[k], device) for k in ("train", "val")}
     scale = 255.0 if train.images.dtype == torch.uint8 else 65535.0
     best, best_state, since, history = -math.inf, copy.deepcopy(decoder.state_dict()), 0, []
     step = 0
@@ -302,14 +330,20 @@ def train_decoder(
             pairs = [augment(i.float() / scale, m, gen) for i, m in zip(images, masks, strict=True)]
             images = _quantise(torch.stack([p[0] for p in pairs]), train.images.dtype)
             masks = torch.stack([p[1] for p in pairs])
-        logits = segment_logits(encoder, decoder, _model_input(images, encoder, device))
+            feats = encoder(_model_input(images, encoder, device))
+        else:
+            assert banks is not None
+            feats = banks["train"][rows]
+        logits = upsample_logits(decoder(feats), size)
         loss = dice_loss(logits, masks.to(device), train.known[rows].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % cfg.eval_every and step != cfg.max_steps:
             continue
-        per_class = evaluate_dice(encoder, decoder, val if len(val) else train, device=device)
+        which = "val" if len(val) else "train"
+        bank = banks[which] if banks is not None else None
+        per_class = evaluate_dice(encoder, decoder, splits[which], device=device, bank=bank)
         score = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
         history.append({"step": step, "loss": loss.item(), "val_dice": score,
                         "lr": opt.param_groups[0]["lr"]})  # fmt: skip
