@@ -49,9 +49,10 @@ class FrozenDenseEncoder(nn.Module):
         if not isinstance(stack, nn.ModuleList):
             raise ValueError(f"{type(encoder).__name__} has no block stack to read layers from")
         self.layer_ids = intermediate_layers(len(stack))
-        self.grid: tuple[int, int] = tuple(encoder.grid_size)  # type: ignore[assignment]
+        gh, gw = getattr(encoder, "grid_size")  # noqa: B009  # the encoder protocol's, untyped
+        self.grid = (int(gh), int(gw))
         self.prefix = int(getattr(encoder, "num_prefix_tokens", 1))
-        self.embed_dim = int(encoder.embed_dim)
+        self.embed_dim = int(getattr(encoder, "embed_dim"))  # noqa: B009
         self._captured: dict[int, Tensor] = {}
         for i in sorted(set(self.layer_ids)):
             stack[i].register_forward_hook(self._capture(i))

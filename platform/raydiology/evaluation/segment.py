@@ -283,8 +283,7 @@ def evaluate_dice(
 ) -> np.ndarray:
     """Mean Dice per class [K] over images with a non-empty, annotated truth (NaN: none)."""
     pred = predict(encoder, decoder, split, device=device, bank=bank)
-    scores = dice_scores(pred, split.masks)
-    scores = torch.where(split.known, scores, torch.nan).numpy()
+    scores = torch.where(split.known, dice_scores(pred, split.masks), torch.nan).numpy()
     with np.errstate(all="ignore"):
         return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in scores.T])
 
