@@ -1,5 +1,11 @@
 """Frozen-encoder segmentation: dense features of any export, the decoders, Dice, the joint
-augmentation and `raydiology evaluate segment` end to end on phantom masks."""
+augmentation and `raydiology evaluate segment` end to end on phantom masks.
+
+No test claims that a trained smoke export beats random initialisation: measured on 160
+phantoms at 128 px (linear decoder, 400 steps, lr 1e-3, no augmentation), HD-MAE after 24
+and 300 smoke steps scored mean Dice 0.446 and 0.364 against 0.467 for a random encoder,
+and DINOv2 after 24 steps 0.236 against 0.235; random ViT features already outline the
+phantoms' lungs and heart, so such a test would fail or assert nothing."""
 
 from __future__ import annotations
 
