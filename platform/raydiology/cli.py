@@ -302,12 +302,22 @@ def corpus_phantom(
     masks: Annotated[
         bool, typer.Option(help="also write mask_lungs/heart/clavicles/lesion (PA films)")
     ] = False,
+    boxes: Annotated[
+        bool, typer.Option(help="also write the lesion's box + report phrase (PA films)")
+    ] = False,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
 
     manifest = write_phantom_corpus(
-        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views, masks=masks
+        out,
+        n=n,
+        size=size,
+        seed=seed,
+        finding_prob=finding_prob,
+        views=views,
+        masks=masks,
+        boxes=boxes,
     )
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
