@@ -462,7 +462,8 @@ def bench_dedup(
 
 # --- evaluate ---
 evaluate_app = typer.Typer(
-    help="Frozen-encoder yardstick: probes, retrieval and segmentation (JSON + markdown).",
+    help="Frozen-encoder yardstick: probes, retrieval, segmentation and detection (JSON + "
+    "markdown).",
     no_args_is_help=True,
 )
 app.add_typer(evaluate_app, name="evaluate")
@@ -685,6 +686,69 @@ def evaluate_segment(
         picture = out / "segment.png"
         attribution = manifest.made_by.get("attribution")
         save_overlays(rows, splits["test"], classes, picture, device=device, caption=attribution)
+        err.print(f"picture: {picture}")
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("detect")
+def evaluate_detect(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    boxes: Annotated[str, typer.Option(help="the box-list column")] = "boxes",
+    out: EvalOut = Path("runs/evaluate"),
+    max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
+    eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (DETR: 1e-4)")] = 1e-4,
+    seed: int = 0,
+    device: EvalDevice = "auto",
+) -> None:
+    """Frozen-encoder localisation: a DETR-style decoder per encoder, test mAP@50 and mean
+    IoU (JSON, markdown table and detect.png with true and predicted boxes)."""
+    import torch
+
+    from raydiology.data.corpus import CorpusError, read_manifest
+    from raydiology.evaluation.dense import load_dense_encoder
+    from raydiology.evaluation.detect import (
+        DetectConfig,
+        box_splits,
+        detect_encoder,
+        save_box_picture,
+    )
+    from raydiology.evaluation.features import parse_encoder_arg
+    from raydiology.evaluation.tables import write_results
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = DetectConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed)
+        cfg.validate("detect")
+        manifest = read_manifest(corpus)
+    except (CorpusError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    results, rows, splits, resolutions = [], [], None, set()
+    for arg in encoders:
+        name, path = parse_encoder_arg(arg)
+        try:
+            encoder = load_dense_encoder(path, device=device)
+            res = encoder.data.resolution
+            if splits is None or splits[0]["train"].images.shape[-1] != res:
+                splits = box_splits(corpus, res, boxes)
+            err.print(f"detect: {name} on {', '.join(splits[1])}")
+            result, _, preds = detect_encoder(encoder, *splits, cfg, name=name, device=device)
+        except (CorpusError, FileNotFoundError, ValueError) as e:
+            err.print(f"[red]{name}: {e}[/]")
+            raise typer.Exit(2) from None
+        results.append(result)
+        rows.append((name, preds))
+        resolutions.add(res)
+    json_path, md_path, table = write_results(results, out, "detect", corpus=str(corpus))
+    assert splits is not None
+    if len(resolutions) == 1:
+        picture = out / "detect.png"
+        attribution = manifest.made_by.get("attribution")
+        save_box_picture(rows, splits[0]["test"], splits[1], picture, caption=attribution)
         err.print(f"picture: {picture}")
     print(table)
     err.print(f"results: {json_path}, {md_path}")
