@@ -93,12 +93,12 @@ class BoxSplit:
         return len(self.image_ids)
 
 
-def box_splits(
+def read_box_rows(
     corpus_dir: str | os.PathLike, resolution: int, column: str = "boxes"
-) -> tuple[dict[str, BoxSplit], list[str]]:
+) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
     """The corpus's rows with a box list (an empty list counts: an image with nothing to
-    find), per split (rows without `split` get `hash_split`), fitted like training batches
-    without augmentation; and the class names (sorted box labels)."""
+    find), fitted like training batches without augmentation (`preprocess_batch` with the
+    box column), their ids and split (rows without `split` get `hash_split`)."""
     from raydiology.config import DataConfig
     from raydiology.data.corpus import CorpusError, read_manifest, read_rows
     from raydiology.data.pipeline import preprocess_batch
@@ -117,6 +117,24 @@ def box_splits(
     split = np.array([s or hash_split(i) for s, i in zip(raw, ids, strict=True)], dtype=object)
     part = preprocess_batch(batch, data=DataConfig(resolution=resolution), label_columns=[],
                             out_dtype=manifest.dtype or "uint16", box_column=column)  # fmt: skip
+    return part, ids, split
+
+
+def kept_boxes(part: dict[str, np.ndarray], row: int) -> tuple[Tensor, list[str], list[str]]:
+    """One row's boxes [m, 4] still in the input (a crop can drop some), labels, phrases."""
+    m = len(part["box_label"][row])
+    keep = ~np.isnan(part["boxes"][row, :m, 0])
+    boxes = torch.from_numpy(part["boxes"][row, :m][keep]).reshape(-1, 4)
+    labels = [n for n, k in zip(part["box_label"][row], keep, strict=True) if k]
+    phrases = [n for n, k in zip(part["box_phrase"][row], keep, strict=True) if k]
+    return boxes, labels, phrases
+
+
+def box_splits(
+    corpus_dir: str | os.PathLike, resolution: int, column: str = "boxes"
+) -> tuple[dict[str, BoxSplit], list[str]]:
+    """`read_box_rows` per split, and the class names (sorted box labels)."""
+    part, ids, split = read_box_rows(corpus_dir, resolution, column)
     classes = sorted({str(label) for row in part["box_label"] for label in row})
     index = {c: k for k, c in enumerate(classes)}
     out = {}
@@ -124,9 +142,8 @@ def box_splits(
         rows = np.flatnonzero(split == name)
         boxes, labels = [], []
         for i in rows:
-            keep = ~np.isnan(part["boxes"][i, :, 0])[: len(part["box_label"][i])]
-            boxes.append(torch.from_numpy(part["boxes"][i, : len(keep)][keep]).reshape(-1, 4))
-            names = [n for n, k in zip(part["box_label"][i], keep, strict=True) if k]
+            kept, names, _ = kept_boxes(part, int(i))
+            boxes.append(kept)
             labels.append(torch.tensor([index[n] for n in names], dtype=torch.long))
         out[name] = BoxSplit(images=torch.from_numpy(part["image"][rows]), boxes=boxes,
                              labels=labels, image_ids=[ids[i] for i in rows])  # fmt: skip
@@ -237,17 +254,18 @@ def detr_loss(
 @torch.no_grad()
 def encode_split(
     encoder: FrozenDenseEncoder,
-    split: BoxSplit,
+    images: Tensor,
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> Tensor:
-    """The frozen encoder's last-layer patch maps [N, D, gh, gw] (float32, on the CPU)."""
+    """The frozen encoder's last-layer patch maps [N, D, gh, gw] (float32, on the CPU) of
+    integer images [N, 1, R, R]."""
     from raydiology.data.pipeline import to_model_input
 
     out = []
-    for start in range(0, len(split), batch_size):
-        x = to_model_input(split.images[start : start + batch_size].to(device), encoder.data,
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size].to(device), encoder.data,
                            dtype=torch.float32)  # fmt: skip
         out.append(encoder(x)["last"].float().cpu())
     gh, gw = encoder.grid
@@ -327,7 +345,7 @@ def train_detector(
     train, val = splits["train"], splits["val"]
     if not sum(len(b) for b in train.boxes):
         raise ValueError("no boxes in the train split")
-    feats = {k: encode_split(encoder, v, device=device) for k, v in splits.items()}
+    feats = {k: encode_split(encoder, v.images, device=device) for k, v in splits.items()}
     res = train.images.shape[-1]
     targets = [xyxy_to_cxcywh(b / res) for b in train.boxes]
     decoder = DetrDecoder(encoder.embed_dim, len(classes), encoder.grid, cfg).to(device)
