@@ -233,15 +233,14 @@ def preprocess_batch(
     moving = boxes if box_list is None else _join_boxes(boxes, box_list[0])
     masks = list(mask_columns or [])
     images, moved, seg = _fit_images(batch, cfg, keys, seed, epoch, moving, out_dtype, copy, masks)
-    if box_list is not None:
-        assert moved is not None
-        boxes = None if boxes is None else moved[:, 0]
-        out_boxes = moved[:, 0 if boxes is None else 1 :]
-    else:
-        boxes = moved
     out = {"image": images, "row_key": keys}
-    if box_list is not None:
-        out["boxes"] = _to_pixel_xyxy(out_boxes, cfg.resolution)
+    if box_list is None:
+        boxes = moved
+    else:  # split the moved set back into the region (box 0, if any) and the box lists
+        assert moved is not None
+        lists = moved if boxes is None else moved[:, 1:]
+        boxes = None if boxes is None else moved[:, 0]
+        out["boxes"] = _to_pixel_xyxy(lists, images.shape[-1])
         out["box_label"], out["box_phrase"], out["box_known"] = box_list[1:]
     if seg is not None:
         out["mask"], out["mask_known"] = seg
