@@ -1,6 +1,8 @@
 """Frozen-encoder detection: Hungarian matching, DETR's set loss, torchmetrics mAP@50 and
 mean IoU, and `raydiology evaluate detect` end to end on phantom lesion boxes for an HD-MAE,
-a DINOv2 and a random-initialised export."""
+a DINOv2 and a second, differently seeded HD-MAE export. All three are random-initialised
+(step-0 smoke exports): whether a trained encoder beats a random one is measured, not tested
+(see the report of issue 17; smoke-scale numbers showed no margin)."""
 
 from __future__ import annotations
 
@@ -26,19 +28,6 @@ from raydiology.evaluation.detect import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _export(experiment: str, folder: Path, seed: int, *sets: str) -> Path:
-    """A smoke-flavour export with random weights (what `raydiology run` exports at step 0)."""
-    from raydiology.config import load_experiment
-    from raydiology.registry import build_model, build_objective
-    from raydiology.train.export import export_encoder
-
-    exp = load_experiment(REPO / "experiments" / experiment, profile="smoke", overrides=list(sets))
-    torch.manual_seed(seed)
-    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
-    export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
-    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,7 +119,7 @@ def test_box_metrics_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, smoke_export) -> dict[str, Path]:
     from raydiology.data.phantom import write_phantom_corpus
 
     root = tmp_path_factory.mktemp("detect")
@@ -138,9 +127,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
                          progress=False)  # fmt: skip
     return {
         "corpus": root / "corpus",
-        "mae": _export("hd_mae_cam.yaml", root / "mae", 0, "data.resolution=64"),
-        "dino": _export("xr0_dinov2.yaml", root / "dino", 0, "data.resolution=64"),
-        "random": _export("hd_mae_random.yaml", root / "random", 1, "data.resolution=64"),
+        "mae": smoke_export("hd_mae_cam.yaml", root / "mae", 0, "data.resolution=64"),
+        "dino": smoke_export("xr0_dinov2.yaml", root / "dino", 0, "data.resolution=64"),
+        "random": smoke_export("hd_mae_cam.yaml", root / "random", 1, "data.resolution=64"),
     }
 
 

@@ -22,19 +22,6 @@ from raydiology.evaluation.ground import grounding_metrics, ms_cxr_file_list, ph
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _export(experiment: str, folder: Path, seed: int, *sets: str) -> Path:
-    """A smoke-flavour export with random weights (what `raydiology run` exports at step 0)."""
-    from raydiology.config import load_experiment
-    from raydiology.registry import build_model, build_objective
-    from raydiology.train.export import export_encoder
-
-    exp = load_experiment(REPO / "experiments" / experiment, profile="smoke", overrides=list(sets))
-    torch.manual_seed(seed)
-    objective = build_objective(exp.objective, build_model(exp.model, exp.data))
-    export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
-    return folder
-
-
 def _clip_export(folder: Path, runs: Path) -> Path:
     """An untrained tiny CLIP export (clip_smoke's text tower, a tiny HD-MAE image tower)."""
     from raydiology.config import load_experiment
@@ -106,7 +93,7 @@ def test_ms_cxr_layout_reaches_the_corpus_as_phrases(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, smoke_export) -> dict[str, Path]:
     from raydiology.data.phantom import write_phantom_corpus
 
     root = tmp_path_factory.mktemp("ground")
@@ -115,9 +102,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {
         "corpus": root / "corpus",
         "clip": _clip_export(root / "clip", root / "runs"),
-        "mae": _export("hd_mae_cam.yaml", root / "mae", 0, "data.resolution=64"),
-        "dino": _export("xr0_dinov2.yaml", root / "dino", 0, "data.resolution=64"),
-        "random": _export("hd_mae_random.yaml", root / "random", 1, "data.resolution=64"),
+        "mae": smoke_export("hd_mae_cam.yaml", root / "mae", 0, "data.resolution=64"),
+        "dino": smoke_export("xr0_dinov2.yaml", root / "dino", 0, "data.resolution=64"),
+        "random": smoke_export("hd_mae_cam.yaml", root / "random", 1, "data.resolution=64"),
     }
 
 

@@ -153,31 +153,47 @@ def box_splits(
 # -- decoder ------------------------------------------------------------------------------
 
 
+class PatchMemory(nn.Module):
+    """Patch features [B, D, gh, gw] -> decoder memory [B, gh * gw, hidden]: DETR's input
+    projection (a 1x1 conv) plus a learned position embedding of the grid."""
+
+    def __init__(self, dim: int, hidden: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, hidden, 1)
+        self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], hidden))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj(feats).flatten(2).transpose(1, 2) + self.pos
+
+
+def box_mlp(hidden: int) -> nn.Sequential:
+    """DETR's 3-layer box head: hidden -> 4 logits (sigmoid: cxcywh fractions)."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.ReLU(), nn.Linear(hidden, 4))  # fmt: skip
+
+
+def transformer_decoder(
+    layers: int, hidden: int, heads: int, ffn: int, dropout: float
+) -> nn.Module:
+    layer = nn.TransformerDecoderLayer(hidden, heads, ffn, dropout, batch_first=True)
+    return nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(hidden))
+
+
 class DetrDecoder(nn.Module):
     """Patch features [B, D, gh, gw] -> class logits [B, Q, K + 1] (last: no object) and
     boxes [B, Q, 4] (centre x, centre y, width, height as fractions of the image)."""
 
     def __init__(self, dim: int, classes: int, grid: tuple[int, int], cfg: DetectConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dim, cfg.hidden, 1)  # DETR's input_proj
-        self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.hidden))
-        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.memory = PatchMemory(dim, cfg.hidden, grid)
         self.queries = nn.Embedding(cfg.queries, cfg.hidden)
-        layer = nn.TransformerDecoderLayer(cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout,
-                                           batch_first=True)  # fmt: skip
-        self.decoder = nn.TransformerDecoder(layer, cfg.layers, norm=nn.LayerNorm(cfg.hidden))
+        self.decoder = transformer_decoder(cfg.layers, cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout)
         self.classify = nn.Linear(cfg.hidden, classes + 1)
-        # DETR's 3-layer box MLP
-        self.box = nn.Sequential(
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.ReLU(),
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.ReLU(),
-            nn.Linear(cfg.hidden, 4),
-        )
+        self.box = box_mlp(cfg.hidden)
 
     def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        memory = self.proj(feats).flatten(2).transpose(1, 2) + self.pos
+        memory = self.memory(feats)
         queries = self.queries.weight.unsqueeze(0).expand(feats.shape[0], -1, -1)
         out = self.decoder(queries, memory)
         return self.classify(out), self.box(out).sigmoid()

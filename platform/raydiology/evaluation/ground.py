@@ -38,10 +38,13 @@ from torch import Tensor, nn
 from raydiology.config_base import check
 from raydiology.evaluation.dense import FrozenDenseEncoder
 from raydiology.evaluation.detect import (
+    PatchMemory,
+    box_mlp,
     cxcywh_to_xyxy,
     encode_split,
     kept_boxes,
     read_box_rows,
+    transformer_decoder,
     xyxy_to_cxcywh,
 )
 
@@ -142,24 +145,13 @@ class GroundingHead(nn.Module):
 
     def __init__(self, dim: int, text_dim: int, grid: tuple[int, int], cfg: GroundConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dim, cfg.hidden, 1)
-        self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.hidden))
-        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.memory = PatchMemory(dim, cfg.hidden, grid)
         self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cfg.hidden))
-        layer = nn.TransformerDecoderLayer(cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout,
-                                           batch_first=True)  # fmt: skip
-        self.decoder = nn.TransformerDecoder(layer, cfg.layers, norm=nn.LayerNorm(cfg.hidden))
-        self.box = nn.Sequential(
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.ReLU(),
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.ReLU(),
-            nn.Linear(cfg.hidden, 4),
-        )
+        self.decoder = transformer_decoder(cfg.layers, cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout)
+        self.box = box_mlp(cfg.hidden)
 
     def forward(self, feats: Tensor, text: Tensor) -> Tensor:
-        memory = self.proj(feats).flatten(2).transpose(1, 2) + self.pos
-        out = self.decoder(self.text(text).unsqueeze(1), memory)
+        out = self.decoder(self.text(text).unsqueeze(1), self.memory(feats))
         return self.box(out[:, 0]).sigmoid()
 
 
