@@ -75,6 +75,7 @@ class GroundConfig:
             value = getattr(self, name)
             check(value >= 1, f"{key}.{name}", value, "at least 1")
         check(self.hidden % self.heads == 0, f"{key}.hidden", self.hidden, "a multiple of heads")
+        check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "0 <= dropout < 1")
         check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
 
 
