@@ -441,7 +441,7 @@ def bench_dedup(
 
 # --- evaluate ---
 evaluate_app = typer.Typer(
-    help="Frozen-encoder yardstick: probes and retrieval (JSON + markdown table).",
+    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias (JSON + markdown table).",
     no_args_is_help=True,
 )
 app.add_typer(evaluate_app, name="evaluate")
@@ -559,6 +559,64 @@ def evaluate_probe(
     json_path, md_path, table = write_results(results, out, "probe", corpus=str(corpus))
     print(table)
     err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("bias")
+def evaluate_bias(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    label: EvalLabels,
+    by: Annotated[str, typer.Option("--by", help="subgroup column: sex or age_group")] = "sex",
+    pool: EvalPool = "cls",
+    out: EvalOut = Path("runs/evaluate"),
+    cache: EvalCache = None,
+    seeds: Annotated[int, typer.Option(help="probe seeds per group trained on")] = 5,
+    bootstrap: Annotated[
+        int, typer.Option(help="resamples of each subgroup's test rows per probe (0: none)")
+    ] = 0,
+    protocol: Annotated[
+        str, typer.Option(help="xr0 (XR-0's probe training) or raydiology-v1 (faster, older)")
+    ] = "xr0",
+    max_epochs: Annotated[
+        int | None, typer.Option(help="epoch cap; default the protocol's (xr0 500, v1 200)")
+    ] = None,
+    task: Annotated[str, typer.Option(help="auto, multilabel (BCE) or multiclass (CE)")] = "auto",
+    device: EvalDevice = "auto",
+    batch_size: EvalBatch = 64,
+) -> None:
+    """Subgroup bias: probes trained on each subgroup and on all, tested on each subgroup,
+    Mann-Whitney U between the AUROC distributions (JSON, markdown and bias.png)."""
+    from raydiology.evaluation.bias import bias_features, save_bias_figure
+    from raydiology.evaluation.features import GROUP_COLUMNS
+    from raydiology.evaluation.probe import ProbeConfig
+    from raydiology.evaluation.tables import write_results
+
+    try:
+        if by not in GROUP_COLUMNS:
+            raise ValueError(f"--by {by!r}: expected one of {', '.join(GROUP_COLUMNS)}")
+        if bootstrap < 0:
+            raise ValueError(f"--bootstrap {bootstrap}: expected 0 or more")
+        caps = {} if max_epochs is None else {"max_epochs": max_epochs}
+        cfg = ProbeConfig.of(protocol, fractions=(1.0,), seeds=seeds, task=task, **caps)
+        cfg.validate("probe")
+    except ValueError as e:  # ConfigError is a ValueError
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    sets, columns = _eval_features(
+        encoders, corpus, label, pool, cache or out / "features", device, batch_size
+    )
+    results = []
+    for fs in sets:
+        err.print(f"bias: {fs.encoder} on {len(columns)} label(s) by {by}")
+        try:
+            results.append(bias_features(fs, columns, by, cfg, bootstrap=bootstrap, progress=True))
+        except ValueError as e:
+            err.print(f"[red]{fs.encoder}: {e}[/]")
+            raise typer.Exit(2) from None
+    json_path, md_path, table = write_results(results, out, "bias", corpus=str(corpus))
+    figure = save_bias_figure(results, out / "bias.png")
+    print(table)
+    err.print(f"results: {json_path}, {md_path}, {figure}")
 
 
 @evaluate_app.command("retrieval")
