@@ -86,13 +86,18 @@ def test_features_match_the_encoder_and_are_cached(world, tmp_path) -> None:
     assert first.features.shape == (200, 64) and first.features.dtype == np.float32
 
     rows = read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype", "split",
-                                      "label_cardiomegaly"])  # fmt: skip
+                                      "label_cardiomegaly", "sex", "age_group"])  # fmt: skip
     assert list(first.image_ids) == rows.column("image_id").to_pylist()
     assert list(first.split) == rows.column("split").to_pylist()
     assert set(first.split) == {"train", "val", "test"}
     assert np.array_equal(
         first.select(["label_cardiomegaly"])[:, 0], rows.column("label_cardiomegaly").to_numpy()
     )
+    # The subgroup columns travel with the features (for `evaluate bias`).
+    assert set(first.groups) == {"sex", "age_group"}
+    for column in ("sex", "age_group"):
+        assert list(first.groups[column]) == rows.column(column).to_pylist()
+    assert set(first.groups["sex"]) == {"F", "M"}
 
     # By hand: 8-bit pixels at the encoder's size -> (x/255 - 0.5)/0.5 -> CLS token.
     batch = {k: rows.column(k).to_numpy(zero_copy_only=False)[:4] for k in rows.column_names}
@@ -107,6 +112,7 @@ def test_features_match_the_encoder_and_are_cached(world, tmp_path) -> None:
     stamp = npy.stat().st_mtime_ns
     again = load_features(world["gray"], corpus, pooling="cls", cache_dir=cache, progress=False)
     assert again.cached and np.array_equal(again.features, first.features)
+    assert list(again.groups["age_group"]) == list(first.groups["age_group"])
     assert npy.stat().st_mtime_ns == stamp
     renamed = load_features(
         world["gray"], corpus, pooling="cls", cache_dir=cache, name="other", progress=False
@@ -512,3 +518,14 @@ def test_bias_cli_writes_json_table_and_figure(world) -> None:
     bad = CliRunner().invoke(app, ["evaluate", "bias", str(world["gray"]), "--corpus", corpus,
                                    "--label", "label_*", "--by", "race"])  # fmt: skip
     assert bad.exit_code == 2 and "--by" in bad.output
+
+
+def test_bias_leaves_out_subgroups_without_rows_in_a_split() -> None:
+    features, labels, split, groups = _synthetic_groups()
+    groups[10:12] = "O"  # two train rows only
+    cfg = ProbeConfig(seeds=1, max_epochs=1)
+    out = run_bias(features, labels, split, groups, label_columns=["label_a"], by="sex", cfg=cfg)
+    assert out["subgroups"] == ["F", "M"] and "sex=O left out: no val, test rows" in out["notes"]
+    with pytest.raises(ValueError, match="no sex subgroup"):
+        run_bias(features, labels, split, np.full(len(groups), None), label_columns=["label_a"],
+                 by="sex", cfg=cfg)  # fmt: skip
