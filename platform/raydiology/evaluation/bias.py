@@ -134,6 +134,8 @@ def run_bias(
 
     notes: list[str] = []
     values = sorted({str(g) for g in groups if g is not None})
+    if ALL in values:  # it names the probe trained on every row in the results
+        raise ValueError(f"{by} has a subgroup named {ALL!r}, the name of the all-rows probe")
     subgroups = []
     for g in values:
         missing = [p for p in ("train", "val", "test") if len(rows(g, p)) == 0]
