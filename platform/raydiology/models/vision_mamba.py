@@ -175,7 +175,8 @@ VISION_MAMBA_ARG_FLAVORS: dict[str, VisionMambaARGArgs] = {
     "tiny": VisionMambaARGArgs(
         embed_dim=64, depth=4, feature_layers=(1, 2, 3, 4), decoder_dim=64, decoder_heads=4
     ),
-    # The papers' Base and Large (decoder 512 dims, 8 heads).
+    # The papers' Base and Large: ARM models_pretrain.py arm_base_pz16 / arm_large_pz16
+    # (dec_embed_dim 512, heads 512 // 64 = 8; `self.skip` gives the feature layers).
     "base": VisionMambaARGArgs(embed_dim=768, depth=12, feature_layers=(6, 8, 10, 12)),
     "large": VisionMambaARGArgs(embed_dim=1024, depth=24, feature_layers=(12, 16, 20, 24)),
 }
