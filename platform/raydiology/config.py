@@ -532,7 +532,7 @@ def resolve_raw(
     path = Path(path)
     raw = _read_yaml_with_base(path)
     if profile:
-        raw = deep_merge(raw, _read_yaml(find_profile(path, profile)))
+        raw = deep_merge(raw, read_profile(path, profile))
     for item in overrides:
         raw = apply_override(raw, item)
     return raw
@@ -549,6 +549,11 @@ def find_profile(experiment_path: Path, profile: str) -> Path:
     raise ConfigError(
         "--profile", profile, f"a file {PROFILES_DIR}/{profile}.yaml beside the experiments"
     )
+
+
+def read_profile(experiment_path: Path, profile: str) -> dict[str, Any]:
+    """A profile's keys; like an experiment, it may start from another (`base: smoke.yaml`)."""
+    return _read_yaml_with_base(find_profile(experiment_path, profile))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
@@ -601,7 +606,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """An experiment may start from another (`base: other.yaml`) and change a few keys."""
+    """An experiment (or a profile) may start from another (`base: other.yaml`) and change a
+    few keys."""
     raw = _read_yaml(path)
     base = raw.pop("base", None)
     if base is None:

@@ -35,6 +35,7 @@ from raydiology.train.schedules import weight_decay_at
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "export"
 PICTURE = "reconstruction.png"
+PICTURE_ARRAYS = Path(PICTURE).with_suffix(".npz").name  # its arrays, saved beside it
 CONSUMED = "consumed"  # per-rank row keys seen in the checkpoint's epoch
 
 # Ray Train routes worker logging to the driver console and its log files; a bare print
@@ -437,7 +438,7 @@ def _checkpoint(
         )
         if picture_batch is not None:
             # Every rank runs the forward (ZeRO-3 needs all ranks); rank 0 writes.
-            picture = save_reconstruction(
+            errors = save_reconstruction(
                 engine.module,
                 picture_batch,
                 exp.data,
@@ -447,7 +448,7 @@ def _checkpoint(
                 caption=loop_config.get("attribution"),
             )
             if rank == 0:
-                metrics = {**metrics, "picture": PICTURE if picture else None}
+                metrics = {**metrics, "picture": PICTURE if errors else None, **(errors or {})}
         if export:
             # Under ZeRO-3 every rank holds a slice of each weight: gather them (all ranks
             # take part) before rank 0 writes; for stages 0-2 this is a no-op.
