@@ -5,7 +5,10 @@ both) across views of one radiograph:
 
 - multi-crop, made on the accelerator from the batch's images: 2 global crops (XR-0: 518 px
   from 50-100% of the image) and `local_crops` local crops (196 px from 20-50%), flipped at
-  random. Global and local crops go through the backbone as two batched forwards.
+  random, then (`augment`) rotated, auto-contrasted, equalised and blurred per crop. The
+  images can be larger than the model's input (`data.crop_source_size`), so a global crop is
+  cut from the stored pixels instead of being upsampled from the 518-px input. Global and
+  local crops go through the backbone as two batched forwards.
 - DINO: cross-entropy between the teacher's centred, sharpened CLS distribution on one global
   crop and the student's on every other crop.
 - iBOT: block-wise masks on half the global crops (ratios spread over [0.1, 0.5]); the student
@@ -27,7 +30,7 @@ import contextlib
 import copy
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydiology.config_base import check
+from raydiology.data.views import ViewAugment, augment_views
 from raydiology.models.dinov2 import DINOv2Model
 from raydiology.registry import OBJECTIVES
 from raydiology.train import collectives
@@ -60,6 +64,13 @@ class DINOv2ObjectiveConfig:
     local_crop_scale: tuple[float, float] = (0.2, 0.5)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range, as RandomResizedCrop
     hflip_prob: float = 0.5
+    # Per-crop rotation / intensity / blur (raydiology.data.views); all off by default.
+    augment: ViewAugment = field(default_factory=ViewAugment)
+    # How the batch's images are normalised (copy data.mean / data.std; checked against them).
+    # When set, crops are cut and augmented as [0, 1] intensities of the first channel and
+    # normalised afterwards; `augment` needs them. Null = crops cut from the images as they come.
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
     # EMA teacher: momentum cosine from `momentum_teacher` to `momentum_teacher_end`
     momentum_teacher: float = 0.992
     momentum_teacher_end: float = 1.0
@@ -111,6 +122,23 @@ class DINOv2ObjectiveConfig:
         )
         for name in ("dino_weight", "ibot_weight", "koleo_weight"):
             check(getattr(self, name) >= 0, f"{k}{name}", getattr(self, name), ">= 0")
+        self.augment.validate(f"{k}augment")
+        a = self.augment
+        augments = a.rotation_prob > 0 or a.changes_intensity or any(p > 0 for p in a.blur_prob)
+        check(
+            not augments or (self.input_mean is not None and self.input_std is not None),
+            f"{k}input_mean",
+            self.input_mean,
+            "data.mean (and input_std data.std) when `augment` is on: it works on intensities",
+        )
+        if self.input_mean is not None or self.input_std is not None:
+            mean, std = self.input_mean or (), self.input_std or ()
+            check(
+                len(mean) == len(std) >= 1 and all(v > 0 for v in std),
+                f"{k}input_std",
+                list(std),
+                "one positive value per input_mean value",
+            )
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -370,6 +398,10 @@ class EMATeacher(nn.Module):
 class DINOv2Objective(nn.Module):
     """batch {"image": [B, C, R, R]} -> {"loss", "dino", "ibot", "koleo", "teacher_temp", ...}."""
 
+    # The loop hands this objective fp32 images: crops and intensity changes keep a 16-bit
+    # source's precision; the crops are cast to the student's dtype after.
+    input_dtype = torch.float32
+
     progress: Tensor  # [2] int64: optimizer steps taken, max_steps (saved with checkpoints)
     dino_center: Tensor  # [1, K]
     ibot_center: Tensor  # [1, K]
@@ -415,20 +447,47 @@ class DINOv2Objective(nn.Module):
     def make_crops(
         self, images: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor | None]:
-        """images [B, C, R, R] -> (global [G·B, C, Sg, Sg], local [L·B, C, Sl, Sl] or None)."""
-        cfg = self.cfg
+        """images [B, C, R, R] -> (global [G·B, C, Sg, Sg], local [L·B, C, Sl, Sl] or None).
 
-        def crops(n: int, size: int, scale: tuple[float, float]) -> Tensor:
-            return multi_crop(
-                images, n, out_size=size, scale=scale, ratio=cfg.crop_ratio,
+        R is the crop source's side (data.crop_source_size, else the model's input): crops
+        are resized from it, never upsampled from a smaller copy when R is large enough.
+        """
+        cfg = self.cfg
+        b, channels = images.shape[:2]
+        unit = cfg.input_mean is not None
+        source = self.to_unit(images) if unit else images  # [B, 1, R, R] in [0, 1]
+
+        def crops(blur_prob: list[float], size: int, scale: tuple[float, float]) -> Tensor:
+            views = multi_crop(
+                source, len(blur_prob), out_size=size, scale=scale, ratio=cfg.crop_ratio,
                 hflip_prob=cfg.hflip_prob, generator=generator,
             )  # fmt: skip
+            if not unit:
+                return views
+            per_view = torch.tensor(blur_prob, device=views.device).repeat_interleave(b)
+            views = augment_views(views, cfg.augment, blur_prob=per_view, generator=generator)
+            return self.from_unit(views, channels)
 
-        global_crops = crops(GLOBAL_CROPS, self.global_size, cfg.global_crop_scale)
+        first, second, local = cfg.augment.blur_prob
+        global_crops = crops([first, second], self.global_size, cfg.global_crop_scale)
         local_crops = None
         if cfg.local_crops:
-            local_crops = crops(cfg.local_crops, self.local_size, cfg.local_crop_scale)
+            local_crops = crops([local] * cfg.local_crops, self.local_size, cfg.local_crop_scale)
         return global_crops, local_crops
+
+    def to_unit(self, images: Tensor) -> Tensor:
+        """Normalised [B, C, R, R] (grayscale repeated) -> [B, 1, R, R] fp32 intensities."""
+        assert self.cfg.input_mean is not None and self.cfg.input_std is not None
+        mean, std = self.cfg.input_mean[0], self.cfg.input_std[0]
+        return images[:, :1].float() * std + mean
+
+    def from_unit(self, views: Tensor, channels: int) -> Tensor:
+        """[n, 1, S, S] intensities -> [n, channels, S, S] normalised as the batch was."""
+        assert self.cfg.input_mean is not None and self.cfg.input_std is not None
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.cfg.input_mean, device=views.device).view(shape)
+        std = torch.tensor(self.cfg.input_std, device=views.device).view(shape)
+        return (views.expand(-1, channels, -1, -1) - mean) / std
 
     def make_masks(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """[n, N] bool iBOT masks for n global crops, drawn on the CPU from the step's seed."""

@@ -84,6 +84,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise TypeError(f"objective {exp.objective.name!r} cannot validate: set eval_every 0")
         val_shard = ray.train.get_dataset_shard(validation.VAL_DATASET)
     param_dtype = next(engine.module.parameters()).dtype
+    # An objective that cuts its own views (DINOv2) takes its images in fp32: bf16 would
+    # round a 16-bit source to 8 significant bits before its crops and intensity changes.
+    input_dtype = getattr(engine.module, "input_dtype", None) or param_dtype
     generator = torch.Generator(device=device)
     picture_batch: torch.Tensor | None = None
     window = _Window()
@@ -100,7 +103,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()
             }
-            batch["image"] = to_model_input(batch["image"], exp.data, dtype=param_dtype)
+            batch["image"] = to_model_input(batch["image"], exp.data, dtype=input_dtype)
             if picture_batch is None:
                 picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
 
