@@ -186,6 +186,13 @@ def ingest(
     clean_reports: Annotated[
         str | None, typer.Option(help="R2Gen cleaning: iu | mimic | r2gengpt-mimic")
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="segmentation masks: a folder of per-class folders of mask images named like "
+            "the images (e.g. MASKS/heart/JPCLN001.png -> column mask_heart)"
+        ),
+    ] = None,
     salt_env: Annotated[
         str,
         typer.Option(help="environment variable holding the id salt (kept out of shell history)"),
@@ -240,6 +247,7 @@ def ingest(
             attribution=attribution,
             near_duplicate_distance=None if near_dup_distance < 0 else near_dup_distance,
             reports=joined,
+            masks=masks,
             write_source_map=source_map,
             chunk_rows=chunk_rows,
             shard_rows=shard_rows,
@@ -291,12 +299,15 @@ def corpus_phantom(
     seed: int = 0,
     finding_prob: Annotated[float, typer.Option(help="probability of each finding")] = 0.3,
     views: Annotated[int, typer.Option(help="films per study: 1 (PA) or 2 (PA + lateral)")] = 1,
+    masks: Annotated[
+        bool, typer.Option(help="also write mask_lungs/heart/clavicles/lesion (PA films)")
+    ] = False,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
 
     manifest = write_phantom_corpus(
-        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views
+        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views, masks=masks
     )
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
@@ -441,7 +452,7 @@ def bench_dedup(
 
 # --- evaluate ---
 evaluate_app = typer.Typer(
-    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias (JSON + markdown table).",
+    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias, segmentation (JSON + markdown).",
     no_args_is_help=True,
 )
 app.add_typer(evaluate_app, name="evaluate")
@@ -667,6 +678,77 @@ def evaluate_retrieval(
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
     json_path, md_path, table = write_results(results, out, "retrieval", corpus=str(corpus))
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("segment")
+def evaluate_segment(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    masks: Annotated[
+        list[str] | None,
+        typer.Option("--masks", help="mask column or glob (repeatable); default all mask_*"),
+    ] = None,
+    decoder: Annotated[str, typer.Option(help="linear (1x1 conv) or uper (UPerNet)")] = "linear",
+    out: EvalOut = Path("runs/evaluate"),
+    max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
+    eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam lr (XR-0: 1e-4)")] = 1e-4,
+    augment: Annotated[
+        bool, typer.Option(help="XR-0's joint image+mask augmentations (off: features cached)")
+    ] = True,
+    seed: int = 0,
+    device: EvalDevice = "auto",
+) -> None:
+    """Frozen-encoder segmentation: a decoder per encoder, test Dice per class (JSON,
+    markdown table and segment.png with image / truth / predictions)."""
+    import torch
+
+    from raydiology.data.corpus import CorpusError, read_manifest
+    from raydiology.evaluation.dense import dense_splits, load_dense_encoder
+    from raydiology.evaluation.features import parse_encoder_arg, resolve_labels
+    from raydiology.evaluation.segment import SegmentConfig, save_overlays, segment_encoder
+    from raydiology.evaluation.tables import write_results
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = SegmentConfig(decoder=decoder, max_steps=max_steps, eval_every=eval_every,  # type: ignore[arg-type]
+                            lr=lr, augment=augment, seed=seed)  # fmt: skip
+        cfg.validate("segment")
+        manifest = read_manifest(corpus)
+        columns = resolve_labels(masks or ["mask_*"], manifest.mask_columns)
+    except (CorpusError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    classes = [c.removeprefix("mask_") for c in columns]
+    results, rows, splits = [], [], None
+    for arg in encoders:
+        name, path = parse_encoder_arg(arg)
+        try:
+            encoder = load_dense_encoder(path, device=device)
+        except (FileNotFoundError, ValueError) as e:
+            err.print(f"[red]{e}[/]")
+            raise typer.Exit(2) from None
+        res = encoder.data.resolution
+        if splits is None or splits["train"].images.shape[-1] != res:
+            splits = dense_splits(corpus, columns, res)
+        err.print(f"segment: {name} ({cfg.decoder}) on {', '.join(classes)}")
+        try:
+            result, head = segment_encoder(encoder, splits, classes, cfg, name=name, device=device)
+        except ValueError as e:
+            err.print(f"[red]{name}: {e}[/]")
+            raise typer.Exit(2) from None
+        results.append(result)
+        rows.append((name, encoder, head))
+    json_path, md_path, table = write_results(results, out, "segment", corpus=str(corpus))
+    assert splits is not None
+    if len({enc.data.resolution for _, enc, _ in rows}) == 1:
+        picture = out / "segment.png"
+        attribution = manifest.made_by.get("attribution")
+        save_overlays(rows, splits["test"], classes, picture, device=device, caption=attribution)
+        err.print(f"picture: {picture}")
     print(table)
     err.print(f"results: {json_path}, {md_path}")
 

@@ -43,6 +43,10 @@ LABEL_PREFIX = "label_"
 # Optional per-image boxes (top, left, bottom, right), normalised to the stored image, e.g.
 # `region_chest` for context-aware masking; null where unknown.
 REGION_PREFIX = "region_"
+# Optional per-image segmentation masks, one column per class (`mask_lungs`, ...): raw uint8
+# 0/1 bytes of the stored image's height x width (like `pixels`, no decode per epoch); null
+# where the class was not annotated for that image.
+MASK_PREFIX = "mask_"
 
 _BASE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -82,6 +86,11 @@ class Manifest:
     label_columns: tuple[str, ...]
     made_by: dict
 
+    @property
+    def mask_columns(self) -> tuple[str, ...]:
+        """The `mask_*` columns, in schema order (derived: the manifest JSON is unchanged)."""
+        return tuple(c for c in self.columns if c.startswith(MASK_PREFIX))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -103,13 +112,17 @@ def _version() -> str:
 
 
 def corpus_schema(
-    label_columns: Iterable[str] = (), region_columns: Iterable[str] = ()
+    label_columns: Iterable[str] = (),
+    region_columns: Iterable[str] = (),
+    mask_columns: Iterable[str] = (),
 ) -> pa.Schema:
-    """The shard schema: base columns, then `label_*` (int8 0/1), then `region_*` boxes."""
+    """The shard schema: base columns, then `label_*` (int8 0/1), `region_*` boxes, then
+    `mask_*` (binary, like pixels)."""
     return pa.schema(
         _BASE_FIELDS
         + [pa.field(name, pa.int8()) for name in label_columns]
         + [pa.field(name, pa.list_(pa.float32(), 4)) for name in region_columns]
+        + [pa.field(name, pa.binary()) for name in mask_columns]
     )
 
 
@@ -255,8 +268,12 @@ def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         },
         use_dictionary=[n for n in METADATA_COLUMNS if n not in _PLAIN_COLUMNS] + ["dtype"],
         # min/max of megabyte-sized blobs would only bloat the footer
-        write_statistics=[f.name for f in schema if f.name != "pixels"],
+        write_statistics=[f.name for f in schema if f.name != "pixels" and not _is_mask(f.name)],
     )
+
+
+def _is_mask(name: str) -> bool:
+    return name.startswith(MASK_PREFIX)
 
 
 def _publish_shard(out_dir: Path, tmp: Path, final: Path, rows: int) -> ShardInfo:
@@ -305,6 +322,7 @@ class CorpusWriter:
         self._schema: pa.Schema | None = None
         self._label_columns: tuple[str, ...] = ()
         self._region_columns: tuple[str, ...] = ()
+        self._mask_columns: tuple[str, ...] = ()
         self._buffer: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_written = 0  # rows in the open shard
@@ -325,7 +343,8 @@ class CorpusWriter:
             self._abort()
 
     def add(self, row: dict) -> None:
-        """Queue one image; `pixels` is a 2-D uint8/uint16 array, `label_*` are 0/1."""
+        """Queue one image; `pixels` is a 2-D uint8/uint16 array, `label_*` are 0/1, `mask_*`
+        are 2-D arrays of the pixels' shape (nonzero = inside) or None."""
         if self._closed:
             raise CorpusError(f"{self.out_dir}: writer is closed")
         image_id = row.get("image_id")
@@ -348,18 +367,21 @@ class CorpusWriter:
 
         labels = tuple(k for k in row if k.startswith(LABEL_PREFIX))
         regions = tuple(k for k in row if k.startswith(REGION_PREFIX))
+        masks = tuple(k for k in row if _is_mask(k))
         unknown = set(row) - {"image_id", "pixels", "height", "width", "dtype"}
-        unknown -= set(METADATA_COLUMNS) | set(labels) | set(regions)
+        unknown -= set(METADATA_COLUMNS) | set(labels) | set(regions) | set(masks)
         if unknown:
             raise CorpusError(f"{self.out_dir}: {image_id}: unknown column {sorted(unknown)[0]!r}")
         if self._schema is None:
             self._label_columns = labels
             self._region_columns = regions
-            self._schema = corpus_schema(labels, regions)
+            self._mask_columns = masks
+            self._schema = corpus_schema(labels, regions, masks)
         else:
             for kind, got, first in (
                 ("label", labels, self._label_columns),
                 ("region", regions, self._region_columns),
+                ("mask", masks, self._mask_columns),
             ):
                 if set(got) != set(first):
                     raise CorpusError(
@@ -384,6 +406,8 @@ class CorpusWriter:
             out[name] = int(value)
         for name in self._region_columns:
             out[name] = _check_box(row[name], f"{self.out_dir}: {image_id}: {name}")
+        for name in self._mask_columns:
+            out[name] = _mask_bytes(row[name], pixels.shape, f"{self.out_dir}: {image_id}: {name}")
 
         if _closes_group(
             len(self._buffer),
@@ -652,6 +676,37 @@ def progress_iter(
     from rich.progress import track
 
     yield from track(items, description=description, total=total)
+
+
+def _mask_bytes(value: object, shape: tuple[int, ...], where: str) -> bytes | None:
+    """A mask as stored: uint8 0/1 bytes of the image's shape, or None (not annotated)."""
+    if value is None:
+        return None
+    mask = np.asarray(value)
+    if mask.shape != shape:
+        raise CorpusError(f"{where}: mask of shape {mask.shape}, the image is {shape}")
+    return np.ascontiguousarray(mask != 0, dtype=np.uint8).tobytes()
+
+
+def decode_masks(
+    batch: dict[str, np.ndarray], columns: Iterable[str], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`mask_*` column blobs -> (masks [B, K, H, W] uint8 0/1, known [B, K] bool); an
+    unannotated (null) mask is all zeros with known False. Every row has `shape`."""
+    columns = list(columns)
+    n = len(batch["image_id"])
+    masks = np.zeros((n, len(columns), *shape), dtype=np.uint8)
+    known = np.zeros((n, len(columns)), dtype=bool)
+    for k, name in enumerate(columns):
+        for i, blob in enumerate(batch[name]):
+            if blob is None:
+                continue
+            flat = np.frombuffer(bytes(blob), dtype=np.uint8)
+            if flat.size != shape[0] * shape[1]:
+                raise CorpusError(f"{name}: {flat.size} bytes, not {shape[0]}x{shape[1]}")
+            masks[i, k] = flat.reshape(shape)
+            known[i, k] = True
+    return masks, known
 
 
 def _check_box(value: object, where: str) -> list[float] | None:

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from raydiology.data.corpus import (
     LABEL_PREFIX,
     MANIFEST_NAME,
+    MASK_PREFIX,
     METADATA_COLUMNS,
     SHARDS_DIR,
     CorpusError,
@@ -73,6 +74,8 @@ from raydiology.data.images import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# Mask files in a mask folder (JSRT's SCR masks are GIFs)
+MASK_SUFFIXES = (".png", ".gif", ".bmp", ".tif", ".tiff")
 QUARANTINE_NAME = "quarantine.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
 SOURCE_MAP_NAME = "source_map.csv"
@@ -138,7 +141,8 @@ def find_sources(sources: list[str | Path]) -> list[SourceFile]:
     A source is a folder (searched recursively for PNG/JPEG/DICOM, including DICOM files
     without an extension or named by UID), a single image file, or a CSV file list with a
     `path` column (relative paths resolve against the CSV's folder) and optional metadata
-    columns (report, view, sex, age_group, anatomy, split, study_id, label_*).
+    columns (report, view, sex, age_group, anatomy, split, study_id, label_*) and mask_*
+    columns of mask file paths (resolved like `path`; empty = not annotated).
     """
     from raydiology.data.dicom import is_dicom
 
@@ -180,12 +184,14 @@ def _read_file_list(path: Path) -> list[SourceFile]:
         unknown = [
             c
             for c in reader.fieldnames
-            if c != "path" and c not in _CSV_COLUMNS and not c.startswith(LABEL_PREFIX)
+            if c != "path"
+            and c not in _CSV_COLUMNS
+            and not c.startswith((LABEL_PREFIX, MASK_PREFIX))
         ]
         if unknown:
             raise ValueError(
                 f"{path}: unknown column {unknown[0]!r}; allowed: path, "
-                f"{', '.join(sorted(_CSV_COLUMNS))}, {LABEL_PREFIX}*"
+                f"{', '.join(sorted(_CSV_COLUMNS))}, {LABEL_PREFIX}*, {MASK_PREFIX}*"
             )
         out = []
         for line, row in enumerate(reader, start=2):
@@ -201,10 +207,72 @@ def _read_file_list(path: Path) -> list[SourceFile]:
                     if value not in ("0", "1"):
                         raise ValueError(f"{path}:{line}: {column}={value!r} is not 0/1")
                     metadata[column] = int(value)
+                elif column.startswith(MASK_PREFIX):
+                    mask = Path(value)
+                    metadata[column] = str(mask if mask.is_absolute() else path.parent / mask)
                 else:
                     metadata[column] = value
             out.append(SourceFile(str(file), listed, metadata))
     return out
+
+
+def attach_mask_folder(files: list[SourceFile], folder: str | Path) -> list[SourceFile]:
+    """Masks from `folder/<class>/<name>.<png|gif|...>`, matched to each image by its file
+    name without suffix (JSRT/SCR's layout: one folder per structure): a `mask_<class>` entry
+    in the file's metadata holds the mask's path. Images without a mask of a class get none
+    (stored null: not annotated); a mask matching no image is an error (a naming mismatch
+    would otherwise silently leave a class empty)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"mask folder {folder} does not exist")
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"mask folder {folder}: no class folders (expected {folder}/<class>/)")
+    stems = {Path(f.key).stem for f in files}
+    by_class: dict[str, dict[str, str]] = {}
+    for class_dir in classes:
+        found: dict[str, str] = {}
+        for mask in sorted(class_dir.iterdir()):
+            if mask.suffix.lower() not in MASK_SUFFIXES:
+                continue
+            if mask.stem in found:
+                raise ValueError(f"{class_dir}: two masks named {mask.stem!r}")
+            if mask.stem not in stems:
+                raise ValueError(f"{mask}: no image named {mask.stem!r} among the sources")
+            found[mask.stem] = str(mask)
+        by_class[MASK_PREFIX + _column_name(class_dir.name)] = found
+    out = []
+    for f in files:
+        stem = Path(f.key).stem
+        extra = {c: found[stem] for c, found in by_class.items() if stem in found}
+        out.append(SourceFile(f.path, f.key, {**f.metadata, **extra}))
+    return out
+
+
+def _column_name(name: str) -> str:
+    """A class folder's name as a column suffix: "left lung" -> "left_lung"."""
+    return "_".join(name.lower().replace("-", " ").split())
+
+
+def mask_columns_of(files: list[SourceFile]) -> tuple[str, ...]:
+    """Every `mask_*` class any file has, sorted: the corpus's mask columns."""
+    return tuple(sorted({k for f in files for k in f.metadata if k.startswith(MASK_PREFIX)}))
+
+
+def load_mask(path: str, shape: tuple[int, ...], options: IngestOptions) -> np.ndarray:
+    """A mask file -> uint8 0/1 at the stored geometry: it must match its image's size, and
+    it is fitted exactly like the image (same resize and padding), then cut at half."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img.convert("L")) > 0
+    except (OSError, ValueError) as e:
+        raise BadImage(f"unreadable mask ({type(e).__name__})") from None
+    if mask.shape != shape:
+        raise BadImage(f"mask of size {mask.shape} for an image of size {shape}")
+    fitted = fit_square(mask.astype(np.uint8) * 255, options.size, options.resize)
+    return (fitted >= 128).astype(np.uint8)
 
 
 def image_id_for(key: str, salt: str, uid: str | None = None) -> str:
@@ -283,6 +351,7 @@ _STAGING_SCHEMA = pa.schema(
         ("content_sha256", pa.string()),
         ("phash", pa.uint64()),
         ("metadata", pa.string()),  # JSON: DICOM metadata + file-list columns
+        ("masks", pa.map_(pa.string(), pa.binary())),  # mask_* column -> stored mask bytes
     ]
 )
 
@@ -316,6 +385,11 @@ def decode_chunk(
             stored = fit_square(
                 to_bit_depth(pixels, options.bit_depth), options.size, options.resize
             )
+            masks = {
+                k: load_mask(v, pixels.shape, options).tobytes()
+                for k, v in sorted(source.metadata.items())
+                if k.startswith(MASK_PREFIX)
+            }
         except BadImage as e:
             quarantined.append({"file_index": index, "reason": _scrub(str(e), source)})
             continue
@@ -335,7 +409,9 @@ def decode_chunk(
             hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
         )
         rows["phash"].append(perceptual_hash(pixels))  # the source, before resizing
-        rows["metadata"].append(json.dumps({**metadata, **source.metadata}, sort_keys=True))
+        listed = {k: v for k, v in source.metadata.items() if not k.startswith(MASK_PREFIX)}
+        rows["metadata"].append(json.dumps({**metadata, **listed}, sort_keys=True))
+        rows["masks"].append(list(masks.items()))
     table = pa.table(rows, schema=_STAGING_SCHEMA)
     parquet = Path(staging) / f"chunk-{chunk:05d}.parquet"
     # Small row groups: a shard task then reads only the row groups holding its rows.
@@ -356,6 +432,10 @@ def _chunk_digest(files: list[SourceFile], first_index: int, fingerprint: str) -
         try:
             stat = os.stat(source.path)
             seen = [stat.st_size, stat.st_mtime_ns]
+            for key in sorted(source.metadata):  # a mask replaced in place: decoded again
+                if key.startswith(MASK_PREFIX):
+                    stat = os.stat(source.metadata[key])
+                    seen += [stat.st_size, stat.st_mtime_ns]
         except OSError:
             seen = [-1, -1]  # missing: quarantined by the decode, redone if it appears
         blob = json.dumps([source.path, source.key, source.metadata, seen], sort_keys=True)
@@ -470,6 +550,7 @@ def ingest_images(
     allow_burned_in: bool = False,
     clip_percentile: float | None = None,
     reports: Mapping[str, Mapping[str, str | None]] | None = None,
+    masks: str | Path | None = None,
     write_source_map: bool = False,
     chunk_rows: int = 256,
     shard_rows: int = 1024,
@@ -490,7 +571,9 @@ def ingest_images(
     files and seed. `salt` keeps ids from being recomputed from file names: without one a
     warning is logged, and DICOM input is refused. `allow_burned_in` keeps DICOMs flagged
     BurnedInAnnotation YES (quarantined by default); `clip_percentile` is the intensity
-    rule's optional per-image clip (see `raydiology.data.images`).
+    rule's optional per-image clip (see `raydiology.data.images`). `masks` is a folder of
+    per-class mask folders matched by file name (`attach_mask_folder`); a CSV file list can
+    name masks in `mask_*` columns instead. Either way a mask is fitted like its image.
     """
     if clip_percentile is not None:
         check_clip_percentile(clip_percentile)
@@ -514,6 +597,9 @@ def ingest_images(
     )
     out = Path(out_dir)
     files = find_sources(sources)
+    if masks is not None:
+        files = attach_mask_folder(files, masks)
+    mask_columns = mask_columns_of(files)
     if not salt:
         if any(_is_dicom_source(f) for f in files):
             raise ValueError(
@@ -529,6 +615,7 @@ def ingest_images(
         "files": len(files),
         "files_sha256": _list_digest(files),
         "reports_joined": reports is not None,
+        **({"masks": str(masks)} if masks is not None else {}),
         "shard_rows": shard_rows,
         "shuffle_seed": shuffle_seed,
     }
@@ -569,7 +656,7 @@ def ingest_images(
             record["path"] = files[index].path
     layout = _ShardLayout.plan(staging, results, files, keep, reports or {}, shard_rows=shard_rows)
     plans = layout.plans(options.fingerprint(salt), {r["chunk"]: r["digest"] for r in results})
-    calls = ((plan, layout.labels, str(staging), str(out)) for plan in plans)
+    calls = ((plan, layout.labels, str(staging), str(out), mask_columns) for plan in plans)
     written = _map(write_planned_shard, calls, len(layout.shards), parallel=parallel,
                    progress=progress, description="writing shards")  # fmt: skip
     _remove_stale_shards(out, len(written))
@@ -580,7 +667,7 @@ def ingest_images(
     manifest = write_manifest(  # last: a corpus with a manifest is a finished one
         out,
         [ShardInfo(path=w["path"], rows=w["rows"], sha256=w["sha256"]) for w in written],
-        schema=corpus_schema(layout.labels),
+        schema=corpus_schema(layout.labels, (), mask_columns),
         sizes=[(h, w) for r in written for h, w in r["sizes"]],
         dtypes=[d for r in written for d in r["dtypes"]],
         made_by={"command": "ingest", "options": recorded, "attribution": attribution},
@@ -811,7 +898,11 @@ class _ShardLayout:
 
 
 def write_planned_shard(
-    plan: ShardPlan, labels: tuple[str, ...], staging: str, out_dir: str
+    plan: ShardPlan,
+    labels: tuple[str, ...],
+    staging: str,
+    out_dir: str,
+    masks: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Stage 3 for one shard (a Ray task when parallel); idempotent: a shard whose done
     marker matches its plan and whose file is whole is not written again."""
@@ -825,7 +916,7 @@ def write_planned_shard(
         and final.stat().st_size == result.get("bytes")
     ):
         return {**result, "skipped": True}
-    schema = corpus_schema(labels)
+    schema = corpus_schema(labels, (), masks)
     sizes: set[tuple[int, int]] = set()
     dtypes: set[str] = set()
 
@@ -861,7 +952,9 @@ def write_planned_shard(
     return {**result, "skipped": False}
 
 
-_STAGED_COLUMNS = ["file_index", "image_id", "pixels", "height", "width", "dtype", "metadata"]
+_STAGED_COLUMNS = [
+    "file_index", "image_id", "pixels", "height", "width", "dtype", "metadata", "masks",
+]  # fmt: skip
 
 
 def _take_staged(staging: Path, chunk: int, positions: np.ndarray) -> Iterator[pa.Table]:
@@ -928,6 +1021,10 @@ def _corpus_table(
         )
     for name in labels:
         columns[name] = pa.array([int(r[name]) for r in rows], pa.int8())
+    staged_masks = [dict(m or ()) for m in staged.column("masks").to_pylist()]
+    for field_ in schema:
+        if field_.name.startswith(MASK_PREFIX):
+            columns[field_.name] = pa.array([m.get(field_.name) for m in staged_masks], pa.binary())
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 

@@ -38,6 +38,9 @@ PATHOLOGIES = FINDINGS[:4]
 VIEWS = ("PA", "LATERAL")
 SEXES = ("F", "M")
 AGE_GROUPS = ("18-39", "40-59", "60-79", "80+")
+# Structures whose masks the generator can write (PA films): the anatomy JSRT-style
+# segmentation datasets annotate, plus the lesion when one is drawn (empty mask otherwise).
+MASK_CLASSES = ("lungs", "heart", "clavicles", "lesion")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +50,8 @@ class PhantomCase:
     side: dict[str, str]  # finding -> "left"/"right" (patient's side) for lateral findings
     report: str
     view: str = "PA"
+    # MASK_CLASSES -> [size, size] uint8 0/1, when asked for (PA only); None otherwise
+    masks: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,9 +217,16 @@ def _lesion_centre(a: _Anatomy, draw: _FindingDraw) -> tuple[float, float]:
 
 
 def _chest(
-    f: _Frame, present: dict[str, bool], draw: _FindingDraw, lesion: tuple[float, float]
+    f: _Frame,
+    present: dict[str, bool],
+    draw: _FindingDraw,
+    lesion: tuple[float, float],
+    masks: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Attenuation map of the chest with its findings (devices excepted), at `f.size`."""
+    """Attenuation map of the chest with its findings (devices excepted), at `f.size`.
+
+    `masks`, when given, receives each of MASK_CLASSES as a soft 0..1 map drawn from the
+    very shapes that make the image (threshold at 0.5 for a binary mask)."""
     a, u, v, e = f.a, f.u, f.v, f.edge
     tex = np.random.default_rng(a.seeds["texture"])
 
@@ -249,6 +261,10 @@ def _chest(
         )
         lungs[side] = shapes[side] * (1.0 - mediastinum) * depth
     markings = _markings(f, lungs, tex)
+    if masks is not None:  # lung fields as JSRT draws them: without the heart's shadow
+        masks["lungs"] = np.maximum(shapes["right"], shapes["left"]) * (1.0 - mediastinum)
+        masks["heart"] = heart
+        masks["lesion"] = np.zeros_like(v)
 
     extra = np.zeros_like(v)
     if present["pleural_effusion"]:
@@ -283,6 +299,8 @@ def _chest(
         d2 = ((t - lt) ** 2 + (v - lv) ** 2) * (1.0 / draw.lesion_radius**2)
         wobble = 1.0 + 0.08 * _smooth_noise(tex, f.size, 24)  # lobulated, not a perfect disc
         extra += 0.5 * a.air * np.sqrt(np.clip(1.0 - d2 * wobble, 0.0, 1.0)) ** 0.7
+        if masks is not None:
+            masks["lesion"] = _ramp(1.0 - d2 * wobble, 0.1)
 
     for side in ("right", "left"):
         density -= a.air * lungs[side]
@@ -299,7 +317,7 @@ def _chest(
         airway = np.maximum(airway, bronchus)
     density -= a.air * (0.3 * bubble + 0.22 * airway)
 
-    density += _bones(f) + extra
+    density += _bones(f, masks) + extra
     return density
 
 
@@ -384,10 +402,12 @@ def _markings(
     return markings
 
 
-def _bones(f: _Frame) -> np.ndarray:
-    """Ribs (posterior and fainter anterior), clavicles and spine."""
+def _bones(f: _Frame, masks: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Ribs (posterior and fainter anterior), clavicles (into `masks` when given) and spine."""
     a, u, v, e = f.a, f.u, f.v, f.edge
     bones = np.zeros_like(v)
+    if masks is not None:
+        masks["clavicles"] = np.zeros_like(v)
     for side in ("right", "left"):
         t = f.lateral(side)
         cage = _ramp(t - 0.09, e) * _ramp(_lung_lateral_edge(a, v) + 0.06 - t, 4 * e)
@@ -410,6 +430,8 @@ def _bones(f: _Frame) -> np.ndarray:
         half = 0.022 + 0.012 * _ramp(0.2 - t, 0.15)  # the sternal end is thicker
         clavicle = _bump(v - centre, half, 1.5 * e) * _ramp(t - 0.06, e) * _ramp(0.72 - t, 2 * e)
         bones += 0.5 * rib + 0.25 * rib_a + 0.8 * clavicle
+        if masks is not None:
+            masks["clavicles"] = np.maximum(masks["clavicles"], clavicle)
     spine = (
         _bump(u - 0.01, 0.07, 3 * e)
         * (1.0 - 0.5 * _ramp(v - 0.5, 0.3))
@@ -513,9 +535,12 @@ def make_phantom(
     finding_prob: float = 0.3,
     findings: Mapping[str, bool] | None = None,
     view: Literal["PA", "LATERAL"] = "PA",
+    masks: bool = False,
 ) -> PhantomCase:
     """One phantom film; each finding present with probability `finding_prob`.
 
+    `masks`: also return binary masks of MASK_CLASSES at the film's size (PA films only;
+    a LATERAL film gets none). They never change the film or the random stream.
     `findings` forces chosen findings on or off (the rest stay random); the random stream is
     consumed identically either way, so forcing changes only the forced findings, and the
     same generator state filmed PA and LATERAL is one patient seen twice (same report).
@@ -534,12 +559,14 @@ def make_phantom(
     lesion = _lesion_centre(anatomy, draw)
 
     frame = _Frame(min(size, _RENDER_MAX), anatomy)
-    render = _chest if view == "PA" else _lateral_chest
-    film = _develop(render(frame, present, draw, lesion), anatomy, frame.size)
+    soft: dict[str, np.ndarray] | None = {} if masks and view == "PA" else None
+    if view == "PA":
+        density = _chest(frame, present, draw, lesion, soft)
+    else:
+        density = _lateral_chest(frame, present, draw, lesion)
+    film = _develop(density, anatomy, frame.size)
     if frame.size < size:
-        film = np.asarray(
-            Image.fromarray(film, mode="F").resize((size, size), Image.Resampling.BICUBIC)
-        )
+        film = _upsample(film, size)
     if present["support_devices"]:
         film = film + 0.45 * _draw_devices(anatomy, size, draw.device, view)
     noise = np.random.default_rng(anatomy.seeds["noise"]).standard_normal(
@@ -556,7 +583,24 @@ def make_phantom(
     side = {name: s for name, s in sides.items() if present[name]}
     zone = "upper" if lesion[1] < -0.22 else "mid" if lesion[1] < 0.05 else "lower"
     report = _report(present, side, draw, zone)
-    return PhantomCase(image=image, findings=present, side=side, report=report, view=view)
+    binary = None
+    if soft is not None:  # resized like the film, then cut at half: the edge stays put
+        binary = {
+            k: (_upsample(soft[k], size) if frame.size < size else soft[k]) >= 0.5
+            for k in MASK_CLASSES
+        }
+        binary = {k: m.astype(np.uint8) for k, m in binary.items()}
+    return PhantomCase(
+        image=image, findings=present, side=side, report=report, view=view, masks=binary
+    )
+
+
+def _upsample(img: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(
+        Image.fromarray(img.astype(np.float32), mode="F").resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
+    )
 
 
 def _develop(density: np.ndarray, a: _Anatomy, size: int) -> np.ndarray:
@@ -702,6 +746,7 @@ def write_phantom_corpus(
     views: int = 1,
     shard_rows: int = 256,
     progress: bool = True,
+    masks: bool = False,
 ) -> Manifest:
     """Write `n` phantom studies of `views` films each (1: PA; 2: PA then LATERAL) as a
     corpus; identical shards for identical arguments.
@@ -710,12 +755,17 @@ def write_phantom_corpus(
     alone and a future parallel writer produces the same bytes. The films of a study share
     `study_id`, report, labels and split, and are written one after the other, which keeps
     them in one row group (`CorpusWriter`).
+
+    `masks` adds a `mask_<class>` column per MASK_CLASSES (binary, the film's size; null on
+    LATERAL films), for segmentation evaluation.
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 (PA) or 2 (PA + LATERAL), not {views!r}")
     options: dict[str, Any] = {"n": n, "size": size, "seed": seed, "finding_prob": finding_prob}
     if views > 1:  # single-view corpora keep the options (and manifest) they always had
         options["views"] = views
+    if masks:
+        options["masks"] = True
     with CorpusWriter(
         out_dir,
         made_by={"command": "phantom", "options": options},
@@ -738,7 +788,12 @@ def write_phantom_corpus(
                     size=size,
                     finding_prob=finding_prob,
                     view=view,  # type: ignore[arg-type]  # one of VIEWS
+                    masks=masks,
                 )
+                mask_columns = {
+                    f"mask_{k}": None if case.masks is None else case.masks[k]
+                    for k in (MASK_CLASSES if masks else ())
+                }
                 labels = {f"label_{k}": int(case.findings[k]) for k in FINDINGS}
                 writer.add(
                     {
@@ -750,6 +805,7 @@ def write_phantom_corpus(
                         **shared,
                         "label_no_finding": int(not any(case.findings[k] for k in PATHOLOGIES)),
                         **labels,
+                        **mask_columns,
                     }
                 )
     assert writer.manifest is not None  # set by a clean close()

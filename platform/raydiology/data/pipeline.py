@@ -38,6 +38,7 @@ def build_dataset(
     label_columns: tuple[str, ...] = (),
     extra_columns: dict[str, str] | None = None,
     first_epoch: int = 0,
+    mask_columns: tuple[str, ...] = (),
 ):
     """The training dataset for one experiment; lazy until Ray Train iterates it.
 
@@ -46,7 +47,8 @@ def build_dataset(
     which moves every image through the object store between the read and the decode, this
     delivered about twice the images/s at 1280 px. Row-group order is shuffled per epoch,
     deterministically from `data.shuffle_seed`. `extra_columns` maps batch keys to numeric
-    corpus columns an objective needs (e.g. the per-image masking region).
+    corpus columns an objective needs (e.g. the per-image masking region); `mask_columns`
+    (`mask_*`) arrive as "mask"/"mask_known", with the image's geometry.
 
     Epoch e is the dataset's e-th execution: Ray Data counts them (the count reseeds the
     row-group order) and every decode task seeds its augmentation from the same count. A
@@ -58,7 +60,7 @@ def build_dataset(
     from raydiology.data.corpus import read_manifest, shard_paths
 
     extra_columns = extra_columns or {}
-    columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values()]
+    columns = [*_PIXEL_COLUMNS, *label_columns, *extra_columns.values(), *mask_columns]
     if data.anatomy_weights:
         columns.append("anatomy")
     if data.splits:
@@ -78,6 +80,7 @@ def build_dataset(
         "data": to_dict(data),
         "label_columns": list(label_columns),
         "extra_columns": extra_columns,
+        "mask_columns": list(mask_columns),
         # one dtype for the whole corpus (a mixed 8/16-bit corpus travels as 16-bit)
         "out_dtype": read_manifest(corpus_dir).dtype or "uint16",
     }
@@ -191,6 +194,7 @@ def preprocess_batch(
     out_dtype: str = "uint8",
     copy: bool = True,
     epoch: int = 0,
+    mask_columns: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns);
     R is `data.crop_source_size` instead where an objective cuts its own views from more pixels.
@@ -206,6 +210,9 @@ def preprocess_batch(
     a generator seeded by (data seed, `epoch`, row key): an epoch replays exactly on resume.
     The "region" extra column (masking boxes, fractions of the stored image) follows the
     image's fit, crop and flip; a row without one gets NaN (the objective's default region).
+    `mask_columns` (segmentation masks at the stored size) travel as extra channels of the
+    image through the same fit, crop, resize and flip, then are cut at 0.5: "mask" uint8
+    [B, K, R, R] and "mask_known" bool [B, K] (False where the corpus holds no mask).
     """
     from raydiology.config_base import from_dict
 
@@ -218,8 +225,11 @@ def preprocess_batch(
         keys = keys[keep]
     extra = dict(extra_columns or {})
     boxes = _region_boxes(batch[extra.pop("region")]) if "region" in extra else None
-    images, boxes = _fit_images(batch, cfg, keys, seed, epoch, boxes, out_dtype, copy)
+    masks = list(mask_columns or [])
+    images, boxes, seg = _fit_images(batch, cfg, keys, seed, epoch, boxes, out_dtype, copy, masks)
     out = {"image": images, "row_key": keys}
+    if seg is not None:
+        out["mask"], out["mask_known"] = seg
     for column in label_columns:
         out[column] = np.asarray(batch[column], dtype=np.float32)
     if boxes is not None:
@@ -240,20 +250,26 @@ def _fit_images(
     boxes: np.ndarray | None,
     out_dtype: str,
     copy: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode, fit, augment and resize each image -> (integer [B, 1, R, R], moved boxes)."""
-    from raydiology.data.corpus import decode_pixels
+    mask_columns: list[str],
+) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Decode, fit, augment and resize each image -> (integer [B, 1, R, R], moved boxes,
+    (masks [B, K, R, R], known [B, K]) or None without mask columns)."""
+    from raydiology.data.corpus import decode_masks, decode_pixels
 
     r = cfg.batch_side
     augment = cfg.augment.hflip or cfg.augment.crop_scale is not None
     n = len(keys)
+    k = len(mask_columns)
     decoded = None  # [B, H, W] uint8 / uint16 when the chunk has one size: one frombuffer
     if n and not augment and _uniform_size(batch):
         decoded = decode_pixels(batch)
         if decoded.shape[1:] == (r, r) and decoded.dtype == out_dtype:
             # the fast path: stored at the model's size
-            return (np.array(decoded[:, None]) if copy else decoded[:, None]), boxes
+            seg = decode_masks(batch, mask_columns, (r, r)) if k else None
+            return (np.array(decoded[:, None]) if copy else decoded[:, None]), boxes, seg
     images = np.zeros((n, 1, r, r), dtype=out_dtype)
+    masks = np.zeros((n, k, r, r), dtype=np.uint8)
+    known = np.zeros((n, k), dtype=bool)
     if boxes is not None:
         boxes = boxes.copy()
     # Images of one size go through torch together: the same arithmetic as one at a time
@@ -263,7 +279,13 @@ def _fit_images(
             pixels = decoded
         else:
             pixels = decode_pixels({k: np.asarray(batch[k])[rows] for k in _PIXEL_COLUMNS})
-        canvas = _canvas(_to_unit_float(pixels).unsqueeze(1), cfg.fit)
+        stack = _to_unit_float(pixels).unsqueeze(1)  # [b, 1, H, W]
+        if k:  # masks ride along as channels 1..K: every geometric step treats them alike
+            rows_batch = {name: np.asarray(batch[name], dtype=object)[rows] for name in
+                          ["image_id", *mask_columns]}  # fmt: skip
+            stored, known[rows] = decode_masks(rows_batch, mask_columns, pixels.shape[1:])
+            stack = torch.cat([stack, torch.from_numpy(stored).float()], dim=1)
+        canvas = _canvas(stack, cfg.fit)
         if boxes is not None:
             boxes[rows] = _canvas_boxes(boxes[rows], pixels.shape[1:], cfg.fit)
         if augment:  # one row: its own generator
@@ -273,8 +295,10 @@ def _fit_images(
                 boxes[rows] = box
         else:
             resized = _resize(canvas, (r, r))
-        images[rows] = _to_integer(resized, out_dtype)
-    return images, boxes
+        images[rows] = _to_integer(resized[:, :1], out_dtype)
+        if k:
+            masks[rows] = (resized[:, 1:] >= 0.5).numpy()
+    return images, boxes, ((masks, known) if k else None)
 
 
 def _with_study_columns(columns: list[str], available: list[str], path: str) -> list[str]:

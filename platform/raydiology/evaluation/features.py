@@ -20,11 +20,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from raydiology.config import DataConfig
 
 Pooling = Literal["cls", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean")
@@ -208,6 +211,21 @@ def hash_split(image_id: str) -> str:
     return "train" if bucket < 8 else "val" if bucket == 8 else "test"
 
 
+def encoder_data_config(encoder: nn.Module) -> DataConfig:
+    """How an exported encoder wants its images (size, channels, mean/std), from its spec."""
+    from raydiology.config import DataConfig
+
+    spec = getattr(encoder, "spec", {})
+    data = DataConfig(
+        resolution=int(spec["image_size"]),
+        channels=int(spec["in_chans"]),
+        mean=tuple(spec["mean"]),
+        std=tuple(spec["std"]),
+    )
+    data.validate("encoder.spec")
+    return data
+
+
 @torch.no_grad()
 def encode_corpus(
     encoder: nn.Module,
@@ -220,18 +238,10 @@ def encode_corpus(
     description: str = "features",
 ) -> np.ndarray:
     """Run a frozen encoder over every corpus image -> pooled features [N, D] float32."""
-    from raydiology.config import DataConfig
     from raydiology.data.corpus import read_manifest
     from raydiology.data.pipeline import preprocess_batch, to_model_input
 
-    spec = getattr(encoder, "spec", {})
-    data = DataConfig(
-        resolution=int(spec["image_size"]),
-        channels=int(spec["in_chans"]),
-        mean=tuple(spec["mean"]),
-        std=tuple(spec["std"]),
-    )
-    data.validate("encoder.spec")
+    data = encoder_data_config(encoder)
     manifest = read_manifest(corpus_dir)
     prefix = int(getattr(encoder, "num_prefix_tokens", 1))
     encoder = encoder.to(device).eval()

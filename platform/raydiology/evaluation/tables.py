@@ -116,11 +116,35 @@ def bias_table(results: list[dict[str, Any]]) -> str:
     return out
 
 
+def segment_table(results: list[dict[str, Any]]) -> str:
+    """Columns: test Dice per class and their mean, one row per (encoder, decoder)."""
+    classes: list[str] = []
+    for r in results:
+        classes += [c for c in r["classes"] if c not in classes]
+    header = ["encoder", "decoder", *classes, "mean", "steps"]
+    rows = [
+        [r["encoder"], r["decoder"], *(_num(r["dice"].get(c)) for c in classes),
+         _num(r["dice_mean"]), str(r["steps"])]
+        for r in results
+    ]  # fmt: skip
+    first = results[0] if results else {}
+    n = first.get("n", {})
+    caption = (
+        f"Segmentation (frozen encoder; test Dice per class over images with the structure; "
+        f"train n = {n.get('train', '?')}, val n = {n.get('val', '?')}, "
+        f"test n = {n.get('test', '?')})."
+    )
+    return caption + "\n\n" + _table(header, rows) + "\n"
+
+
 def write_results(
     results: list[dict[str, Any]], out_dir: str | os.PathLike, kind: str, *, corpus: str
 ) -> tuple[Path, Path, str]:
     """Write `<kind>.json` and `<kind>.md` into `out_dir`; returns both paths and the table."""
-    tables = {"probe": probe_table, "retrieval": retrieval_table, "bias": bias_table}
+    tables = {
+        "probe": probe_table, "retrieval": retrieval_table, "bias": bias_table,
+        "segment": segment_table,
+    }  # fmt: skip
     if kind not in tables:
         raise ValueError(f"kind {kind!r} is not one of {sorted(tables)}")
     out = Path(out_dir)
