@@ -27,6 +27,7 @@ import contextlib
 import copy
 import math
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,9 @@ from raydiology.registry import OBJECTIVES
 from raydiology.train import collectives
 
 GLOBAL_CROPS = 2  # DINO's loss pairs each global crop with the other one
+
+# module -> its (name, weight) pairs, e.g. the optimizer's fp32 master copy of each parameter
+WeightReader = Callable[[nn.Module], Iterable[tuple[str, Tensor]]]
 
 
 @dataclass(kw_only=True)
@@ -367,18 +371,27 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, student: DINOv2Model, momentum: float) -> None:
-        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor."""
+    def update(
+        self, student: DINOv2Model, momentum: float, weights: WeightReader | None = None
+    ) -> None:
+        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor.
+
+        `weights` reads a student module's trained weights as (name, tensor) pairs: in
+        bf16/fp16 training the loop passes DeepSpeed's fp32 master copy, as DINOv2's teacher
+        follows the fp32 student (dinov2/train/ssl_meta_arch.py update_teacher, on FSDP's
+        fp32 flat parameters); by default the module's own parameters.
+        """
+        if any(hasattr(p, "ds_id") for p in student.parameters()):
+            raise RuntimeError(
+                "objective 'dinov2' reads the student's full weights for its EMA "
+                "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
+            )
         mine = dict(self.named_buffers())
         for prefix, module in (("encoder", student.encoder), ("head", student.head)):
-            for name, p in module.named_parameters():
-                if hasattr(p, "ds_id"):
-                    raise RuntimeError(
-                        "objective 'dinov2' reads the student's full weights for its EMA "
-                        "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
-                    )
+            pairs = module.named_parameters() if weights is None else weights(module)
+            for name, w in pairs:
                 t = mine[f"{prefix}.{name}"]
-                t.lerp_(p.detach().to(t.dtype), 1.0 - momentum)
+                t.lerp_(w.detach().to(t.dtype), 1.0 - momentum)
 
 
 # ---------------------------------------------------------------------------- objective
@@ -413,15 +426,16 @@ class DINOv2Objective(nn.Module):
     def student(self) -> DINOv2Model:
         return self.model
 
-    def after_step(self, step: int, max_steps: int) -> None:
-        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum."""
+    def after_step(self, step: int, max_steps: int, weights: WeightReader | None = None) -> None:
+        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum,
+        from the student's weights as `weights` reads them (see `EMATeacher.update`)."""
         m = momentum_at(
             step - 1,
             max_steps,
             start=self.cfg.momentum_teacher,
             end=self.cfg.momentum_teacher_end,
         )
-        self.teacher.update(self.model, m)
+        self.teacher.update(self.model, m, weights)
         self.progress.copy_(torch.tensor([step, max_steps]))
 
     def teacher_temp(self) -> float:
