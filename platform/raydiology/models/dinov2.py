@@ -51,10 +51,14 @@ class DINOv2Args:
 
 
 DINOV2_FLAVORS: dict[str, DINOv2Args] = {
-    # CPU smoke tests: a few steps at 128 px in well under a second each.
+    # CPU smoke tests: a few steps at 128 px in well under a second each. The head keeps
+    # DINOv2's 256-d bottleneck (dinov2/configs/ssl_default_config.yaml): cosines of random
+    # 32-d features spread 3x wider, so a random teacher's targets start sharp and the same
+    # for every image, and centring spends the whole smoke run flattening them (the DINO
+    # term climbs to ln K); at 256-d they start near-uniform, as in DINOv2's first steps.
     "tiny": DINOv2Args(
         patch_size=16, embed_dim=64, depth=2, num_heads=4,
-        head_hidden_dim=128, head_bottleneck_dim=32, head_prototypes=256,
+        head_hidden_dim=128, head_bottleneck_dim=256, head_prototypes=256,
     ),
     # ViT-S/14 and ViT-L/14 for ablations; XR-0 is ViT-B/14.
     "s14": DINOv2Args(patch_size=14, embed_dim=384, depth=12, num_heads=6),
