@@ -77,13 +77,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_export_holds_fp32_master_weights(stage: int, tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed")
-    from safetensors.torch import load_file
-
-    from raydiology.train.export import WEIGHTS
-
+def _run_one_rank(script: str, stage: int, out: Path, experiment: str) -> None:
+    """`script` STAGE OUT EXPERIMENT as rank 0 of 1 in a fresh process, trained in bf16."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO / "platform"),
@@ -91,12 +86,21 @@ def test_export_holds_fp32_master_weights(stage: int, tmp_path: Path) -> None:
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
     }  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_AND_EXPORT, str(stage), str(tmp_path),
-         str(REPO / "experiments/hd_mae_cam.yaml")],
+        [sys.executable, "-c", script, str(stage), str(out), str(REPO / "experiments" / experiment)],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "module dtype torch.bfloat16" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_export_holds_fp32_master_weights(stage: int, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from raydiology.train.export import WEIGHTS
+
+    _run_one_rank(TRAIN_AND_EXPORT, stage, tmp_path, "hd_mae_cam.yaml")
 
     exported = load_file(str(tmp_path / "export" / WEIGHTS))
     held = torch.load(tmp_path / "held.pt")
@@ -190,19 +194,7 @@ def test_dino_teacher_follows_the_fp32_master_weights(stage: int, tmp_path: Path
     """DINOv2's EMA teacher (through the loop's `after_step(..., master_params)`) tracks
     DeepSpeed's fp32 master copy of the bf16 student, not the rounded module weights."""
     pytest.importorskip("deepspeed")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO / "platform"),
-        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-    }  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-c", EMA_FROM_MASTER, str(stage), str(tmp_path),
-         str(REPO / "experiments/xr0_dinov2.yaml")],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "module dtype torch.bfloat16" in proc.stdout, proc.stdout[-2000:]
+    _run_one_rank(EMA_FROM_MASTER, stage, tmp_path, "xr0_dinov2.yaml")
     ema = torch.load(tmp_path / "ema.pt")
     teacher, from_master, from_module = ema["teacher"], ema["from_master"], ema["from_module"]
     assert teacher.keys() == from_master.keys()
