@@ -30,6 +30,7 @@ import contextlib
 import copy
 import math
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,9 @@ from raydiology.registry import OBJECTIVES
 from raydiology.train import collectives
 
 GLOBAL_CROPS = 2  # DINO's loss pairs each global crop with the other one
+
+# module -> its (name, weight) pairs, e.g. the optimizer's fp32 master copy of each parameter
+WeightReader = Callable[[nn.Module], Iterable[tuple[str, Tensor]]]
 
 
 @dataclass(kw_only=True)
@@ -253,34 +257,48 @@ def multi_crop(
 
 
 def block_mask(
-    grid: tuple[int, int], count: int, rng: random.Random, *, min_block: int = 4
+    grid: tuple[int, int],
+    count: int,
+    rng: random.Random,
+    *,
+    min_block: int = 4,
+    max_block: int | None = None,
 ) -> np.ndarray:
     """A [gh, gw] bool mask with exactly `count` True cells, laid as rectangular blocks.
 
-    BEiT's block masking: blocks of random area (at least `min_block` patches while that
-    many remain) and aspect ratio in [0.3, 1/0.3] until `count` is reached; a block that
-    would overshoot is cut short, and cells still missing after 100 blocks are drawn at random.
+    BEiT's block masking, as DINOv2's MaskingGenerator: blocks of random area (at least
+    `min_block` patches while that many remain, at most `max_block`) and aspect ratio in
+    [0.3, 1/0.3] until `count` is reached; a block adds at most that many new cells (one that
+    would overshoot is cut short), and cells still missing after 100 blocks are drawn at random.
     """
     gh, gw = grid
     count = min(count, gh * gw)
+    cap = gh * gw if max_block is None else max(1, max_block)
     mask = np.zeros((gh, gw), dtype=bool)
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
     for _ in range(100):
         remaining = count - int(mask.sum())
         if remaining <= 0:
             break
-        area = rng.uniform(min(min_block, remaining), remaining)
+        most = min(remaining, cap)
+        area = rng.uniform(min(min_block, most), most)
         aspect = math.exp(rng.uniform(*log_aspect))
         h = min(gh, max(1, round(math.sqrt(area * aspect))))
         w = min(gw, max(1, round(math.sqrt(area / aspect))))
         top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
-        free = np.argwhere(~mask[top : top + h, left : left + w])[:remaining]
+        free = np.argwhere(~mask[top : top + h, left : left + w])[:most]
         mask[top + free[:, 0], left + free[:, 1]] = True
     remaining = count - int(mask.sum())
     if remaining > 0:
         chosen = rng.sample(np.flatnonzero(~mask).tolist(), remaining)
         mask.flat[chosen] = True
     return mask
+
+
+# Largest block: half the patches (dinov2/train/train.py builds its MaskingGenerator with
+# max_num_patches=0.5 * N; as written, `0.5 * S // p * S // p`, Python's left-to-right
+# floor divisions make that 666 rather than 684 for 518-px crops of /14 patches).
+MAX_BLOCK_SHARE = 0.5
 
 
 def ibot_masks(
@@ -296,9 +314,11 @@ def ibot_masks(
 
     int(n·probability) crops get a block mask; their ratios are spread evenly over `ratio`
     (one draw from each of that many equal slices, as DINOv2's collate); the rest get none.
-    The order is shuffled so masked crops land anywhere in the batch.
+    No block covers more than half the crop (`MAX_BLOCK_SHARE`). The order is shuffled so
+    masked crops land anywhere in the batch.
     """
     gh, gw = grid
+    max_block = int(MAX_BLOCK_SHARE * gh * gw)
     masked = int(n * probability)
     edges = np.linspace(ratio[0], ratio[1], masked + 1)
     masks = [
@@ -307,6 +327,7 @@ def ibot_masks(
             max(1, int(gh * gw * rng.uniform(edges[i], edges[i + 1]))),
             rng,
             min_block=min_block,
+            max_block=max_block,
         )
         for i in range(masked)
     ]
@@ -378,18 +399,27 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, student: DINOv2Model, momentum: float) -> None:
-        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor."""
+    def update(
+        self, student: DINOv2Model, momentum: float, weights: WeightReader | None = None
+    ) -> None:
+        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor.
+
+        `weights` reads a student module's trained weights as (name, tensor) pairs: in
+        bf16/fp16 training the loop passes DeepSpeed's fp32 master copy, as DINOv2's teacher
+        follows the fp32 student (dinov2/train/ssl_meta_arch.py update_teacher, on FSDP's
+        fp32 flat parameters); by default the module's own parameters.
+        """
+        if any(hasattr(p, "ds_id") for p in student.parameters()):
+            raise RuntimeError(
+                "objective 'dinov2' reads the student's full weights for its EMA "
+                "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
+            )
         mine = dict(self.named_buffers())
         for prefix, module in (("encoder", student.encoder), ("head", student.head)):
-            for name, p in module.named_parameters():
-                if hasattr(p, "ds_id"):
-                    raise RuntimeError(
-                        "objective 'dinov2' reads the student's full weights for its EMA "
-                        "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
-                    )
+            pairs = module.named_parameters() if weights is None else weights(module)
+            for name, w in pairs:
                 t = mine[f"{prefix}.{name}"]
-                t.lerp_(p.detach().to(t.dtype), 1.0 - momentum)
+                t.lerp_(w.detach().to(t.dtype), 1.0 - momentum)
 
 
 # ---------------------------------------------------------------------------- objective
@@ -428,15 +458,16 @@ class DINOv2Objective(nn.Module):
     def student(self) -> DINOv2Model:
         return self.model
 
-    def after_step(self, step: int, max_steps: int) -> None:
-        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum."""
+    def after_step(self, step: int, max_steps: int, weights: WeightReader | None = None) -> None:
+        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum,
+        from the student's weights as `weights` reads them (see `EMATeacher.update`)."""
         m = momentum_at(
             step - 1,
             max_steps,
             start=self.cfg.momentum_teacher,
             end=self.cfg.momentum_teacher_end,
         )
-        self.teacher.update(self.model, m)
+        self.teacher.update(self.model, m, weights)
         self.progress.copy_(torch.tensor([step, max_steps]))
 
     def teacher_temp(self) -> float:

@@ -4,6 +4,7 @@ reconstruction picture (original / masked / reconstruction, the HD-MAE paper's F
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,47 @@ WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 
 
-def master_weights(engine: Any, module: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
-    """`module`'s state dict (a part of `engine.module`) with each trained parameter taken
-    from DeepSpeed's fp32 master copy, on the CPU in float32.
+def master_params(engine: Any, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, weight) for each parameter of `module` (a part of `engine.module`): DeepSpeed's
+    fp32 master copy where the optimizer keeps one, else the parameter as held; on the
+    parameter's device.
 
     In bf16/fp16 the module holds rounded weights (bf16 keeps 8 bits of mantissa); the
     optimizer updates fp32 copies, which are the weights training actually reached:
     ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer) through `safe_get_full_fp32_param`, which
-    gathers ZeRO-3's partitions as zero_to_fp32 does; ZeRO-0 from the FP16 optimizers' fp32
-    groups. A collective under ZeRO: every rank calls it, in the same order. Under ZeRO-3
-    call it inside `GatheredParameters` so buffers and frozen weights are whole too.
-    Parameters without a master copy (fp32 training, frozen weights) are exported as held.
-    `keep=False` (ranks that don't write) takes part in the gathers and returns {}.
+    gathers the partitions (as zero_to_fp32 does for ZeRO-3); ZeRO-0 from the FP16
+    optimizers' fp32 groups. fp32 parameters are their own master (DeepSpeed copies the
+    updated partitions back into them), so they are read with no collective. A collective
+    under ZeRO for low-precision weights: every rank iterates it, in the same order. Under
+    ZeRO-3 iterate inside `GatheredParameters` so frozen weights are whole too.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
     masters = _zero0_masters(engine.optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    if keep:
-        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
     for name, param in module.named_parameters():
         master = masters.get(id(param))
         zero3_frozen = hasattr(param, "ds_id") and not hasattr(param, "_z3_optimizer")
-        if master is None and param.requires_grad and not zero3_frozen:
+        low_precision = param.dtype in (torch.bfloat16, torch.float16) or hasattr(param, "ds_id")
+        if master is None and param.requires_grad and low_precision and not zero3_frozen:
             master = safe_get_full_fp32_param(param)  # a collective under ZeRO
-        if master is not None and keep:
-            tensors[name] = master.detach().to("cpu", torch.float32).reshape(param.shape)
+        yield name, param if master is None else master.reshape(param.shape)
+
+
+def master_weights(engine: Any, module: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """`module`'s state dict (a part of `engine.module`) with each trained parameter taken
+    from DeepSpeed's fp32 master copy (see `master_params`), on the CPU in float32.
+
+    Call it on every rank (a collective under ZeRO); under ZeRO-3 inside
+    `GatheredParameters` so buffers and frozen weights are whole too. Parameters without a
+    master copy (fp32 training, frozen weights) are exported as held. `keep=False` (ranks
+    that don't write) takes part in the gathers and returns {}.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    if keep:
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
+    for name, weight in master_params(engine, module):
+        if keep:
+            tensors[name] = weight.detach().to("cpu", torch.float32)
     return {k: v.contiguous() for k, v in tensors.items()}
 
 

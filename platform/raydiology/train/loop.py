@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from raydiology.train.deepspeed_config import (
     prepare_cuda_builds,
     training_engine,
 )
+from raydiology.train.export import master_params
 from raydiology.train.schedules import weight_decay_at
 
 CHECKPOINT_TAG = "deepspeed"
@@ -122,10 +124,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             state.step += 1
             window.end_step()
-            # e.g. an EMA teacher's update or a temperature schedule (DINOv2)
+            # e.g. an EMA teacher's update or a temperature schedule (DINOv2), reading the
+            # student's fp32 master weights, not the bf16/fp16-rounded module's
             after_step = getattr(engine.module, "after_step", None)
             if after_step is not None:
-                after_step(state.step, train.max_steps)
+                after_step(state.step, train.max_steps, partial(master_params, engine))
             last = state.step >= train.max_steps
             save = state.step % train.checkpoint_every == 0 or last
             # With validation on, every checkpoint is validated and every validation is
