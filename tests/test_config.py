@@ -48,6 +48,14 @@ def test_smoke_profile_overlays_the_paper_file():
     assert exp.objective.config.masking.inside_ratio == 0.95  # untouched by the profile
 
 
+def test_quickstart_profile_is_smoke_run_longer():
+    smoke, quick = load(), load(profile="quickstart")
+    assert quick.train.max_steps > smoke.train.max_steps  # long enough for a learned picture
+    assert quick.model == smoke.model and quick.objective == smoke.objective
+    assert quick.scaling == smoke.scaling
+    assert quick.train.micro_batch_size == smoke.train.micro_batch_size  # from its base
+
+
 def test_set_overrides_any_field_with_yaml_values():
     exp = load(
         "train.max_steps=7", "objective.masking.region=[0.2, 0.2, 0.9, 0.9]", "output.name=x"

@@ -3,6 +3,7 @@ export, the masked-feature-modelling objective, and a smoke run on 2 DeepSpeed w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,9 @@ def test_recipe_is_eva_x_appendix_and_official_code() -> None:
     exp = load_experiment(EVAX)
     assert exp.train.optimizer.lr == pytest.approx(3e-4)
     assert exp.scaling.num_workers == 8
+    # 600 epochs (EVA-X README, S) of ~520k images at a global batch of 2048
+    batch = exp.train.micro_batch_size * exp.train.grad_accum * exp.scaling.num_workers
+    assert batch == 2048 and exp.train.max_steps == math.ceil(600 * 520_000 / batch)
     assert exp.data.mean == pytest.approx((0.49185243,) * 3)
     assert exp.data.std == pytest.approx((0.28509309,) * 3)
     teacher = exp.model.config.teacher

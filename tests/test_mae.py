@@ -211,6 +211,20 @@ def test_reconstruct() -> None:
     assert mask.float().mean().item() == pytest.approx(57 / 64)
 
 
+def test_masked_errors_against_the_image_mean() -> None:
+    from raydiology.train.export import masked_errors
+
+    images = _images()
+    mask = _objective(_tiny()).reconstruct(images, generator=_gen())["mask"]
+    assert masked_errors(images, images, mask)["picture_masked_mse"] == 0.0
+    # filling the masked pixels with each image's mean there scores exactly the baseline
+    m = mask.expand_as(images)
+    means = (images * m).sum(dim=(1, 2, 3), keepdim=True) / m.sum(dim=(1, 2, 3), keepdim=True)
+    errors = masked_errors(images, means.expand_as(images), mask)
+    assert errors["picture_masked_mse"] == pytest.approx(errors["picture_mean_mse"], rel=1e-5)
+    assert errors["picture_mean_mse"] > 0
+
+
 def test_per_image_region_from_batch() -> None:
     obj = _objective(_tiny(), masking=MaskingConfig(region_column="chest_box"))
     region = torch.zeros(4, 8, 8, dtype=torch.bool)

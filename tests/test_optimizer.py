@@ -125,10 +125,11 @@ def test_frozen_last_layer_takes_no_update_then_trains() -> None:
     )
     groups = param_groups(objective, 0.04, train.optimizer)
     (frozen,) = [g for g in groups if g.get("last_layer")]
-    assert frozen["params"] == [objective.model.head.last_layer.weight]
+    last_layer = objective.model.head.last_layer
+    assert frozen["params"] == [last_layer.weight_g, last_layer.weight_v]  # gain and directions
     optimizer = torch.optim.AdamW(groups, lr=LR, weight_decay=0.04)
     scheduler = lr_scheduler(optimizer, train)
-    last = objective.model.head.last_layer.weight
+    last = last_layer.weight_v
     block = objective.model.encoder.blocks[0].attn.qkv.weight
     images = torch.randn(2, 1, 32, 32)
     for step in range(5):

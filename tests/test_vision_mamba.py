@@ -31,6 +31,7 @@ from raydiology.objectives.arg import ARGObjectiveConfig, build_arg
 EXPERIMENT = (
     Path(__file__).resolve().parents[1] / "experiments" / "mambaxray_vl" / "stage1_arg.yaml"
 )
+EXPERIMENT_LARGE = EXPERIMENT.with_name("stage1_arg_large.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -292,6 +293,28 @@ def test_paper_flavors_on_meta_device(flavor, dim, depth, layers) -> None:
     print(f"\n{flavor}: {counts}")  # for the record: pytest -s
 
 
+@pytest.mark.parametrize(
+    ("path", "flavor", "batch"), [(EXPERIMENT, "base", 2048), (EXPERIMENT_LARGE, "large", 1024)]
+)
+def test_stage1_files_give_the_papers_schedule(path, flavor, batch) -> None:
+    """Per flavor, ARM README's global batch and lr = 1.5e-4 x batch / 256; steps for 101
+    epochs (5 of warmup, the official pretrain.sh) of CXPMRG-Bench's 1.27M images."""
+    from raydiology.config import load_experiment
+
+    exp = load_experiment(path)
+    train, images = exp.train, 1_270_000
+    assert exp.model.config.flavor == flavor and exp.scaling.num_workers == 8
+    assert train.micro_batch_size * train.grad_accum * exp.scaling.num_workers == batch
+    assert train.max_steps == math.ceil(101 * images / batch)
+    assert train.schedule.warmup_steps == round(5 * images / batch)
+    assert train.optimizer.lr == pytest.approx(1.5e-4 * batch / 256)
+    assert (exp.data.resolution, train.grad_clip, train.schedule.min_lr) == (192, 3.0, 0.0)
+    assert train.optimizer.betas == (0.9, 0.95) and train.optimizer.weight_decay == 0.05
+    with torch.device("meta"):
+        model = build_vision_mamba_arg(exp.model.config, image_size=192, in_chans=3)
+    assert len(model.encoder.layers) == {"base": 12, "large": 24}[flavor]
+
+
 # ----------------------------------------------------------------------------- stages 2-3
 
 
@@ -325,12 +348,23 @@ def test_bidirectional_encoder_from_stage1() -> None:
     stage1 = arg_model(192).encoder  # 12x12 patches
     state = {k: v.clone() for k, v in stage1.state_dict().items()}
     state["pos_embed"] = torch.full_like(state["pos_embed"], 0.5)  # a constant survives resizing
+    for k in [k for k in state if k.startswith("feature_norms.")]:
+        state[k] = torch.full_like(state[k], 3.0)  # stage 1's feature norms are not carried over
     cfg = from_dict(VisionMambaConfig, {"flavor": "tiny"}, "model")
     encoder = build_vision_mamba(cfg, image_size=224, in_chans=1).encoder  # 14x14
+    with torch.no_grad():  # whatever CLS and the final norm held, they start afresh
+        encoder.cls_token.fill_(7.0)
+        encoder.norm.weight.fill_(5.0)
+        encoder.norm.bias.fill_(5.0)
     init_from_arg(encoder, state)
 
     assert encoder.pos_embed.shape == (1, 197, 64) and encoder.cls_index == 98
-    assert torch.all(encoder.pos_embed[0, 98] == 0) and torch.all(encoder.cls_token == 0)
+    assert torch.all(encoder.pos_embed[0, 98] == 0)
+    # ARM's fine-tune init: CLS ~ N(0, 0.02), a new LayerNorm (weight 1, bias 0)
+    cls = encoder.cls_token.detach()
+    assert 0.01 < float(cls.std()) < 0.03 and float(cls.abs().max()) < 0.1
+    assert torch.equal(encoder.norm.weight, torch.ones(64))
+    assert torch.equal(encoder.norm.bias, torch.zeros(64))
     others = torch.cat([encoder.pos_embed[0, :98], encoder.pos_embed[0, 99:]])
     torch.testing.assert_close(others, torch.full_like(others, 0.5))
     for i, block in enumerate(encoder.layers):
@@ -346,7 +380,6 @@ def test_bidirectional_encoder_from_stage1() -> None:
         assert torch.equal(block.mixer.in_proj.weight, src.mixer.in_proj.weight)
         assert torch.equal(block.mlp.w3.weight, src.mlp.w3.weight)
     assert torch.equal(encoder.patch_embed.proj.weight, stage1.patch_embed.proj.weight)
-    assert torch.equal(encoder.norm.weight, stage1.feature_norms[-1].weight)
 
     # the real sin-cos table is resized bicubically to 14x14
     init_from_arg(encoder, stage1.state_dict())

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 import raydiology
 from raydiology.cli import app
 from raydiology.data.corpus import decode_pixels, read_rows
+from raydiology.evaluation.bias import run_bias
 from raydiology.evaluation.features import (
+    SPLITS,
     effective_pooling,
     load_features,
     pool_tokens,
@@ -84,13 +86,18 @@ def test_features_match_the_encoder_and_are_cached(world, tmp_path) -> None:
     assert first.features.shape == (200, 64) and first.features.dtype == np.float32
 
     rows = read_rows(corpus, columns=["image_id", "pixels", "height", "width", "dtype", "split",
-                                      "label_cardiomegaly"])  # fmt: skip
+                                      "label_cardiomegaly", "sex", "age_group"])  # fmt: skip
     assert list(first.image_ids) == rows.column("image_id").to_pylist()
     assert list(first.split) == rows.column("split").to_pylist()
     assert set(first.split) == {"train", "val", "test"}
     assert np.array_equal(
         first.select(["label_cardiomegaly"])[:, 0], rows.column("label_cardiomegaly").to_numpy()
     )
+    # The subgroup columns travel with the features (for `evaluate bias`).
+    assert set(first.groups) == {"sex", "age_group"}
+    for column in ("sex", "age_group"):
+        assert list(first.groups[column]) == rows.column(column).to_pylist()
+    assert set(first.groups["sex"]) == {"F", "M"}
 
     # By hand: 8-bit pixels at the encoder's size -> (x/255 - 0.5)/0.5 -> CLS token.
     batch = {k: rows.column(k).to_numpy(zero_copy_only=False)[:4] for k in rows.column_names}
@@ -105,6 +112,7 @@ def test_features_match_the_encoder_and_are_cached(world, tmp_path) -> None:
     stamp = npy.stat().st_mtime_ns
     again = load_features(world["gray"], corpus, pooling="cls", cache_dir=cache, progress=False)
     assert again.cached and np.array_equal(again.features, first.features)
+    assert list(again.groups["age_group"]) == list(first.groups["age_group"])
     assert npy.stat().st_mtime_ns == stamp
     renamed = load_features(
         world["gray"], corpus, pooling="cls", cache_dir=cache, name="other", progress=False
@@ -410,3 +418,114 @@ def test_cli_writes_json_and_a_comparison_table(world) -> None:
     bad = CliRunner().invoke(app, ["evaluate", "probe", str(world["gray"]), "--corpus", corpus,
                                    "--label", "label_*", "--protocol", "xr-0"])  # fmt: skip
     assert bad.exit_code == 2 and "protocol" in bad.output
+
+
+# --- subgroup bias ------------------------------------------------------------------------
+
+
+def _synthetic_groups(n: int = 240, *, seed: int = 0):
+    """One label that shifts feature 0 strongly for F and weakly for M; five rows of unknown
+    sex; 80/10/10 split."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 1)) < 0.4).astype(np.float32)
+    groups = np.array(["F", "M"] * (n // 2), dtype=object)
+    groups[:5] = None
+    features = rng.standard_normal((n, 8)).astype(np.float32)
+    features[:, 0] += np.where(groups == "F", 4.0, 0.5) * labels[:, 0]
+    split = np.array(["train"] * (n * 8 // 10) + ["val"] * (n // 10) + ["test"] * (n // 10))
+    return features, labels, split, groups
+
+
+def _compared(result: dict, c: dict) -> tuple[list[float], list[float]]:
+    """The two recorded score lists a comparison is about: scores[trained on][tested on]."""
+    scores = result["scores"]
+    if c["kind"] == "subgroup vs all":  # on subgroup a: trained on a vs trained on all
+        return scores[c["a"]][c["a"]], scores["all"][c["a"]]
+    return scores["all"][c["a"]], scores["all"][c["b"]]  # the all probe on a vs on b
+
+
+def test_bias_statistics_equal_scipy_on_the_recorded_scores() -> None:
+    from scipy.stats import mannwhitneyu
+
+    features, labels, split, groups = _synthetic_groups()
+    cfg = ProbeConfig(seeds=3, max_epochs=6)
+    out = run_bias(features, labels, split, groups, label_columns=["label_a"], by="sex",
+                   cfg=cfg, bootstrap=5)  # fmt: skip
+    assert out["subgroups"] == ["F", "M"]
+    assert out["n"]["all"]["train"] == 192 and out["n"]["F"]["train"] + out["n"]["M"]["train"] < 192
+    kinds = [(c["kind"], c["a"], c["b"]) for c in out["comparisons"]]
+    assert kinds == [("subgroup vs all", "F", "all"), ("subgroup vs all", "M", "all"),
+                     ("between subgroups", "F", "M")]  # fmt: skip
+    for c in out["comparisons"]:
+        a, b = _compared(out, c)
+        assert len(a) == len(b) == 3 * 5 == c["n_a"] == c["n_b"]
+        expected = mannwhitneyu(a, b, alternative="two-sided")
+        assert c["u"] == float(expected.statistic) and c["p"] == float(expected.pvalue)
+    # The label is far easier to read for F: the shared probe scores F above M.
+    between = out["comparisons"][2]
+    assert between["median_a"] > between["median_b"] + 0.1 and between["p"] < 0.01
+    assert out["notes"] == ["5 rows without sex: in the all probe's training only"]
+
+
+def test_bias_scores_are_the_probes_trained_on_the_subgroup() -> None:
+    """Without resampling, a score is the test AUROC of the yardstick's probe trained on the
+    subgroup's train rows and early-stopped on its val rows."""
+    from raydiology.evaluation.probe import predict, standardize
+
+    features, labels, split, groups = _synthetic_groups()
+    cfg = ProbeConfig(seeds=1, max_epochs=4)
+    out = run_bias(features, labels, split, groups, label_columns=["label_a"], by="sex", cfg=cfg)
+    x = standardize(features, np.flatnonzero(split == "train"))
+    train, val, test = (np.flatnonzero((split == s) & (groups == "M")) for s in SPLITS)
+    probe, _ = train_probe(x[train], labels[train], x[val], labels[val], task="multilabel",
+                           cfg=cfg, seed=0)  # fmt: skip
+    auroc = roc_auc_score(labels[test, 0], predict(probe, x[test], "multilabel")[:, 0])
+    assert out["scores"]["M"]["M"] == [pytest.approx(auroc)]
+    assert len(out["scores"]["all"]["F"]) == 1
+
+
+def test_mann_whitney_handles_empty_and_tied_scores() -> None:
+    from raydiology.evaluation.bias import mann_whitney
+
+    assert mann_whitney([], [0.5])["u"] is None
+    tied = mann_whitney([0.7, 0.7], [0.7, 0.7, 0.7])
+    assert tied["u"] == 3.0 and tied["median_a"] == 0.7
+
+
+def test_bias_cli_writes_json_table_and_figure(world) -> None:
+    from scipy.stats import mannwhitneyu
+
+    out, corpus = world["root"] / "bias", str(world["corpus"])
+    printed = _cli(
+        "evaluate", "bias", str(world["gray"]), "--corpus", corpus, "--label", "label_*",
+        "--by", "sex", "--out", str(out), "--seeds", "2", "--bootstrap", "3", "--max-epochs", "3",
+    )  # fmt: skip
+    assert (
+        "| encoder | tested on | n test | trained on subgroup | trained on all | U | p |" in printed
+    )
+    assert "| gray | sex=F |" in printed and "| gray | sex=M |" in printed
+    (result,) = json.loads((out / "bias.json").read_text())["results"]
+    assert result["by"] == "sex" and result["subgroups"] == ["F", "M"]
+    assert set(result["scores"]) == {"all", "F", "M"}
+    tested = [c for c in result["comparisons"] if c["u"] is not None]
+    assert len(tested) >= 2  # at least two of the three have scores on both sides
+    for c in tested:
+        expected = mannwhitneyu(*_compared(result, c), alternative="two-sided")
+        assert (c["u"], c["p"]) == (float(expected.statistic), float(expected.pvalue))
+    assert (out / "bias.md").read_text().startswith("# bias")
+    assert (out / "bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bad = CliRunner().invoke(app, ["evaluate", "bias", str(world["gray"]), "--corpus", corpus,
+                                   "--label", "label_*", "--by", "race"])  # fmt: skip
+    assert bad.exit_code == 2 and "--by" in bad.output
+
+
+def test_bias_leaves_out_subgroups_without_rows_in_a_split() -> None:
+    features, labels, split, groups = _synthetic_groups()
+    groups[10:12] = "O"  # two train rows only
+    cfg = ProbeConfig(seeds=1, max_epochs=1)
+    out = run_bias(features, labels, split, groups, label_columns=["label_a"], by="sex", cfg=cfg)
+    assert out["subgroups"] == ["F", "M"] and "sex=O left out: no val, test rows" in out["notes"]
+    with pytest.raises(ValueError, match="no sex subgroup"):
+        run_bias(features, labels, split, np.full(len(groups), None), label_columns=["label_a"],
+                 by="sex", cfg=cfg)  # fmt: skip

@@ -462,8 +462,8 @@ def bench_dedup(
 
 # --- evaluate ---
 evaluate_app = typer.Typer(
-    help="Frozen-encoder yardstick: probes, retrieval, segmentation, detection and grounding "
-    "(JSON + markdown).",
+    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias, segmentation, detection "
+    "and grounding (JSON + markdown).",
     no_args_is_help=True,
 )
 app.add_typer(evaluate_app, name="evaluate")
@@ -529,6 +529,42 @@ def _eval_features(
     return sets, columns
 
 
+ProbeProtocol = Annotated[
+    str, typer.Option(help="xr0 (XR-0's probe training) or raydiology-v1 (faster, older)")
+]
+ProbeMaxEpochs = Annotated[
+    int | None, typer.Option(help="epoch cap; default the protocol's (xr0 500, v1 200)")
+]
+ProbeTask = Annotated[str, typer.Option(help="auto, multilabel (BCE) or multiclass (CE)")]
+
+
+def _probe_config(protocol: str, max_epochs: int | None, **fields):
+    """The named probe protocol with the command's options on top; a bad value exits 2."""
+    from raydiology.evaluation.probe import ProbeConfig
+
+    try:
+        caps = {} if max_epochs is None else {"max_epochs": max_epochs}
+        cfg = ProbeConfig.of(protocol, **fields, **caps)
+        cfg.validate("probe")
+    except ValueError as e:  # ConfigError is a ValueError
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    return cfg
+
+
+def _per_encoder(sets, what: str, evaluate) -> list:
+    """evaluate(feature set) for every encoder; a ValueError names the encoder and exits 2."""
+    results = []
+    for fs in sets:
+        err.print(f"{what}: {fs.encoder}")
+        try:
+            results.append(evaluate(fs))
+        except ValueError as e:
+            err.print(f"[red]{fs.encoder}: {e}[/]")
+            raise typer.Exit(2) from None
+    return results
+
+
 @evaluate_app.command("probe")
 def evaluate_probe(
     encoders: Encoders,
@@ -542,18 +578,14 @@ def evaluate_probe(
         typer.Option("--fractions", help="train fractions, e.g. 1% or 0.01 (repeatable)"),
     ] = None,
     seeds: Annotated[int, typer.Option(help="probe seeds per fraction")] = 5,
-    protocol: Annotated[
-        str, typer.Option(help="xr0 (XR-0's probe training) or raydiology-v1 (faster, older)")
-    ] = "xr0",
-    max_epochs: Annotated[
-        int | None, typer.Option(help="epoch cap; default the protocol's (xr0 500, v1 200)")
-    ] = None,
-    task: Annotated[str, typer.Option(help="auto, multilabel (BCE) or multiclass (CE)")] = "auto",
+    protocol: ProbeProtocol = "xr0",
+    max_epochs: ProbeMaxEpochs = None,
+    task: ProbeTask = "auto",
     device: EvalDevice = "auto",
     batch_size: EvalBatch = 64,
 ) -> None:
     """MLP probe on frozen features: AUROC and MCC per train fraction, mean ± std over seeds."""
-    from raydiology.evaluation.probe import ProbeConfig, probe_features
+    from raydiology.evaluation.probe import probe_features
     from raydiology.evaluation.tables import write_results
 
     try:
@@ -561,26 +593,67 @@ def evaluate_probe(
             float(f[:-1]) / 100 if f.endswith("%") else float(f)
             for f in (fractions or ["0.01", "0.1", "1"])
         )
-        caps = {} if max_epochs is None else {"max_epochs": max_epochs}
-        cfg = ProbeConfig.of(protocol, fractions=fracs, seeds=seeds, task=task, **caps)
-        cfg.validate("probe")
-    except ValueError as e:  # ConfigError is a ValueError
-        err.print(f"[red]{e}[/]")
+    except ValueError as e:
+        err.print(f"[red]--fractions: {e}[/]")
         raise typer.Exit(2) from None
+    cfg = _probe_config(protocol, max_epochs, fractions=fracs, seeds=seeds, task=task)
     sets, columns = _eval_features(
         encoders, corpus, label, pool, cache or out / "features", device, batch_size
     )
-    results = []
-    for fs in sets:
-        err.print(f"probe: {fs.encoder} on {len(columns)} label(s)")
-        try:
-            results.append(probe_features(fs, columns, cfg, progress=True))
-        except ValueError as e:
-            err.print(f"[red]{fs.encoder}: {e}[/]")
-            raise typer.Exit(2) from None
+    results = _per_encoder(
+        sets, f"probe on {len(columns)} label(s)",
+        lambda fs: probe_features(fs, columns, cfg, progress=True),
+    )  # fmt: skip
     json_path, md_path, table = write_results(results, out, "probe", corpus=str(corpus))
     print(table)
     err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("bias")
+def evaluate_bias(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    label: EvalLabels,
+    by: Annotated[str, typer.Option("--by", help="subgroup column: sex or age_group")] = "sex",
+    pool: EvalPool = "cls",
+    out: EvalOut = Path("runs/evaluate"),
+    cache: EvalCache = None,
+    seeds: Annotated[int, typer.Option(help="probe seeds per group trained on")] = 5,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            help="resamples of each subgroup's test rows per probe (0: seeds only); resamples "
+            "are not independent, so p-values shrink as they grow"
+        ),
+    ] = 0,
+    protocol: ProbeProtocol = "xr0",
+    max_epochs: ProbeMaxEpochs = None,
+    task: ProbeTask = "auto",
+    device: EvalDevice = "auto",
+    batch_size: EvalBatch = 64,
+) -> None:
+    """Subgroup bias: probes trained on each subgroup and on all, tested on each subgroup,
+    Mann-Whitney U between the AUROC distributions (JSON, markdown and bias.png)."""
+    from raydiology.evaluation.bias import bias_features, save_bias_figure
+    from raydiology.evaluation.features import GROUP_COLUMNS
+    from raydiology.evaluation.tables import write_results
+
+    if by not in GROUP_COLUMNS or bootstrap < 0:
+        err.print(f"[red]--by one of {', '.join(GROUP_COLUMNS)}; --bootstrap 0 or more[/]")
+        raise typer.Exit(2)
+    # The bias probes train on all train rows of their group: one fraction, 100%
+    cfg = _probe_config(protocol, max_epochs, fractions=(1.0,), seeds=seeds, task=task)
+    sets, columns = _eval_features(
+        encoders, corpus, label, pool, cache or out / "features", device, batch_size
+    )
+    results = _per_encoder(
+        sets, f"bias on {len(columns)} label(s) by {by}",
+        lambda fs: bias_features(fs, columns, by, cfg, bootstrap=bootstrap, progress=True),
+    )  # fmt: skip
+    json_path, md_path, table = write_results(results, out, "bias", corpus=str(corpus))
+    figure = save_bias_figure(results, out / "bias.png")
+    print(table)
+    err.print(f"results: {json_path}, {md_path}, {figure}")
 
 
 @evaluate_app.command("retrieval")

@@ -85,9 +85,28 @@ class DataConfig:
     # many views (image [V, 1, R, R] + view_mask [V], padded views masked out); 1 = one image
     # a sample, as single-view models train.
     study_views: int = 1
+    # Side of the square image a batch carries for an objective that cuts its own views
+    # (DINOv2's multi-crop) from more pixels than the model's input: each image's fitted
+    # canvas is resized to this side (down from a larger stored image, up from a smaller one,
+    # so a batch has one shape); null = data.resolution. Memory per sample, S = this side:
+    # S² x 1 or 2 bytes (uint8 / uint16 corpus) through Ray Data, and on the device at most
+    # 30·S² bytes while `to_model_input` normalises in fp32 (16·S² held through the step):
+    # at S = 848, 1.4 MB in transit and 21.6 MB / 11.5 MB on the device (docs/corpus_format.md).
+    crop_source_size: int | None = None
+
+    @property
+    def batch_side(self) -> int:
+        """The side of the images a batch carries: the crop source's, else the model input's."""
+        return self.crop_source_size or self.resolution
 
     def validate(self, key: str) -> None:
         check(self.resolution >= 16, f"{key}.resolution", self.resolution, "at least 16 pixels")
+        check(
+            self.crop_source_size is None or self.resolution <= self.crop_source_size <= 8192,
+            f"{key}.crop_source_size",
+            self.crop_source_size,
+            f"null or data.resolution ({self.resolution}) .. 8192 pixels",
+        )
         check(1 <= self.study_views <= 16, f"{key}.study_views", self.study_views, "1..16 views")
         check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
         for name in ("mean", "std"):
@@ -452,6 +471,9 @@ def _component(registry: Registry[Any], raw: Any, key: str) -> Component:
 # Models whose forward takes a study (images [B, V, ...] + view_mask): report_generator
 # averages its views' tokens, r2gen concatenates them.
 MULTI_VIEW_MODELS = ("report_generator", "r2gen")
+# Objectives that cut their views from the batch's images, so they can take images larger
+# than the model's input (`data.crop_source_size`).
+CROPPING_OBJECTIVES = ("dinov2",)
 
 
 def _validate_across_sections(exp: Experiment) -> None:
@@ -468,6 +490,22 @@ def _validate_across_sections(exp: Experiment) -> None:
         "fp16",
         "fp32 or bf16 on CPU workers (fp16 needs GPUs)",
     )
+    check(
+        exp.data.crop_source_size is None or exp.objective.name in CROPPING_OBJECTIVES,
+        "data.crop_source_size",
+        exp.data.crop_source_size,
+        f"null for objective {exp.objective.name!r} (a larger crop source feeds "
+        + " and ".join(CROPPING_OBJECTIVES)
+        + ", which cut their own views)",
+    )
+    for name in ("mean", "std"):  # an objective that un-normalises must match the data
+        value = getattr(exp.objective.config, f"input_{name}", None)
+        check(
+            value is None or tuple(value) == tuple(getattr(exp.data, name)),
+            f"objective.input_{name}",
+            None if value is None else list(value),
+            f"null or data.{name} {list(getattr(exp.data, name))}",
+        )
     check(
         exp.data.study_views == 1 or exp.model.name in MULTI_VIEW_MODELS,
         "data.study_views",
@@ -494,7 +532,7 @@ def resolve_raw(
     path = Path(path)
     raw = _read_yaml_with_base(path)
     if profile:
-        raw = deep_merge(raw, _read_yaml(find_profile(path, profile)))
+        raw = deep_merge(raw, read_profile(path, profile))
     for item in overrides:
         raw = apply_override(raw, item)
     return raw
@@ -511,6 +549,11 @@ def find_profile(experiment_path: Path, profile: str) -> Path:
     raise ConfigError(
         "--profile", profile, f"a file {PROFILES_DIR}/{profile}.yaml beside the experiments"
     )
+
+
+def read_profile(experiment_path: Path, profile: str) -> dict[str, Any]:
+    """A profile's keys; like an experiment, it may start from another (`base: smoke.yaml`)."""
+    return _read_yaml_with_base(find_profile(experiment_path, profile))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
@@ -563,7 +606,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """An experiment may start from another (`base: other.yaml`) and change a few keys."""
+    """An experiment (or a profile) may start from another (`base: other.yaml`) and change a
+    few keys."""
     raw = _read_yaml(path)
     base = raw.pop("base", None)
     if base is None:

@@ -53,7 +53,9 @@ def run_step_benchmark(
         step, dtype = _torch_step(exp, objective)
 
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    moved["image"] = to_model_input(moved["image"], exp.data, dtype=dtype)
+    # as the loop: an objective may take its images in its own dtype (DINOv2: fp32)
+    input_dtype = getattr(objective, "input_dtype", None) or dtype
+    moved["image"] = to_model_input(moved["image"], exp.data, dtype=input_dtype)
     generator = torch.Generator(device=device)
     after_step = getattr(objective, "after_step", None)  # e.g. an EMA teacher: part of a step
     times: list[float] = []

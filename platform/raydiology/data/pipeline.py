@@ -197,7 +197,8 @@ def preprocess_batch(
     mask_columns: list[str] | None = None,
     box_column: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns).
+    """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns);
+    R is `data.crop_source_size` instead where an objective cuts its own views from more pixels.
 
     Images stay integers (uint8/uint16, `out_dtype`) on their way to the training worker:
     float32 at 1280x1280 is 6.5 MB an image, and moving that through the object store made
@@ -270,7 +271,7 @@ def _fit_images(
     (masks [B, K, R, R], known [B, K]) or None without mask columns)."""
     from raydiology.data.corpus import decode_masks, decode_pixels
 
-    r = cfg.resolution
+    r = cfg.batch_side
     augment = cfg.augment.hflip or cfg.augment.crop_scale is not None
     n = len(keys)
     k = len(mask_columns)
@@ -567,7 +568,7 @@ def _augment(
             y = (boxes[..., [0, 2]] * h - top) / ch
             x = (boxes[..., [1, 3]] * w - left) / cw
             boxes = np.clip(np.stack([y[..., 0], x[..., 0], y[..., 1], x[..., 1]], axis=-1), 0, 1)
-    image = _resize(canvas, (cfg.resolution, cfg.resolution))
+    image = _resize(canvas, (cfg.batch_side, cfg.batch_side))
     if cfg.augment.hflip and rng.random() < 0.5:
         image = image.flip(-1)
         if boxes is not None:

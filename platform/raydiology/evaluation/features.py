@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 Pooling = Literal["cls", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 SPLITS = ("train", "val", "test")
+# Corpus columns a bias evaluation can split the rows by (docs/corpus_format.md)
+GROUP_COLUMNS = ("sex", "age_group")
 # Bump when the way images become features changes, so old caches are not reused.
 FEATURES_VERSION = 1
 
@@ -41,7 +43,8 @@ class FeatureSet:
     """One encoder's pooled features for a whole corpus, with the corpus's labels and splits.
 
     features [N, D] float32, image_ids [N], split [N] ("train"/"val"/"test"),
-    labels [N, L] float32 0/1 for `label_columns` (all `label_*` columns of the corpus).
+    labels [N, L] float32 0/1 for `label_columns` (all `label_*` columns of the corpus),
+    groups {column: [N] str or None} for the subgroup columns the corpus has (`GROUP_COLUMNS`).
     """
 
     features: np.ndarray
@@ -54,6 +57,7 @@ class FeatureSet:
     key: dict[str, Any] = field(default_factory=dict)
     cached: bool = False  # True when read from the cache instead of computed
     notes: list[str] = field(default_factory=list)
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def select(self, columns: list[str] | tuple[str, ...]) -> np.ndarray:
         """labels [N, len(columns)] for the chosen label columns, in the order given."""
@@ -164,7 +168,8 @@ def _corpus_batches(
 
 
 def corpus_table(corpus_dir: str | os.PathLike) -> dict[str, Any]:
-    """image_ids [N], split [N], labels [N, L] and label columns, in manifest order.
+    """image_ids [N], split [N], labels [N, L], label columns and subgroup columns
+    (`GROUP_COLUMNS` the corpus has, nulls kept as None), in manifest order.
 
     Rows with no `split` get a fixed split from a hash of their image id (80/10/10), the same
     for every encoder; label nulls are an error (a probe needs every label known).
@@ -173,7 +178,10 @@ def corpus_table(corpus_dir: str | os.PathLike) -> dict[str, Any]:
 
     manifest = read_manifest(corpus_dir)
     label_columns = tuple(manifest.label_columns)
-    columns = ["image_id", *(["split"] if "split" in manifest.columns else []), *label_columns]
+    groups = [c for c in GROUP_COLUMNS if c in manifest.columns]
+    columns = [
+        "image_id", *(["split"] if "split" in manifest.columns else []), *label_columns, *groups,
+    ]  # fmt: skip
     table = read_rows(corpus_dir, columns=columns)
     image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     raw_split = table.column("split").to_pylist() if "split" in columns else [None] * len(image_ids)
@@ -192,6 +200,7 @@ def corpus_table(corpus_dir: str | os.PathLike) -> dict[str, Any]:
         "split": split,
         "labels": labels,
         "label_columns": label_columns,
+        "groups": {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in groups},
         "split_from_hash": int(sum(s is None for s in raw_split)),
     }
 
@@ -362,7 +371,7 @@ class Progress:
 
 
 def _table_fields(table: dict[str, Any]) -> dict[str, Any]:
-    return {k: table[k] for k in ("image_ids", "split", "labels", "label_columns")}
+    return {k: table[k] for k in ("image_ids", "split", "labels", "label_columns", "groups")}
 
 
 def _table_notes(table: dict[str, Any]) -> list[str]:

@@ -228,7 +228,7 @@ def train_probe(
             with torch.no_grad():
                 logits = model(xv)
                 val_loss = float(loss_fn(logits, yv))
-            val_score = _mean(_aurocs(y_val, _probabilities(logits, task))) if higher else None
+            val_score = mean_auroc(y_val, _probabilities(logits, task)) if higher else None
             if not higher:
                 value = val_loss
             elif val_score is not None:
@@ -275,6 +275,19 @@ def _aurocs(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
 def _mean(values: list[float | None]) -> float | None:
     scored = [v for v in values if v is not None]
     return float(np.mean(scored)) if scored else None
+
+
+def mean_auroc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Mean AUROC over the label columns that hold both classes; None when none does."""
+    return _mean(_aurocs(y_true, probs))
+
+
+def standardize(features: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+    """features [N, D] -> float32, centred and scaled by the mean/std of the train rows."""
+    x = features.astype(np.float32)
+    mu = x[train_rows].mean(axis=0)
+    sd = x[train_rows].std(axis=0)
+    return (x - mu) / np.where(sd > 1e-6, sd, 1.0)
 
 
 @torch.no_grad()
@@ -336,11 +349,7 @@ def run_probe(
         if len(idx) == 0:
             raise ValueError(f"the {s} split is empty; the probe needs train, val and test rows")
     task = infer_task(labels, cfg.task)
-    x = features.astype(np.float32)
-    if cfg.standardize:
-        mu = x[rows["train"]].mean(axis=0)
-        sd = x[rows["train"]].std(axis=0)
-        x = (x - mu) / np.where(sd > 1e-6, sd, 1.0)
+    x = standardize(features, rows["train"]) if cfg.standardize else features.astype(np.float32)
     x_val, y_val = x[rows["val"]], labels[rows["val"]]
     x_test, y_test = x[rows["test"]], labels[rows["test"]]
     y_train_all = labels[rows["train"]]

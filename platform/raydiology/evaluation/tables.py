@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -66,6 +68,52 @@ def retrieval_table(results: list[dict[str, Any]]) -> str:
         f"on {', '.join(first.get('labels', []))}."
     )
     return caption + "\n\n" + _table(header, rows) + "\n"
+
+
+def _median_iqr(values: list[float]) -> str:
+    if not values:
+        return "-"
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return f"{_num(float(q2))} [{_num(float(q1))}, {_num(float(q3))}]"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def bias_table(results: list[dict[str, Any]]) -> str:
+    """Per encoder and test subgroup: scores of the probes trained on the subgroup and on
+    all (median [IQR]) with the Mann-Whitney U and p; then the all-probe between subgroups."""
+    header = ["encoder", "tested on", "n test", "trained on subgroup", "trained on all", "U", "p"]
+    rows, pairs = [], []
+    for r in results:
+        for c in r["comparisons"]:
+            if c["kind"] == "subgroup vs all":
+                g = c["tested_on"]
+                rows.append([
+                    r["encoder"], f"{r['by']}={g}", str(r["n"][g]["test"]),
+                    _median_iqr(r["scores"][g][g]), _median_iqr(r["scores"]["all"][g]),
+                    _num(c["u"], 1), _p(c["p"]),
+                ])  # fmt: skip
+            else:
+                pairs.append([
+                    r["encoder"], f"{c['a']} vs {c['b']}", _median_iqr(r["scores"]["all"][c["a"]]),
+                    _median_iqr(r["scores"]["all"][c["b"]]), _num(c["u"], 1), _p(c["p"]),
+                ])  # fmt: skip
+    first = results[0] if results else {}
+    repeats = first.get("config", {}).get("seeds", "?")
+    boot = first.get("bootstrap", 0)
+    caption = (
+        f"Subgroup bias by {first.get('by', '?')}: test AUROC (mean over "
+        f"{', '.join(first.get('labels', []))}), median [IQR] over {repeats} seeds"
+        + (f" x {boot} bootstrap resamples" if boot else "")
+        + "; two-sided Mann-Whitney U between the score distributions."
+    )
+    out = caption + "\n\n" + _table(header, rows) + "\n"
+    if pairs:
+        header = ["encoder", "trained on all, tested on a vs b", "on a", "on b", "U", "p"]
+        out += "\n" + _table(header, pairs) + "\n"
+    return out
 
 
 def segment_table(results: list[dict[str, Any]]) -> str:
@@ -131,8 +179,10 @@ def write_results(
     results: list[dict[str, Any]], out_dir: str | os.PathLike, kind: str, *, corpus: str
 ) -> tuple[Path, Path, str]:
     """Write `<kind>.json` and `<kind>.md` into `out_dir`; returns both paths and the table."""
-    tables = {"probe": probe_table, "retrieval": retrieval_table, "segment": segment_table,
-              "detect": detect_table, "ground": ground_table}  # fmt: skip
+    tables = {
+        "probe": probe_table, "retrieval": retrieval_table, "bias": bias_table,
+        "segment": segment_table, "detect": detect_table, "ground": ground_table,
+    }  # fmt: skip
     if kind not in tables:
         raise ValueError(f"kind {kind!r} is not one of {sorted(tables)}")
     out = Path(out_dir)

@@ -51,10 +51,14 @@ class DINOv2Args:
 
 
 DINOV2_FLAVORS: dict[str, DINOv2Args] = {
-    # CPU smoke tests: a few steps at 128 px in well under a second each.
+    # CPU smoke tests: a few steps at 128 px in well under a second each. The head keeps
+    # DINOv2's 256-d bottleneck (dinov2/configs/ssl_default_config.yaml): cosines of random
+    # 32-d features spread 3x wider, so a random teacher's targets start sharp and the same
+    # for every image, and centring spends the whole smoke run flattening them (the DINO
+    # term climbs to ln K); at 256-d they start near-uniform, as in DINOv2's first steps.
     "tiny": DINOv2Args(
         patch_size=16, embed_dim=64, depth=2, num_heads=4,
-        head_hidden_dim=128, head_bottleneck_dim=32, head_prototypes=256,
+        head_hidden_dim=128, head_bottleneck_dim=256, head_prototypes=256,
     ),
     # ViT-S/14 and ViT-L/14 for ablations; XR-0 is ViT-B/14.
     "s14": DINOv2Args(patch_size=14, embed_dim=384, depth=12, num_heads=6),
@@ -69,6 +73,10 @@ class DINOv2Config:
 
     flavor: str = "b14"
     drop_path_rate: float = 0.0  # stochastic depth, the same rate in every block (DINOv2 "uniform")
+    # Freeze the head's weight-norm gain at 1. DINOv2 trains it (dinov2/layers/dino_head.py:
+    # weight_norm, weight_g filled with 1, left trainable); DINO v1 froze it by default
+    # (facebookresearch/dino vision_transformer.py DINOHead, main_dino.py --norm_last_layer).
+    norm_last_layer: bool = False
     patch_size: int | None = None
     embed_dim: int | None = None
     depth: int | None = None
@@ -221,31 +229,42 @@ class DINOv2ViT(LayerIds, nn.Module):
         return self.norm(x)
 
 
-class NormalizedLinear(nn.Module):
-    """A bias-free linear map whose rows are unit vectors: DINO's weight-normalised last
-    layer with the norm frozen at 1 (`norm_last_layer`), so only directions are learnt.
+class WeightNormLinear(nn.Module):
+    """A bias-free linear map with weight normalisation, as DINO's last layer:
+    weight = weight_g · weight_v / ‖weight_v‖ row by row (torch's `weight_norm` with dim 0,
+    DINOv2's parameter names). The gain starts at 1; `norm_last_layer` freezes it there so
+    only directions are learnt (DINO v1's default), else it trains (DINOv2's).
 
-    x [*, in] -> [*, out]; with unit-norm inputs the outputs are cosine similarities.
+    x [*, in] -> [*, out]; at gain 1 and unit-norm inputs the outputs are cosine similarities.
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, *, norm_last_layer: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        if not self.weight.is_meta:
-            trunc_normal_(self.weight, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not norm_last_layer)
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        if not self.weight_v.is_meta:
+            trunc_normal_(self.weight_v, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=-1))
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=-1))
 
 
 class DINOHead(nn.Module):
     """DINO's projection head: MLP (GELU) -> bottleneck -> L2-normalise -> prototypes.
 
-    x [*, D] -> logits [*, K], each a cosine similarity in [-1, 1] (before the temperature).
+    x [*, D] -> logits [*, K]: cosine similarities scaled by each prototype's gain (1 at
+    init), before the temperature.
     """
 
     def __init__(
-        self, *, in_dim: int, hidden_dim: int, bottleneck_dim: int, prototypes: int, layers: int
+        self,
+        *,
+        in_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        prototypes: int,
+        layers: int,
+        norm_last_layer: bool = False,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
@@ -255,7 +274,9 @@ class DINOHead(nn.Module):
             if i < layers - 1:
                 mlp.append(nn.GELU())
         self.mlp = nn.Sequential(*mlp)
-        self.last_layer = NormalizedLinear(bottleneck_dim, prototypes)
+        self.last_layer = WeightNormLinear(
+            bottleneck_dim, prototypes, norm_last_layer=norm_last_layer
+        )
         if not is_meta(self):
             for m in self.mlp.modules():
                 if isinstance(m, nn.Linear):
@@ -264,7 +285,7 @@ class DINOHead(nn.Module):
 
     @property
     def prototypes(self) -> int:
-        return self.last_layer.weight.shape[0]
+        return self.last_layer.weight_v.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # eps safe in fp16/bf16
@@ -315,5 +336,6 @@ def build_dinov2_vit(cfg: DINOv2Config, *, image_size: int, in_chans: int) -> DI
         bottleneck_dim=a.head_bottleneck_dim,
         prototypes=a.head_prototypes,
         layers=a.head_layers,
+        norm_last_layer=cfg.norm_last_layer,
     )
     return DINOv2Model(encoder, head)

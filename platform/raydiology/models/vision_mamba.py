@@ -175,7 +175,8 @@ VISION_MAMBA_ARG_FLAVORS: dict[str, VisionMambaARGArgs] = {
     "tiny": VisionMambaARGArgs(
         embed_dim=64, depth=4, feature_layers=(1, 2, 3, 4), decoder_dim=64, decoder_heads=4
     ),
-    # The papers' Base and Large (decoder 512 dims, 8 heads).
+    # The papers' Base and Large: ARM models_pretrain.py arm_base_pz16 / arm_large_pz16
+    # (dec_embed_dim 512, heads 512 // 64 = 8; `self.skip` gives the feature layers).
     "base": VisionMambaARGArgs(embed_dim=768, depth=12, feature_layers=(6, 8, 10, 12)),
     "large": VisionMambaARGArgs(embed_dim=1024, depth=24, feature_layers=(12, 16, 20, 24)),
 }
@@ -701,10 +702,14 @@ def _insert_row(table: Tensor, index: int) -> Tensor:
 def init_from_arg(encoder: BiVisionMambaEncoder, state: dict[str, Tensor]) -> None:
     """Initialise a 4-direction encoder from a stage-1 `VisionMambaEncoder` state dict.
 
-    Patch embedding, norms, SwiGLUs and in/out projections are copied; each mixer's scan
+    Patch embedding, block norms, SwiGLUs and in/out projections are copied; each mixer's scan
     parameters go into all four branches; the fixed stage-1 positions are resized bicubically
     to the new grid (12x12 -> 14x14 for 192 -> 224 px) with a zero slot for CLS in the
-    middle; CLS starts at zero; the final norm is stage 1's last feature norm.
+    middle. Stage 1 has no CLS token and no final norm, so both start afresh (CLS ~ N(0,
+    0.02), LayerNorm weight 1, bias 0), as in the official code: ARM's
+    Finetuning/main_finetune.py and MambaXray-VL's models/MambaXrayVL_CLIP.py load the
+    pretraining checkpoint with strict=False, leaving Finetuning/models_mamba.py's `cls_token`
+    and `norm_f` as constructed (stage 1's feature norms feed its decoder only).
     """
     depth = len(encoder.layers)
     src_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
@@ -723,10 +728,6 @@ def init_from_arg(encoder: BiVisionMambaEncoder, state: dict[str, Tensor]) -> No
         for k, v in layer.items():
             if not k.startswith("mixer."):
                 own[prefix + k] = v
-    last_norm = f"feature_norms.{NUM_FEATURE_LAYERS - 1}."
-    for k, v in state.items():
-        if k.startswith(last_norm):
-            own["norm." + k[len(last_norm) :]] = v
 
     src = state["pos_embed"][0].float()  # [N1, D] raster
     side = math.isqrt(src.shape[0])
@@ -737,11 +738,14 @@ def init_from_arg(encoder: BiVisionMambaEncoder, state: dict[str, Tensor]) -> No
     resized = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
     table = resized.reshape(-1, gh * gw).t()  # [N, D]
     own["pos_embed"] = _insert_row(table, encoder.cls_index)[None]
-    own["cls_token"] = torch.zeros_like(encoder.cls_token)
 
     missing, unexpected = encoder.load_state_dict(own, strict=False)
-    # Mixers were loaded above; everything else must have come from `own`.
-    missing = [k for k in missing if ".mixer." not in k]
+    trunc_normal_(encoder.cls_token, std=0.02)
+    encoder.norm.reset_parameters()
+    # Mixers were loaded above and CLS / the final norm start afresh; everything else must
+    # have come from `own`.
+    fresh = ("cls_token", "norm.weight", "norm.bias")
+    missing = [k for k in missing if ".mixer." not in k and k not in fresh]
     if missing or unexpected:
         raise ValueError(f"stage-1 weights do not fit: missing {missing}, unexpected {unexpected}")
 

@@ -23,7 +23,9 @@ from raydiology.registry import OBJECTIVES
 class ARGObjectiveConfig:
     """The `objective` section for ``name: arg``."""
 
-    norm_pix_loss: bool = True  # standardise each target patch (always on in the official code)
+    # Standardise each target patch: the official pretrain.sh and ARM's README pass
+    # --norm_pix_loss.
+    norm_pix_loss: bool = True
 
     def validate(self, key: str) -> None:
         return None

@@ -5,7 +5,10 @@ both) across views of one radiograph:
 
 - multi-crop, made on the accelerator from the batch's images: 2 global crops (XR-0: 518 px
   from 50-100% of the image) and `local_crops` local crops (196 px from 20-50%), flipped at
-  random. Global and local crops go through the backbone as two batched forwards.
+  random, then (`augment`) rotated, auto-contrasted, equalised and blurred per crop. The
+  images can be larger than the model's input (`data.crop_source_size`), so a global crop is
+  cut from the stored pixels instead of being upsampled from the 518-px input. Global and
+  local crops go through the backbone as two batched forwards.
 - DINO: cross-entropy between the teacher's centred, sharpened CLS distribution on one global
   crop and the student's on every other crop.
 - iBOT: block-wise masks on half the global crops (ratios spread over [0.1, 0.5]); the student
@@ -27,7 +30,8 @@ import contextlib
 import copy
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -36,11 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydiology.config_base import check
+from raydiology.data.views import ViewAugment, augment_views
 from raydiology.models.dinov2 import DINOv2Model
 from raydiology.registry import OBJECTIVES
 from raydiology.train import collectives
 
 GLOBAL_CROPS = 2  # DINO's loss pairs each global crop with the other one
+
+# module -> its (name, weight) pairs, e.g. the optimizer's fp32 master copy of each parameter
+WeightReader = Callable[[nn.Module], Iterable[tuple[str, Tensor]]]
 
 
 @dataclass(kw_only=True)
@@ -60,6 +68,13 @@ class DINOv2ObjectiveConfig:
     local_crop_scale: tuple[float, float] = (0.2, 0.5)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range, as RandomResizedCrop
     hflip_prob: float = 0.5
+    # Per-crop rotation / intensity / blur (raydiology.data.views); all off by default.
+    augment: ViewAugment = field(default_factory=ViewAugment)
+    # How the batch's images are normalised (copy data.mean / data.std; checked against them).
+    # When set, crops are cut and augmented as [0, 1] intensities of the first channel and
+    # normalised afterwards; `augment` needs them. Null = crops cut from the images as they come.
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
     # EMA teacher: momentum cosine from `momentum_teacher` to `momentum_teacher_end`
     momentum_teacher: float = 0.992
     momentum_teacher_end: float = 1.0
@@ -111,6 +126,23 @@ class DINOv2ObjectiveConfig:
         )
         for name in ("dino_weight", "ibot_weight", "koleo_weight"):
             check(getattr(self, name) >= 0, f"{k}{name}", getattr(self, name), ">= 0")
+        self.augment.validate(f"{k}augment")
+        a = self.augment
+        augments = a.rotation_prob > 0 or a.changes_intensity or any(p > 0 for p in a.blur_prob)
+        check(
+            not augments or (self.input_mean is not None and self.input_std is not None),
+            f"{k}input_mean",
+            self.input_mean,
+            "data.mean (and input_std data.std) when `augment` is on: it works on intensities",
+        )
+        if self.input_mean is not None or self.input_std is not None:
+            mean, std = self.input_mean or (), self.input_std or ()
+            check(
+                len(mean) == len(std) >= 1 and all(v > 0 for v in std),
+                f"{k}input_std",
+                list(std),
+                "one positive value per input_mean value",
+            )
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -225,34 +257,48 @@ def multi_crop(
 
 
 def block_mask(
-    grid: tuple[int, int], count: int, rng: random.Random, *, min_block: int = 4
+    grid: tuple[int, int],
+    count: int,
+    rng: random.Random,
+    *,
+    min_block: int = 4,
+    max_block: int | None = None,
 ) -> np.ndarray:
     """A [gh, gw] bool mask with exactly `count` True cells, laid as rectangular blocks.
 
-    BEiT's block masking: blocks of random area (at least `min_block` patches while that
-    many remain) and aspect ratio in [0.3, 1/0.3] until `count` is reached; a block that
-    would overshoot is cut short, and cells still missing after 100 blocks are drawn at random.
+    BEiT's block masking, as DINOv2's MaskingGenerator: blocks of random area (at least
+    `min_block` patches while that many remain, at most `max_block`) and aspect ratio in
+    [0.3, 1/0.3] until `count` is reached; a block adds at most that many new cells (one that
+    would overshoot is cut short), and cells still missing after 100 blocks are drawn at random.
     """
     gh, gw = grid
     count = min(count, gh * gw)
+    cap = gh * gw if max_block is None else max(1, max_block)
     mask = np.zeros((gh, gw), dtype=bool)
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
     for _ in range(100):
         remaining = count - int(mask.sum())
         if remaining <= 0:
             break
-        area = rng.uniform(min(min_block, remaining), remaining)
+        most = min(remaining, cap)
+        area = rng.uniform(min(min_block, most), most)
         aspect = math.exp(rng.uniform(*log_aspect))
         h = min(gh, max(1, round(math.sqrt(area * aspect))))
         w = min(gw, max(1, round(math.sqrt(area / aspect))))
         top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
-        free = np.argwhere(~mask[top : top + h, left : left + w])[:remaining]
+        free = np.argwhere(~mask[top : top + h, left : left + w])[:most]
         mask[top + free[:, 0], left + free[:, 1]] = True
     remaining = count - int(mask.sum())
     if remaining > 0:
         chosen = rng.sample(np.flatnonzero(~mask).tolist(), remaining)
         mask.flat[chosen] = True
     return mask
+
+
+# Largest block: half the patches (dinov2/train/train.py builds its MaskingGenerator with
+# max_num_patches=0.5 * N; as written, `0.5 * S // p * S // p`, Python's left-to-right
+# floor divisions make that 666 rather than 684 for 518-px crops of /14 patches).
+MAX_BLOCK_SHARE = 0.5
 
 
 def ibot_masks(
@@ -268,9 +314,11 @@ def ibot_masks(
 
     int(n·probability) crops get a block mask; their ratios are spread evenly over `ratio`
     (one draw from each of that many equal slices, as DINOv2's collate); the rest get none.
-    The order is shuffled so masked crops land anywhere in the batch.
+    No block covers more than half the crop (`MAX_BLOCK_SHARE`). The order is shuffled so
+    masked crops land anywhere in the batch.
     """
     gh, gw = grid
+    max_block = int(MAX_BLOCK_SHARE * gh * gw)
     masked = int(n * probability)
     edges = np.linspace(ratio[0], ratio[1], masked + 1)
     masks = [
@@ -279,6 +327,7 @@ def ibot_masks(
             max(1, int(gh * gw * rng.uniform(edges[i], edges[i + 1]))),
             rng,
             min_block=min_block,
+            max_block=max_block,
         )
         for i in range(masked)
     ]
@@ -350,18 +399,27 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def update(self, student: DINOv2Model, momentum: float) -> None:
-        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor."""
+    def update(
+        self, student: DINOv2Model, momentum: float, weights: WeightReader | None = None
+    ) -> None:
+        """teacher <- momentum·teacher + (1 - momentum)·student, in fp32, tensor by tensor.
+
+        `weights` reads a student module's trained weights as (name, tensor) pairs: in
+        bf16/fp16 training the loop passes DeepSpeed's fp32 master copy, as DINOv2's teacher
+        follows the fp32 student (dinov2/train/ssl_meta_arch.py update_teacher, on FSDP's
+        fp32 flat parameters); by default the module's own parameters.
+        """
+        if any(hasattr(p, "ds_id") for p in student.parameters()):
+            raise RuntimeError(
+                "objective 'dinov2' reads the student's full weights for its EMA "
+                "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
+            )
         mine = dict(self.named_buffers())
         for prefix, module in (("encoder", student.encoder), ("head", student.head)):
-            for name, p in module.named_parameters():
-                if hasattr(p, "ds_id"):
-                    raise RuntimeError(
-                        "objective 'dinov2' reads the student's full weights for its EMA "
-                        "teacher: use train.zero_stage 0, 1 or 2 (not ZeRO-3)"
-                    )
+            pairs = module.named_parameters() if weights is None else weights(module)
+            for name, w in pairs:
                 t = mine[f"{prefix}.{name}"]
-                t.lerp_(p.detach().to(t.dtype), 1.0 - momentum)
+                t.lerp_(w.detach().to(t.dtype), 1.0 - momentum)
 
 
 # ---------------------------------------------------------------------------- objective
@@ -369,6 +427,10 @@ class EMATeacher(nn.Module):
 
 class DINOv2Objective(nn.Module):
     """batch {"image": [B, C, R, R]} -> {"loss", "dino", "ibot", "koleo", "teacher_temp", ...}."""
+
+    # The loop hands this objective fp32 images: crops and intensity changes keep a 16-bit
+    # source's precision; the crops are cast to the student's dtype after.
+    input_dtype = torch.float32
 
     progress: Tensor  # [2] int64: optimizer steps taken, max_steps (saved with checkpoints)
     dino_center: Tensor  # [1, K]
@@ -396,15 +458,16 @@ class DINOv2Objective(nn.Module):
     def student(self) -> DINOv2Model:
         return self.model
 
-    def after_step(self, step: int, max_steps: int) -> None:
-        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum."""
+    def after_step(self, step: int, max_steps: int, weights: WeightReader | None = None) -> None:
+        """After optimizer step `step` (1-based): EMA update with iteration step-1's momentum,
+        from the student's weights as `weights` reads them (see `EMATeacher.update`)."""
         m = momentum_at(
             step - 1,
             max_steps,
             start=self.cfg.momentum_teacher,
             end=self.cfg.momentum_teacher_end,
         )
-        self.teacher.update(self.model, m)
+        self.teacher.update(self.model, m, weights)
         self.progress.copy_(torch.tensor([step, max_steps]))
 
     def teacher_temp(self) -> float:
@@ -415,20 +478,47 @@ class DINOv2Objective(nn.Module):
     def make_crops(
         self, images: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor | None]:
-        """images [B, C, R, R] -> (global [G·B, C, Sg, Sg], local [L·B, C, Sl, Sl] or None)."""
-        cfg = self.cfg
+        """images [B, C, R, R] -> (global [G·B, C, Sg, Sg], local [L·B, C, Sl, Sl] or None).
 
-        def crops(n: int, size: int, scale: tuple[float, float]) -> Tensor:
-            return multi_crop(
-                images, n, out_size=size, scale=scale, ratio=cfg.crop_ratio,
+        R is the crop source's side (data.crop_source_size, else the model's input): crops
+        are resized from it, never upsampled from a smaller copy when R is large enough.
+        """
+        cfg = self.cfg
+        b, channels = images.shape[:2]
+        unit = cfg.input_mean is not None
+        source = self.to_unit(images) if unit else images  # [B, 1, R, R] in [0, 1]
+
+        def crops(blur_prob: list[float], size: int, scale: tuple[float, float]) -> Tensor:
+            views = multi_crop(
+                source, len(blur_prob), out_size=size, scale=scale, ratio=cfg.crop_ratio,
                 hflip_prob=cfg.hflip_prob, generator=generator,
             )  # fmt: skip
+            if not unit:
+                return views
+            per_view = torch.tensor(blur_prob, device=views.device).repeat_interleave(b)
+            views = augment_views(views, cfg.augment, blur_prob=per_view, generator=generator)
+            return self.from_unit(views, channels)
 
-        global_crops = crops(GLOBAL_CROPS, self.global_size, cfg.global_crop_scale)
+        first, second, local = cfg.augment.blur_prob
+        global_crops = crops([first, second], self.global_size, cfg.global_crop_scale)
         local_crops = None
         if cfg.local_crops:
-            local_crops = crops(cfg.local_crops, self.local_size, cfg.local_crop_scale)
+            local_crops = crops([local] * cfg.local_crops, self.local_size, cfg.local_crop_scale)
         return global_crops, local_crops
+
+    def to_unit(self, images: Tensor) -> Tensor:
+        """Normalised [B, C, R, R] (grayscale repeated) -> [B, 1, R, R] fp32 intensities."""
+        assert self.cfg.input_mean is not None and self.cfg.input_std is not None
+        mean, std = self.cfg.input_mean[0], self.cfg.input_std[0]
+        return images[:, :1].float() * std + mean
+
+    def from_unit(self, views: Tensor, channels: int) -> Tensor:
+        """[n, 1, S, S] intensities -> [n, channels, S, S] normalised as the batch was."""
+        assert self.cfg.input_mean is not None and self.cfg.input_std is not None
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.cfg.input_mean, device=views.device).view(shape)
+        std = torch.tensor(self.cfg.input_std, device=views.device).view(shape)
+        return (views.expand(-1, channels, -1, -1) - mean) / std
 
     def make_masks(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """[n, N] bool iBOT masks for n global crops, drawn on the CPU from the step's seed."""

@@ -4,9 +4,11 @@ reconstruction picture (original / masked / reconstruction, the HD-MAE paper's F
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,32 +19,47 @@ WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 
 
-def master_weights(engine: Any, module: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
-    """`module`'s state dict (a part of `engine.module`) with each trained parameter taken
-    from DeepSpeed's fp32 master copy, on the CPU in float32.
+def master_params(engine: Any, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, weight) for each parameter of `module` (a part of `engine.module`): DeepSpeed's
+    fp32 master copy where the optimizer keeps one, else the parameter as held; on the
+    parameter's device.
 
     In bf16/fp16 the module holds rounded weights (bf16 keeps 8 bits of mantissa); the
     optimizer updates fp32 copies, which are the weights training actually reached:
     ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer) through `safe_get_full_fp32_param`, which
-    gathers ZeRO-3's partitions as zero_to_fp32 does; ZeRO-0 from the FP16 optimizers' fp32
-    groups. A collective under ZeRO: every rank calls it, in the same order. Under ZeRO-3
-    call it inside `GatheredParameters` so buffers and frozen weights are whole too.
-    Parameters without a master copy (fp32 training, frozen weights) are exported as held.
-    `keep=False` (ranks that don't write) takes part in the gathers and returns {}.
+    gathers the partitions (as zero_to_fp32 does for ZeRO-3); ZeRO-0 from the FP16
+    optimizers' fp32 groups. fp32 parameters are their own master (DeepSpeed copies the
+    updated partitions back into them), so they are read with no collective. A collective
+    under ZeRO for low-precision weights: every rank iterates it, in the same order. Under
+    ZeRO-3 iterate inside `GatheredParameters` so frozen weights are whole too.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
     masters = _zero0_masters(engine.optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    if keep:
-        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
     for name, param in module.named_parameters():
         master = masters.get(id(param))
         zero3_frozen = hasattr(param, "ds_id") and not hasattr(param, "_z3_optimizer")
-        if master is None and param.requires_grad and not zero3_frozen:
+        low_precision = param.dtype in (torch.bfloat16, torch.float16) or hasattr(param, "ds_id")
+        if master is None and param.requires_grad and low_precision and not zero3_frozen:
             master = safe_get_full_fp32_param(param)  # a collective under ZeRO
-        if master is not None and keep:
-            tensors[name] = master.detach().to("cpu", torch.float32).reshape(param.shape)
+        yield name, param if master is None else master.reshape(param.shape)
+
+
+def master_weights(engine: Any, module: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """`module`'s state dict (a part of `engine.module`) with each trained parameter taken
+    from DeepSpeed's fp32 master copy (see `master_params`), on the CPU in float32.
+
+    Call it on every rank (a collective under ZeRO); under ZeRO-3 inside
+    `GatheredParameters` so buffers and frozen weights are whole too. Parameters without a
+    master copy (fp32 training, frozen weights) are exported as held. `keep=False` (ranks
+    that don't write) takes part in the gathers and returns {}.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    if keep:
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in module.state_dict().items()}
+    for name, weight in master_params(engine, module):
+        if keep:
+            tensors[name] = weight.detach().to("cpu", torch.float32)
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
@@ -162,10 +179,15 @@ def save_reconstruction(
     write: bool,
     seed: int,
     caption: str | None = None,
-) -> Path | None:
-    """Rows of original / masked / reconstruction for a few training images.
+) -> dict[str, float] | None:
+    """Rows of original / masked / reconstruction for a few training images, and how well
+    the masked patches were predicted: {"picture_masked_mse", "picture_mean_mse"} (None for
+    an objective that cannot reconstruct).
 
-    `caption` carries the corpus's required attribution (e.g. CC BY) under the picture.
+    Beside the PNG, the same name with .npz holds the pictured arrays in the model's
+    normalised units (`image`, `prediction`, `mask` [B, 1, H, W], 1 = predicted), so the
+    errors can be checked from the files. `caption` carries the corpus's required
+    attribution (e.g. CC BY) under the picture.
     """
     reconstruct = getattr(objective, "reconstruct", None)
     if reconstruct is None:
@@ -175,11 +197,41 @@ def save_reconstruction(
     generator = torch.Generator(device=images.device).manual_seed(seed)
     out = reconstruct(images, generator=generator)
     objective.train(was_training)
+    errors = masked_errors(images, out["prediction"], out["mask"])
     if not write:
-        return None
-    columns = {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"]}
+        return errors
+    title = (  # short enough for one column
+        f"reconstruction\nmasked MSE {errors['picture_masked_mse']:.3f} "
+        f"(mean {errors['picture_mean_mse']:.3f})"
+    )
+    columns = {"original": images, "masked": out["masked"], title: out["reconstruction"]}
     _save_grid(columns, data, path, caption=caption)
-    return path
+    arrays = {"image": images, "prediction": out["prediction"], "mask": out["mask"]}
+    np.savez_compressed(
+        path.with_suffix(".npz"), **{k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+    )
+    return errors
+
+
+def masked_errors(
+    images: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """Mean squared error over the predicted pixels (images, prediction [B, C, H, W], mask
+    [B, 1, H, W]), and the same for predicting each image's mean there: the best a model
+    that saw nothing of the image's layout could do. Far below 1 x the second = learned.
+
+    With `norm_pix_loss` the prediction borrows each patch's true mean and variance (MAE's
+    un-normalisation), so the first flatters such runs.
+    """
+    x, pred = images.detach().float(), prediction.detach().float()
+    m = mask.detach().float().expand_as(x)
+    count = m.sum(dim=(1, 2, 3)).clamp_min(1.0)  # [B]
+    image_mean = (x * m).sum(dim=(1, 2, 3)) / count  # [B], over the predicted pixels only
+    total = count.sum()
+    return {
+        "picture_masked_mse": float((((pred - x) ** 2) * m).sum() / total),
+        "picture_mean_mse": float((((x - image_mean.view(-1, 1, 1, 1)) ** 2) * m).sum() / total),
+    }
 
 
 def _save_grid(

@@ -587,7 +587,7 @@ def _summarise(result, run_dir: Path, console: Console, *, select: bool = False)
     checkpoint with the best val_score (the later one on a tie, as Ray ranks them); the
     picture always from the last.
     """
-    from raydiology.train.loop import EXPORT_DIR, PICTURE
+    from raydiology.train.loop import EXPORT_DIR, PICTURE, PICTURE_ARRAYS
 
     if result.error:
         raise result.error
@@ -605,7 +605,9 @@ def _summarise(result, run_dir: Path, console: Console, *, select: bool = False)
         with checkpoint.as_directory() as folder:
             if (Path(folder) / PICTURE).is_file():
                 picture = run_dir / PICTURE
-                shutil.copy(Path(folder) / PICTURE, picture)
+                for name in (PICTURE, PICTURE_ARRAYS):
+                    if (Path(folder) / name).is_file():
+                        shutil.copy(Path(folder) / name, run_dir / name)
     metrics = dict(result.metrics or {})
     summary: dict[str, Any] = {
         "metrics": metrics,
@@ -632,6 +634,11 @@ def _summarise(result, run_dir: Path, console: Console, *, select: bool = False)
         )
     console.print(f"  encoder export  {export or '-'}  (raydiology.load_encoder(path))")
     console.print(f"  picture         {picture or '-'}")
+    if "picture_masked_mse" in metrics:  # its masked pixels, vs filling them with the mean
+        console.print(
+            f"  masked MSE      {metrics['picture_masked_mse']:.4f}  "
+            f"(each image's mean: {metrics['picture_mean_mse']:.4f})"
+        )
     console.print(f"  config          {run_dir / 'config.yaml'}")
     return RunResult(run_dir, checkpoint.path if checkpoint else None, export, picture, metrics)
 

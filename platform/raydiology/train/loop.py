@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from raydiology.train.deepspeed_config import (
     prepare_cuda_builds,
     training_engine,
 )
+from raydiology.train.export import master_params
 from raydiology.train.schedules import weight_decay_at
 
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "export"
 PICTURE = "reconstruction.png"
+PICTURE_ARRAYS = Path(PICTURE).with_suffix(".npz").name  # its arrays, saved beside it
 CONSUMED = "consumed"  # per-rank row keys seen in the checkpoint's epoch
 
 # Ray Train routes worker logging to the driver console and its log files; a bare print
@@ -83,6 +86,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise TypeError(f"objective {exp.objective.name!r} cannot validate: set eval_every 0")
         val_shard = ray.train.get_dataset_shard(validation.VAL_DATASET)
     param_dtype = next(engine.module.parameters()).dtype
+    # An objective that cuts its own views (DINOv2) takes its images in fp32: bf16 would
+    # round a 16-bit source to 8 significant bits before its crops and intensity changes.
+    input_dtype = getattr(engine.module, "input_dtype", None) or param_dtype
     generator = torch.Generator(device=device)
     picture_batch: torch.Tensor | None = None
     window = _Window()
@@ -99,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()
             }
-            batch["image"] = to_model_input(batch["image"], exp.data, dtype=param_dtype)
+            batch["image"] = to_model_input(batch["image"], exp.data, dtype=input_dtype)
             if picture_batch is None:
                 picture_batch = batch["image"][: train.reconstruction_images].detach().clone()
 
@@ -118,10 +124,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             state.step += 1
             window.end_step()
-            # e.g. an EMA teacher's update or a temperature schedule (DINOv2)
+            # e.g. an EMA teacher's update or a temperature schedule (DINOv2), reading the
+            # student's fp32 master weights, not the bf16/fp16-rounded module's
             after_step = getattr(engine.module, "after_step", None)
             if after_step is not None:
-                after_step(state.step, train.max_steps)
+                after_step(state.step, train.max_steps, partial(master_params, engine))
             last = state.step >= train.max_steps
             save = state.step % train.checkpoint_every == 0 or last
             # With validation on, every checkpoint is validated and every validation is
@@ -434,7 +441,7 @@ def _checkpoint(
         )
         if picture_batch is not None:
             # Every rank runs the forward (ZeRO-3 needs all ranks); rank 0 writes.
-            picture = save_reconstruction(
+            errors = save_reconstruction(
                 engine.module,
                 picture_batch,
                 exp.data,
@@ -444,7 +451,7 @@ def _checkpoint(
                 caption=loop_config.get("attribution"),
             )
             if rank == 0:
-                metrics = {**metrics, "picture": PICTURE if picture else None}
+                metrics = {**metrics, "picture": PICTURE if errors else None, **(errors or {})}
         if export:
             # Under ZeRO-3 every rank holds a slice of each weight: gather them (all ranks
             # take part) before rank 0 writes; for stages 0-2 this is a no-op.

@@ -41,7 +41,7 @@ from raydiology.config import (
     apply_override,
     deep_merge,
     experiment_from_dict,
-    find_profile,
+    read_profile,
     resolve_raw,
 )
 from raydiology.config_base import ConfigError, check, from_dict, to_dict
@@ -426,7 +426,7 @@ def make_plan(
     raw = resolve_raw(base_path)
     raw = _apply(raw, {**cfg.fixed, **cfg.resources.scaling_overrides()})
     if profile:
-        raw = deep_merge(raw, yaml.safe_load(find_profile(base_path, profile).read_text()) or {})
+        raw = deep_merge(raw, read_profile(base_path, profile))
     for item in sets:
         raw = apply_override(raw, item)
     base = experiment_from_dict(raw)  # the common part is valid on its own
