@@ -24,6 +24,7 @@ from raydiology.evaluation.detect import (
     cxcywh_to_xyxy,
     detr_loss,
     hungarian_match,
+    predict_boxes,
     xyxy_to_cxcywh,
 )
 
@@ -96,6 +97,41 @@ def test_detr_loss_is_zero_box_error_at_the_truth_and_learns() -> None:
         first = first if first is not None else loss.item()
         last = loss.item()
     assert last is not None and first is not None and last < 0.3 * first
+
+
+def test_decoder_localises_what_the_features_show() -> None:
+    """Features that mark the patch holding the box (one channel set there): the decoder
+    trained with matching + set loss finds the boxes of held-out images (mAP@50 near 1).
+    Measured: 1500 steps at lr 1e-3 reach mAP@50 0.94; at DETR's 1e-4, 0.02 (too few steps)."""
+    cfg = DetectConfig(hidden=32, heads=4, ffn=64, layers=2, queries=4, dropout=0.0, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats, boxes = torch.zeros(n, 8, 4, 4), []
+        for i, cell in enumerate(torch.randint(16, (n,), generator=gen).tolist()):
+            r, c = divmod(cell, 4)
+            feats[i, 0, r, c] = 1.0
+            boxes.append(torch.tensor([[c * 16 + 2.0, r * 16 + 2.0, c * 16 + 14.0, r * 16 + 14.0]]))
+        return feats, boxes
+
+    train_feats, train_boxes = make(256)
+    test_feats, test_boxes = make(64)
+    torch.manual_seed(0)
+    decoder = DetrDecoder(8, 1, (4, 4), cfg)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(1500):
+        rows = torch.randint(256, (16,), generator=gen).tolist()
+        logits, boxes = decoder(train_feats[rows])
+        targets = [xyxy_to_cxcywh(train_boxes[i] / 64) for i in rows]
+        loss = detr_loss(logits, boxes, [torch.tensor([0])] * 16, targets, cfg)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip_norm)
+        opt.step()
+    split = BoxSplit(images=torch.zeros(64, 1, 64, 64, dtype=torch.uint8), boxes=test_boxes,
+                     labels=[torch.tensor([0])] * 64, image_ids=[str(i) for i in range(64)])  # fmt: skip
+    got = box_metrics(predict_boxes(decoder, test_feats, 64), split)
+    assert got["map50"] > 0.8 and got["mean_iou"] > 0.6
 
 
 def test_box_metrics_by_hand() -> None:

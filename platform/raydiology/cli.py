@@ -773,6 +773,7 @@ def evaluate_detect(
     max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
     eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (DETR: 1e-4)")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="validations without gain before stopping")] = 5,
     seed: int = 0,
     device: EvalDevice = "auto",
 ) -> None:
@@ -794,7 +795,8 @@ def evaluate_detect(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cfg = DetectConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed)
+        cfg = DetectConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed,
+                           patience=patience)  # fmt: skip
         cfg.validate("detect")
         manifest = read_manifest(corpus)
     except (CorpusError, ValueError) as e:
