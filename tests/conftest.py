@@ -36,3 +36,24 @@ def hannover_png() -> Path:
     if not HANNOVER_PNG.is_dir():
         pytest.skip(f"real radiographs not found at {HANNOVER_PNG} (../shared/data is absent)")
     return HANNOVER_PNG
+
+
+@pytest.fixture(scope="session")
+def smoke_export():
+    """make(experiment, folder, seed, *overrides) -> folder: the smoke flavour of an
+    experiment exported with random weights (what `raydiology run` exports at step 0)."""
+    import torch
+
+    from raydiology.config import load_experiment
+    from raydiology.registry import build_model, build_objective
+    from raydiology.train.export import export_encoder
+
+    def make(experiment: str, folder: Path, seed: int, *sets: str) -> Path:
+        exp = load_experiment(REPO / "experiments" / experiment, profile="smoke",
+                              overrides=list(sets))  # fmt: skip
+        torch.manual_seed(seed)
+        objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+        export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
+        return folder
+
+    return make

@@ -302,12 +302,22 @@ def corpus_phantom(
     masks: Annotated[
         bool, typer.Option(help="also write mask_lungs/heart/clavicles/lesion (PA films)")
     ] = False,
+    boxes: Annotated[
+        bool, typer.Option(help="also write the lesion's box + report phrase (PA films)")
+    ] = False,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
 
     manifest = write_phantom_corpus(
-        out, n=n, size=size, seed=seed, finding_prob=finding_prob, views=views, masks=masks
+        out,
+        n=n,
+        size=size,
+        seed=seed,
+        finding_prob=finding_prob,
+        views=views,
+        masks=masks,
+        boxes=boxes,
     )
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
@@ -452,7 +462,8 @@ def bench_dedup(
 
 # --- evaluate ---
 evaluate_app = typer.Typer(
-    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias, segmentation (JSON + markdown).",
+    help="Frozen-encoder yardstick: probes, retrieval, subgroup bias, segmentation, detection "
+    "and grounding (JSON + markdown).",
     no_args_is_help=True,
 )
 app.add_typer(evaluate_app, name="evaluate")
@@ -748,6 +759,145 @@ def evaluate_segment(
         picture = out / "segment.png"
         attribution = manifest.made_by.get("attribution")
         save_overlays(rows, splits["test"], classes, picture, device=device, caption=attribution)
+        err.print(f"picture: {picture}")
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("detect")
+def evaluate_detect(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    boxes: Annotated[str, typer.Option(help="the box-list column")] = "boxes",
+    out: EvalOut = Path("runs/evaluate"),
+    max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
+    eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (DETR: 1e-4)")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="validations without gain before stopping")] = 5,
+    seed: int = 0,
+    device: EvalDevice = "auto",
+) -> None:
+    """Frozen-encoder localisation: a DETR-style decoder per encoder, test mAP@50 and mean
+    IoU (JSON, markdown table and detect.png with true and predicted boxes)."""
+    import torch
+
+    from raydiology.data.corpus import CorpusError, read_manifest
+    from raydiology.evaluation.dense import load_dense_encoder
+    from raydiology.evaluation.detect import (
+        DetectConfig,
+        box_splits,
+        detect_encoder,
+        save_box_picture,
+    )
+    from raydiology.evaluation.features import parse_encoder_arg
+    from raydiology.evaluation.tables import write_results
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = DetectConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed,
+                           patience=patience)  # fmt: skip
+        cfg.validate("detect")
+        manifest = read_manifest(corpus)
+    except (CorpusError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    results, rows, splits, resolutions = [], [], None, set()
+    for arg in encoders:
+        name, path = parse_encoder_arg(arg)
+        try:
+            encoder = load_dense_encoder(path, device=device)
+            res = encoder.data.resolution
+            if splits is None or splits[0]["train"].images.shape[-1] != res:
+                splits = box_splits(corpus, res, boxes)
+            err.print(f"detect: {name} on {', '.join(splits[1])}")
+            result, _, preds = detect_encoder(encoder, *splits, cfg, name=name, device=device)
+        except (CorpusError, FileNotFoundError, ValueError) as e:
+            err.print(f"[red]{name}: {e}[/]")
+            raise typer.Exit(2) from None
+        results.append(result)
+        rows.append((name, preds))
+        resolutions.add(res)
+    json_path, md_path, table = write_results(results, out, "detect", corpus=str(corpus))
+    assert splits is not None
+    if len(resolutions) == 1:
+        picture = out / "detect.png"
+        attribution = manifest.made_by.get("attribution")
+        save_box_picture(rows, splits[0]["test"], splits[1], picture, caption=attribution)
+        err.print(f"picture: {picture}")
+    print(table)
+    err.print(f"results: {json_path}, {md_path}")
+
+
+@evaluate_app.command("ground")
+def evaluate_ground(
+    encoders: Encoders,
+    corpus: EvalCorpus,
+    text: Annotated[
+        Path, typer.Option("--text", help="a CLIP run or export: its text tower embeds phrases")
+    ],
+    boxes: Annotated[
+        str, typer.Option(help="the box-list column (entries with a phrase)")
+    ] = "boxes",
+    out: EvalOut = Path("runs/evaluate"),
+    max_steps: Annotated[int, typer.Option(help="iteration budget")] = 2000,
+    eval_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (DETR: 1e-4)")] = 1e-4,
+    seed: int = 0,
+    device: EvalDevice = "auto",
+) -> None:
+    """Frozen-encoder phrase grounding (MS-CXR's task): a phrase-conditioned box head per
+    encoder, test accuracy at IoU > 0.5 and mean IoU (JSON, markdown, ground.png)."""
+    import torch
+
+    from raydiology.data.corpus import CorpusError, read_manifest
+    from raydiology.evaluation.dense import load_dense_encoder
+    from raydiology.evaluation.features import parse_encoder_arg
+    from raydiology.evaluation.ground import (
+        GroundConfig,
+        embed_phrases,
+        ground_encoder,
+        phrase_splits,
+        save_grounding_picture,
+    )
+    from raydiology.evaluation.tables import write_results
+    from raydiology.models.clip import find_clip_export, load_clip
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = GroundConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed)
+        cfg.validate("ground")
+        manifest = read_manifest(corpus)
+        clip = load_clip(find_clip_export(text), device=device)
+    except (CorpusError, FileNotFoundError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    results, rows, splits, resolutions = [], [], None, set()
+    embedded: dict[str, torch.Tensor] = {}
+    for arg in encoders:
+        name, path = parse_encoder_arg(arg)
+        try:
+            encoder = load_dense_encoder(path, device=device)
+            res = encoder.data.resolution
+            if splits is None or splits["train"].images.shape[-1] != res:
+                splits = phrase_splits(corpus, res, boxes)
+                embedded = {k: embed_phrases(clip, v.phrases) for k, v in splits.items()}
+            err.print(f"ground: {name} on {len(splits['train'])} training phrases")
+            result, pred = ground_encoder(encoder, splits, embedded, cfg, name=name, device=device)
+        except (CorpusError, FileNotFoundError, ValueError) as e:
+            err.print(f"[red]{name}: {e}[/]")
+            raise typer.Exit(2) from None
+        result["text"] = str(text)
+        results.append(result)
+        rows.append((name, pred))
+        resolutions.add(res)
+    json_path, md_path, table = write_results(results, out, "ground", corpus=str(corpus))
+    assert splits is not None
+    if len(resolutions) == 1:
+        picture = out / "ground.png"
+        attribution = manifest.made_by.get("attribution")
+        save_grounding_picture(rows, splits["test"], picture, caption=attribution)
         err.print(f"picture: {picture}")
     print(table)
     err.print(f"results: {json_path}, {md_path}")

@@ -47,6 +47,10 @@ REGION_PREFIX = "region_"
 # 0/1 bytes of the stored image's height x width (like `pixels`, no decode per epoch); null
 # where the class was not annotated for that image.
 MASK_PREFIX = "mask_"
+# Optional per-image box list (detection / grounding): a JSON list of
+# [x0, y0, x1, y1, label] or [x0, y0, x1, y1, label, phrase] in stored-image pixels (x right,
+# y down, x1/y1 exclusive edges); "[]" = annotated, nothing there; null = not annotated.
+BOXES_COLUMN = "boxes"
 
 _BASE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -115,14 +119,16 @@ def corpus_schema(
     label_columns: Iterable[str] = (),
     region_columns: Iterable[str] = (),
     mask_columns: Iterable[str] = (),
+    boxes: bool = False,
 ) -> pa.Schema:
-    """The shard schema: base columns, then `label_*` (int8 0/1), `region_*` boxes, then
-    `mask_*` (binary, like pixels)."""
+    """The shard schema: base columns, then `label_*` (int8 0/1), `region_*` boxes,
+    `mask_*` (binary, like pixels), then the `boxes` list (JSON text) when asked for."""
     return pa.schema(
         _BASE_FIELDS
         + [pa.field(name, pa.int8()) for name in label_columns]
         + [pa.field(name, pa.list_(pa.float32(), 4)) for name in region_columns]
         + [pa.field(name, pa.binary()) for name in mask_columns]
+        + ([pa.field(BOXES_COLUMN, pa.string())] if boxes else [])
     )
 
 
@@ -323,6 +329,7 @@ class CorpusWriter:
         self._label_columns: tuple[str, ...] = ()
         self._region_columns: tuple[str, ...] = ()
         self._mask_columns: tuple[str, ...] = ()
+        self._boxes = False
         self._buffer: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_written = 0  # rows in the open shard
@@ -344,7 +351,8 @@ class CorpusWriter:
 
     def add(self, row: dict) -> None:
         """Queue one image; `pixels` is a 2-D uint8/uint16 array, `label_*` are 0/1, `mask_*`
-        are 2-D arrays of the pixels' shape (nonzero = inside) or None."""
+        are 2-D arrays of the pixels' shape (nonzero = inside) or None, `boxes` a box list
+        (`check_boxes`) or None."""
         if self._closed:
             raise CorpusError(f"{self.out_dir}: writer is closed")
         image_id = row.get("image_id")
@@ -370,14 +378,19 @@ class CorpusWriter:
         masks = tuple(k for k in row if _is_mask(k))
         unknown = set(row) - {"image_id", "pixels", "height", "width", "dtype"}
         unknown -= set(METADATA_COLUMNS) | set(labels) | set(regions) | set(masks)
+        unknown -= {BOXES_COLUMN}
         if unknown:
             raise CorpusError(f"{self.out_dir}: {image_id}: unknown column {sorted(unknown)[0]!r}")
         if self._schema is None:
             self._label_columns = labels
             self._region_columns = regions
             self._mask_columns = masks
-            self._schema = corpus_schema(labels, regions, masks)
+            self._boxes = BOXES_COLUMN in row
+            self._schema = corpus_schema(labels, regions, masks, self._boxes)
         else:
+            if (BOXES_COLUMN in row) != self._boxes:
+                raise CorpusError(f"{self.out_dir}: {image_id}: boxes column differs from the "
+                                  "first row's")  # fmt: skip
             for kind, got, first in (
                 ("label", labels, self._label_columns),
                 ("region", regions, self._region_columns),
@@ -408,6 +421,10 @@ class CorpusWriter:
             out[name] = _check_box(row[name], f"{self.out_dir}: {image_id}: {name}")
         for name in self._mask_columns:
             out[name] = _mask_bytes(row[name], pixels.shape, f"{self.out_dir}: {image_id}: {name}")
+        if self._boxes:
+            value = row[BOXES_COLUMN]
+            boxes = check_boxes(value, (height, width), f"{self.out_dir}: {image_id}: boxes")
+            out[BOXES_COLUMN] = None if boxes is None else json.dumps(boxes)
 
         if _closes_group(
             len(self._buffer),
@@ -720,3 +737,35 @@ def _check_box(value: object, where: str) -> list[float] | None:
     if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1):
         raise CorpusError(f"{where}: {box} is not a box inside [0, 1] x [0, 1]")
     return box
+
+
+def check_boxes(
+    value: object, shape: tuple[int, int], where: str
+) -> list[list[float | str]] | None:
+    """A box list (JSON text or a list of [x0, y0, x1, y1, label(, phrase)]) checked against
+    an image of `shape` (height, width) -> the list with float coordinates; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise CorpusError(f"{where}: not JSON: {text[:80]!r}") from None
+    if not isinstance(value, list):
+        raise CorpusError(f"{where}: a box list must be a JSON list, not {type(value).__name__}")
+    height, width = shape
+    out: list[list[float | str]] = []
+    for box in value:
+        if not isinstance(box, (list, tuple)) or len(box) not in (5, 6):
+            raise CorpusError(f"{where}: {box!r} is not [x0, y0, x1, y1, label(, phrase)]")
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box[:4])
+        except (TypeError, ValueError):
+            raise CorpusError(f"{where}: {box!r}: coordinates must be numbers") from None
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise CorpusError(f"{where}: {box!r} is not a box inside the {width}x{height} image")
+        if not all(isinstance(t, str) and t for t in box[4:]):
+            raise CorpusError(f"{where}: {box!r}: label and phrase must be non-empty text")
+        out.append([x0, y0, x1, y1, *(str(t) for t in box[4:])])
+    return out

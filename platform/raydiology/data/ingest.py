@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydiology.data.corpus import (
+    BOXES_COLUMN,
     LABEL_PREFIX,
     MANIFEST_NAME,
     MASK_PREFIX,
@@ -56,6 +57,7 @@ from raydiology.data.corpus import (
     CorpusError,
     Manifest,
     ShardInfo,
+    check_boxes,
     corpus_schema,
     plan_shards,
     progress_iter,
@@ -141,8 +143,9 @@ def find_sources(sources: list[str | Path]) -> list[SourceFile]:
     A source is a folder (searched recursively for PNG/JPEG/DICOM, including DICOM files
     without an extension or named by UID), a single image file, or a CSV file list with a
     `path` column (relative paths resolve against the CSV's folder) and optional metadata
-    columns (report, view, sex, age_group, anatomy, split, study_id, label_*) and mask_*
-    columns of mask file paths (resolved like `path`; empty = not annotated).
+    columns (report, view, sex, age_group, anatomy, split, study_id, label_*), mask_*
+    columns of mask file paths (resolved like `path`; empty = not annotated) and a `boxes`
+    column (a box list in the source image's pixels, docs/corpus_format.md).
     """
     from raydiology.data.dicom import is_dicom
 
@@ -184,13 +187,13 @@ def _read_file_list(path: Path) -> list[SourceFile]:
         unknown = [
             c
             for c in reader.fieldnames
-            if c != "path"
+            if c not in ("path", BOXES_COLUMN)
             and c not in _CSV_COLUMNS
             and not c.startswith((LABEL_PREFIX, MASK_PREFIX))
         ]
         if unknown:
             raise ValueError(
-                f"{path}: unknown column {unknown[0]!r}; allowed: path, "
+                f"{path}: unknown column {unknown[0]!r}; allowed: path, boxes, "
                 f"{', '.join(sorted(_CSV_COLUMNS))}, {LABEL_PREFIX}*, {MASK_PREFIX}*"
             )
         out = []
@@ -273,6 +276,35 @@ def load_mask(path: str, shape: tuple[int, ...], options: IngestOptions) -> np.n
         raise BadImage(f"mask of size {mask.shape} for an image of size {shape}")
     fitted = fit_square(mask.astype(np.uint8) * 255, options.size, options.resize)
     return (fitted >= 128).astype(np.uint8)
+
+
+def fit_boxes(
+    value: str | None, shape: tuple[int, ...], options: IngestOptions
+) -> list[list[float | str]] | None:
+    """A box list in the source image's pixels -> the stored image's pixels: the scale and
+    padding `fit_square` gives the image (rounded sizes included), applied to the corners."""
+    if value is None:
+        return None
+    height, width = int(shape[0]), int(shape[1])
+    try:
+        boxes = check_boxes(value, (height, width), "boxes")
+    except CorpusError as e:
+        raise BadImage(str(e)) from None
+    assert boxes is not None
+    size = options.size
+    if options.resize == "stretch":
+        new_h = new_w = size
+    else:
+        scale = size / (min if options.resize == "shortest" else max)(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    top = left = 0
+    if options.resize == "pad" and (new_h, new_w) != (size, size):
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+    sy, sx = new_h / height, new_w / width
+    return [
+        [left + b[0] * sx, top + b[1] * sy, left + b[2] * sx, top + b[3] * sy, *b[4:]]  # type: ignore[operator]
+        for b in boxes
+    ]
 
 
 def image_id_for(key: str, salt: str, uid: str | None = None) -> str:
@@ -385,6 +417,7 @@ def decode_chunk(
             stored = fit_square(
                 to_bit_depth(pixels, options.bit_depth), options.size, options.resize
             )
+            boxes = fit_boxes(source.metadata.get(BOXES_COLUMN), pixels.shape, options)
             masks = {
                 k: load_mask(v, pixels.shape, options).tobytes()
                 for k, v in sorted(source.metadata.items())
@@ -410,6 +443,8 @@ def decode_chunk(
         )
         rows["phash"].append(perceptual_hash(pixels))  # the source, before resizing
         listed = {k: v for k, v in source.metadata.items() if not k.startswith(MASK_PREFIX)}
+        if boxes is not None:
+            listed[BOXES_COLUMN] = json.dumps(boxes)
         rows["metadata"].append(json.dumps({**metadata, **listed}, sort_keys=True))
         rows["masks"].append(list(masks.items()))
     table = pa.table(rows, schema=_STAGING_SCHEMA)
@@ -600,6 +635,7 @@ def ingest_images(
     if masks is not None:
         files = attach_mask_folder(files, masks)
     mask_columns = mask_columns_of(files)
+    has_boxes = any(BOXES_COLUMN in f.metadata for f in files)
     if not salt:
         if any(_is_dicom_source(f) for f in files):
             raise ValueError(
@@ -656,7 +692,9 @@ def ingest_images(
             record["path"] = files[index].path
     layout = _ShardLayout.plan(staging, results, files, keep, reports or {}, shard_rows=shard_rows)
     plans = layout.plans(options.fingerprint(salt), {r["chunk"]: r["digest"] for r in results})
-    calls = ((plan, layout.labels, str(staging), str(out), mask_columns) for plan in plans)
+    calls = (
+        (plan, layout.labels, str(staging), str(out), mask_columns, has_boxes) for plan in plans
+    )
     written = _map(write_planned_shard, calls, len(layout.shards), parallel=parallel,
                    progress=progress, description="writing shards")  # fmt: skip
     _remove_stale_shards(out, len(written))
@@ -667,7 +705,7 @@ def ingest_images(
     manifest = write_manifest(  # last: a corpus with a manifest is a finished one
         out,
         [ShardInfo(path=w["path"], rows=w["rows"], sha256=w["sha256"]) for w in written],
-        schema=corpus_schema(layout.labels, (), mask_columns),
+        schema=corpus_schema(layout.labels, (), mask_columns, has_boxes),
         sizes=[(h, w) for r in written for h, w in r["sizes"]],
         dtypes=[d for r in written for d in r["dtypes"]],
         made_by={"command": "ingest", "options": recorded, "attribution": attribution},
@@ -903,6 +941,7 @@ def write_planned_shard(
     staging: str,
     out_dir: str,
     masks: tuple[str, ...] = (),
+    boxes: bool = False,
 ) -> dict[str, Any]:
     """Stage 3 for one shard (a Ray task when parallel); idempotent: a shard whose done
     marker matches its plan and whose file is whole is not written again."""
@@ -916,7 +955,7 @@ def write_planned_shard(
         and final.stat().st_size == result.get("bytes")
     ):
         return {**result, "skipped": True}
-    schema = corpus_schema(labels, (), masks)
+    schema = corpus_schema(labels, (), masks, boxes)
     sizes: set[tuple[int, int]] = set()
     dtypes: set[str] = set()
 
@@ -995,7 +1034,7 @@ def _corpus_table(
     """Staged rows as corpus rows: pixels and geometry pass through as Arrow columns; the
     small metadata (DICOM fields, file-list columns, joined report) becomes typed columns,
     with the checks `CorpusWriter.add` makes."""
-    allowed = set(METADATA_COLUMNS) | set(labels)
+    allowed = set(METADATA_COLUMNS) | set(labels) | {BOXES_COLUMN}
     ids = staged.column("image_id").to_pylist()
     rows = []
     for image_id, text, extra in zip(
@@ -1021,6 +1060,8 @@ def _corpus_table(
         )
     for name in labels:
         columns[name] = pa.array([int(r[name]) for r in rows], pa.int8())
+    if BOXES_COLUMN in schema.names:
+        columns[BOXES_COLUMN] = pa.array([r.get(BOXES_COLUMN) for r in rows], pa.string())
     staged_masks = [dict(m or ()) for m in staged.column("masks").to_pylist()]
     for field_ in schema:
         if field_.name.startswith(MASK_PREFIX):

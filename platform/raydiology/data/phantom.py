@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +53,9 @@ class PhantomCase:
     view: str = "PA"
     # MASK_CLASSES -> [size, size] uint8 0/1, when asked for (PA only); None otherwise
     masks: dict[str, np.ndarray] | None = None
+    # [[x0, y0, x1, y1, "lung_lesion", phrase]] (pixels, the lesion's extent and the report
+    # sentence naming it; [] without a lesion), when asked for (PA only); None otherwise
+    boxes: list[list[float | str]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -536,11 +540,14 @@ def make_phantom(
     findings: Mapping[str, bool] | None = None,
     view: Literal["PA", "LATERAL"] = "PA",
     masks: bool = False,
+    boxes: bool = False,
 ) -> PhantomCase:
     """One phantom film; each finding present with probability `finding_prob`.
 
     `masks`: also return binary masks of MASK_CLASSES at the film's size (PA films only;
     a LATERAL film gets none). They never change the film or the random stream.
+    `boxes`: also return the lesion's box (the bounding box of its mask) with the report's
+    sentence about it as a grounding phrase (PA films only, like the masks).
     `findings` forces chosen findings on or off (the rest stay random); the random stream is
     consumed identically either way, so forcing changes only the forced findings, and the
     same generator state filmed PA and LATERAL is one patient seen twice (same report).
@@ -559,7 +566,7 @@ def make_phantom(
     lesion = _lesion_centre(anatomy, draw)
 
     frame = _Frame(min(size, _RENDER_MAX), anatomy)
-    soft: dict[str, np.ndarray] | None = {} if masks and view == "PA" else None
+    soft: dict[str, np.ndarray] | None = {} if (masks or boxes) and view == "PA" else None
     if view == "PA":
         density = _chest(frame, present, draw, lesion, soft)
     else:
@@ -590,9 +597,31 @@ def make_phantom(
             for k in MASK_CLASSES
         }
         binary = {k: m.astype(np.uint8) for k, m in binary.items()}
+    box_list = None
+    if binary is not None and boxes:
+        box_list = _lesion_boxes(binary["lesion"], report) if present["lung_lesion"] else []
     return PhantomCase(
-        image=image, findings=present, side=side, report=report, view=view, masks=binary
+        image=image,
+        findings=present,
+        side=side,
+        report=report,
+        view=view,
+        masks=binary if masks else None,
+        boxes=box_list,
     )
+
+
+def _lesion_boxes(mask: np.ndarray, report: str) -> list[list[float | str]]:
+    """The lesion mask's bounding box [x0, y0, x1, y1] (exclusive ends, pixels), labelled and
+    paired with the report's sentence about the nodule (`_report` writes exactly one)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):  # a lesion too small to survive the cut at half: no box to find
+        return []
+    found = re.search(r"(There is a|A rounded) \d+\.\d cm nodule[^.]*\.", report)
+    assert found is not None, "the report names the lesion whenever one is drawn"
+    phrase = found.group(0)
+    box = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+    return [[*box, "lung_lesion", phrase]]
 
 
 def _upsample(img: np.ndarray, size: int) -> np.ndarray:
@@ -747,6 +776,7 @@ def write_phantom_corpus(
     shard_rows: int = 256,
     progress: bool = True,
     masks: bool = False,
+    boxes: bool = False,
 ) -> Manifest:
     """Write `n` phantom studies of `views` films each (1: PA; 2: PA then LATERAL) as a
     corpus; identical shards for identical arguments.
@@ -757,7 +787,8 @@ def write_phantom_corpus(
     them in one row group (`CorpusWriter`).
 
     `masks` adds a `mask_<class>` column per MASK_CLASSES (binary, the film's size; null on
-    LATERAL films), for segmentation evaluation.
+    LATERAL films), for segmentation evaluation; `boxes` a `boxes` column (the lesion's box
+    and report phrase, `make_phantom`; null on LATERAL films), for detection and grounding.
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 (PA) or 2 (PA + LATERAL), not {views!r}")
@@ -766,6 +797,8 @@ def write_phantom_corpus(
         options["views"] = views
     if masks:
         options["masks"] = True
+    if boxes:
+        options["boxes"] = True
     with CorpusWriter(
         out_dir,
         made_by={"command": "phantom", "options": options},
@@ -789,6 +822,7 @@ def write_phantom_corpus(
                     finding_prob=finding_prob,
                     view=view,  # type: ignore[arg-type]  # one of VIEWS
                     masks=masks,
+                    boxes=boxes,
                 )
                 mask_columns = {
                     f"mask_{k}": None if case.masks is None else case.masks[k]
@@ -806,6 +840,7 @@ def write_phantom_corpus(
                         "label_no_finding": int(not any(case.findings[k] for k in PATHOLOGIES)),
                         **labels,
                         **mask_columns,
+                        **({"boxes": case.boxes} if boxes else {}),
                     }
                 )
     assert writer.manifest is not None  # set by a clean close()

@@ -195,6 +195,7 @@ def preprocess_batch(
     copy: bool = True,
     epoch: int = 0,
     mask_columns: list[str] | None = None,
+    box_column: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Stored pixels -> integer [B, 1, R, R] images at the model's resolution (+ columns);
     R is `data.crop_source_size` instead where an objective cuts its own views from more pixels.
@@ -213,6 +214,10 @@ def preprocess_batch(
     `mask_columns` (segmentation masks at the stored size) travel as extra channels of the
     image through the same fit, crop, resize and flip, then are cut at 0.5: "mask" uint8
     [B, K, R, R] and "mask_known" bool [B, K] (False where the corpus holds no mask).
+    `box_column` (a box list, `data.corpus.BOXES_COLUMN`) follows the same geometry: "boxes"
+    float32 [B, M, 4] (x0, y0, x1, y1 in pixels of the R x R input; rows with fewer boxes,
+    and boxes cropped away, are NaN), "box_label" and "box_phrase" object [B] of lists (one
+    entry per box, "" without a phrase), "box_known" bool [B] (False: not annotated).
     """
     from raydiology.config_base import from_dict
 
@@ -225,9 +230,19 @@ def preprocess_batch(
         keys = keys[keep]
     extra = dict(extra_columns or {})
     boxes = _region_boxes(batch[extra.pop("region")]) if "region" in extra else None
+    box_list = _box_lists(batch, box_column) if box_column else None
+    moving = boxes if box_list is None else _join_boxes(boxes, box_list[0])
     masks = list(mask_columns or [])
-    images, boxes, seg = _fit_images(batch, cfg, keys, seed, epoch, boxes, out_dtype, copy, masks)
+    images, moved, seg = _fit_images(batch, cfg, keys, seed, epoch, moving, out_dtype, copy, masks)
     out = {"image": images, "row_key": keys}
+    if box_list is None:
+        boxes = moved
+    else:  # split the moved set back into the region (box 0, if any) and the box lists
+        assert moved is not None
+        lists = moved if boxes is None else moved[:, 1:]
+        boxes = None if boxes is None else moved[:, 0]
+        out["boxes"] = _to_pixel_xyxy(lists, images.shape[-1])
+        out["box_label"], out["box_phrase"], out["box_known"] = box_list[1:]
     if seg is not None:
         out["mask"], out["mask_known"] = seg
     for column in label_columns:
@@ -372,6 +387,43 @@ def _extra_column(values: np.ndarray) -> np.ndarray:
     return np.stack([blank if v is None else np.asarray(v, dtype=np.float32) for v in values])
 
 
+def _box_lists(
+    batch: dict[str, np.ndarray], column: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A box-list column -> (boxes float32 [B, M, 4] as (top, left, bottom, right) fractions
+    of the stored image, NaN-padded; labels, phrases object [B] of lists; known bool [B])."""
+    import json
+
+    heights, widths = np.asarray(batch["height"]), np.asarray(batch["width"])
+    parsed = [None if v is None else json.loads(v) for v in batch[column]]
+    m = max((len(p) for p in parsed if p), default=0)
+    boxes = np.full((len(parsed), m, 4), np.nan, dtype=np.float32)
+    labels = np.empty(len(parsed), dtype=object)
+    phrases = np.empty(len(parsed), dtype=object)
+    for i, rows in enumerate(parsed):
+        labels[i] = [str(b[4]) for b in rows or []]
+        phrases[i] = [str(b[5]) if len(b) > 5 else "" for b in rows or []]
+        for j, (x0, y0, x1, y1) in enumerate(b[:4] for b in rows or []):
+            h, w = float(heights[i]), float(widths[i])
+            boxes[i, j] = (y0 / h, x0 / w, y1 / h, x1 / w)
+    known = np.array([p is not None for p in parsed], dtype=bool)
+    return boxes, labels, phrases, known
+
+
+def _join_boxes(region: np.ndarray | None, boxes: np.ndarray) -> np.ndarray:
+    """The region [B, 4] (if any) as box 0 of the box lists [B, M, 4]: one set moves."""
+    return boxes if region is None else np.concatenate([region[:, None], boxes], axis=1)
+
+
+def _to_pixel_xyxy(boxes: np.ndarray, resolution: int) -> np.ndarray:
+    """(top, left, bottom, right) fractions [B, M, 4] -> (x0, y0, x1, y1) pixels; a box the
+    crop left without area becomes NaN (gone from the input)."""
+    xyxy = boxes[..., [1, 0, 3, 2]] * resolution
+    empty = (xyxy[..., 2] <= xyxy[..., 0]) | (xyxy[..., 3] <= xyxy[..., 1])
+    xyxy[empty] = np.nan
+    return xyxy.astype(np.float32)
+
+
 def _region_boxes(values: np.ndarray) -> np.ndarray:
     """The masking-region column -> float32 [B, 4] (top, left, bottom, right), fractions of
     the stored image; a null region is a row of NaN, which the objective replaces with its
@@ -487,8 +539,8 @@ def _canvas(images: torch.Tensor, fit: str) -> torch.Tensor:
 
 
 def _canvas_boxes(boxes: np.ndarray, shape: tuple[int, ...], fit: str) -> np.ndarray:
-    """Boxes [B, 4] (top, left, bottom, right) in fractions of the stored image -> fractions
-    of `_canvas`'s output, clipped to it."""
+    """Boxes [B, 4] or [B, M, 4] (top, left, bottom, right) in fractions of the stored image
+    -> fractions of `_canvas`'s output, clipped to it."""
     h, w = int(shape[0]), int(shape[1])
     if fit == "stretch" or h == w:
         return boxes
@@ -498,9 +550,9 @@ def _canvas_boxes(boxes: np.ndarray, shape: tuple[int, ...], fit: str) -> np.nda
     else:  # the image starts `-top` rows into the padded square
         side = max(h, w)
         top, left = -((side - h) // 2), -((side - w) // 2)
-    y = (boxes[:, [0, 2]] * h - top) / side
-    x = (boxes[:, [1, 3]] * w - left) / side
-    return np.clip(np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1), 0.0, 1.0)
+    y = (boxes[..., [0, 2]] * h - top) / side
+    x = (boxes[..., [1, 3]] * w - left) / side
+    return np.clip(np.stack([y[..., 0], x[..., 0], y[..., 1], x[..., 1]], axis=-1), 0.0, 1.0)
 
 
 def _augment(
@@ -513,14 +565,16 @@ def _augment(
         top, left, ch, cw = _crop_box(h, w, cfg.augment.crop_scale, rng)
         canvas = canvas[..., top : top + ch, left : left + cw]
         if boxes is not None:
-            y = (boxes[:, [0, 2]] * h - top) / ch
-            x = (boxes[:, [1, 3]] * w - left) / cw
-            boxes = np.clip(np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1), 0.0, 1.0)
+            y = (boxes[..., [0, 2]] * h - top) / ch
+            x = (boxes[..., [1, 3]] * w - left) / cw
+            boxes = np.clip(np.stack([y[..., 0], x[..., 0], y[..., 1], x[..., 1]], axis=-1), 0, 1)
     image = _resize(canvas, (cfg.batch_side, cfg.batch_side))
     if cfg.augment.hflip and rng.random() < 0.5:
         image = image.flip(-1)
         if boxes is not None:
-            boxes = np.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], axis=1)
+            boxes = np.stack(
+                [boxes[..., 0], 1 - boxes[..., 3], boxes[..., 2], 1 - boxes[..., 1]], axis=-1
+            )
     return image, boxes
 
 

@@ -137,13 +137,51 @@ def segment_table(results: list[dict[str, Any]]) -> str:
     return caption + "\n\n" + _table(header, rows) + "\n"
 
 
+def detect_table(results: list[dict[str, Any]]) -> str:
+    """Columns: test mAP@50 (all classes, then per class) and mean IoU, one row per encoder."""
+    classes: list[str] = []
+    for r in results:
+        classes += [c for c in r["classes"] if c not in classes]
+    per_class = [f"AP50 {c}" for c in classes] if len(classes) > 1 else []
+    header = ["encoder", "mAP@50", *per_class, "mean IoU", "steps"]
+    rows = [
+        [r["encoder"], _num(r["map50"]),
+         *(_num(r["map50_per_class"].get(c)) for c in (classes if per_class else [])),
+         _num(r["mean_iou"]), str(r["steps"])]
+        for r in results
+    ]  # fmt: skip
+    first = results[0] if results else {}
+    n = first.get("n", {})
+    caption = (
+        f"Detection (frozen encoder, DETR-style decoder; test mAP@50 by torchmetrics, mean IoU "
+        f"of each true box with the top prediction of its class; {first.get('test_boxes', '?')}"
+        f" test boxes; train n = {n.get('train', '?')}, val n = {n.get('val', '?')}, "
+        f"test n = {n.get('test', '?')} images)."
+    )
+    return caption + "\n\n" + _table(header, rows) + "\n"
+
+
+def ground_table(results: list[dict[str, Any]]) -> str:
+    """Columns: test accuracy at IoU > 0.5 and mean IoU, one row per encoder."""
+    rows = [[r["encoder"], _num(r["acc50"]), _num(r["mean_iou"]), str(r["steps"])]
+            for r in results]  # fmt: skip
+    first = results[0] if results else {}
+    n = first.get("n", {})
+    caption = (
+        f"Phrase grounding (frozen encoder and text tower `{first.get('text', '?')}`; test "
+        f"accuracy at IoU > 0.5 and mean IoU over (image, phrase, box) triples; train n = "
+        f"{n.get('train', '?')}, val n = {n.get('val', '?')}, test n = {n.get('test', '?')})."
+    )
+    return caption + "\n\n" + _table(["encoder", "acc@IoU>0.5", "mean IoU", "steps"], rows) + "\n"
+
+
 def write_results(
     results: list[dict[str, Any]], out_dir: str | os.PathLike, kind: str, *, corpus: str
 ) -> tuple[Path, Path, str]:
     """Write `<kind>.json` and `<kind>.md` into `out_dir`; returns both paths and the table."""
     tables = {
         "probe": probe_table, "retrieval": retrieval_table, "bias": bias_table,
-        "segment": segment_table,
+        "segment": segment_table, "detect": detect_table, "ground": ground_table,
     }  # fmt: skip
     if kind not in tables:
         raise ValueError(f"kind {kind!r} is not one of {sorted(tables)}")

@@ -1,0 +1,302 @@
+"""Frozen-encoder phrase grounding: phrase -> box, scored by accuracy at IoU > 0.5 and mean IoU.
+
+The task and metrics are MS-CXR's (Boecking et al. 2022, "Making the Most of Text Semantics
+to Improve Biomedical Vision-Language Processing"): each (image, phrase, box) triple asks
+for the box the phrase describes. The image encoder is a frozen raydiology export (its
+patch features, `evaluation.dense`); the phrase embedding comes from a frozen CLIP export's
+text tower (`models.clip.load_clip(...).encode_reports`). Only a small head learns: the
+projected phrase embedding is the single query of a transformer decoder over the projected
+patch features (DETR's decoder with one text-conditioned query, Carion et al. 2020), and a
+3-layer MLP regresses the box, trained with DETR's L1 (weight 5) + generalised-IoU (weight
+2) box loss (facebookresearch/detr `main.py` defaults, as are AdamW lr/weight decay 1e-4 and
+clipping at 0.1). Choices without a source: 2 decoder layers, hidden 256 / FFN 1024, features
+computed once (no augmentation), validation by accuracy every `eval_every` steps with the
+best head kept and an early stop after `patience` validations.
+
+Input: the corpus's box lists whose entries carry a phrase (`[x0, y0, x1, y1, label,
+phrase]`, docs/corpus_format.md); MS-CXR's CSV layout (image, phrase, box) reaches the
+corpus through `ms_cxr_file_list` and ingest, which fits the boxes like the images.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydiology.config_base import check
+from raydiology.evaluation.dense import FrozenDenseEncoder
+from raydiology.evaluation.detect import (
+    PatchMemory,
+    box_mlp,
+    cxcywh_to_xyxy,
+    encode_split,
+    kept_boxes,
+    read_box_rows,
+    transformer_decoder,
+    xyxy_to_cxcywh,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroundConfig:
+    """The grounding head and its training (sources: module doc)."""
+
+    layers: int = 2
+    hidden: int = 256  # DETR
+    heads: int = 8  # DETR
+    ffn: int = 1024
+    dropout: float = 0.1  # DETR
+    l1_weight: float = 5.0  # DETR
+    giou_weight: float = 2.0  # DETR
+    lr: float = 1e-4  # DETR (AdamW)
+    weight_decay: float = 1e-4  # DETR
+    clip_norm: float = 0.1  # DETR
+    batch_size: int = 8
+    max_steps: int = 2000
+    eval_every: int = 100
+    patience: int = 5
+    seed: int = 0
+
+    def validate(self, key: str = "ground") -> None:
+        for name in ("layers", "hidden", "heads", "ffn", "batch_size", "max_steps",
+                     "eval_every", "patience"):  # fmt: skip
+            value = getattr(self, name)
+            check(value >= 1, f"{key}.{name}", value, "at least 1")
+        check(self.hidden % self.heads == 0, f"{key}.hidden", self.hidden, "a multiple of heads")
+        check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "0 <= dropout < 1")
+        check(self.lr > 0, f"{key}.lr", self.lr, "a positive learning rate")
+
+
+@dataclass(kw_only=True)
+class PhraseSplit:
+    """One split: images [N, 1, R, R] and its (image, phrase, box) triples: `image` [P]
+    (row into images), `phrases` [P], `boxes` [P, 4] (x0, y0, x1, y1, pixels of the input)."""
+
+    images: Tensor
+    image_ids: list[str]
+    image: Tensor
+    phrases: list[str]
+    boxes: Tensor
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+
+def phrase_splits(
+    corpus_dir: str | os.PathLike, resolution: int, column: str = "boxes"
+) -> dict[str, PhraseSplit]:
+    """Every box with a phrase in the corpus's box lists, per split (`read_box_rows`)."""
+    part, ids, split = read_box_rows(corpus_dir, resolution, column)
+    out = {}
+    for name in ("train", "val", "test"):
+        rows = np.flatnonzero(split == name)
+        image, phrases, boxes = [], [], []
+        for k, i in enumerate(rows):
+            kept, _, texts = kept_boxes(part, int(i))
+            for box, text in zip(kept, texts, strict=True):
+                if text:
+                    image.append(k)
+                    phrases.append(text)
+                    boxes.append(box)
+        out[name] = PhraseSplit(
+            images=torch.from_numpy(part["image"][rows]),
+            image_ids=[ids[i] for i in rows],
+            image=torch.tensor(image, dtype=torch.long),
+            phrases=phrases,
+            boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        )
+    return out
+
+
+def ms_cxr_file_list(ms_cxr_csv: str | os.PathLike, images: str, out_csv: str | os.PathLike) -> int:
+    """MS-CXR's annotation CSV (one row per (image, phrase, box): `dicom_id`, `label_text`,
+    `category_name`, `x`, `y`, `w`, `h` in the image's pixels) -> an ingest file list with a
+    `path` (`images`/<dicom_id>.<ext>, `{}` in `images` taking the id, e.g. "files/{}.jpg")
+    and a `boxes` column; returns the number of images. Ingest then fits the boxes like the
+    images (docs/corpus_format.md)."""
+    grouped: dict[str, list[list[Any]]] = defaultdict(list)
+    with open(ms_cxr_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            x, y, w, h = (float(row[k]) for k in ("x", "y", "w", "h"))
+            label = row.get("category_name") or "finding"
+            grouped[row["dicom_id"]].append([x, y, x + w, y + h, label, row["label_text"]])
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "boxes"])
+        for image_id, boxes in sorted(grouped.items()):
+            writer.writerow([images.format(image_id), json.dumps(boxes)])
+    return len(grouped)
+
+
+class GroundingHead(nn.Module):
+    """(patch features [B, D, gh, gw], phrase embedding [B, E]) -> box [B, 4] (cxcywh,
+    fractions of the image): the projected phrase queries the projected patches."""
+
+    def __init__(self, dim: int, text_dim: int, grid: tuple[int, int], cfg: GroundConfig) -> None:
+        super().__init__()
+        self.memory = PatchMemory(dim, cfg.hidden, grid)
+        self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cfg.hidden))
+        self.decoder = transformer_decoder(cfg.layers, cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout)
+        self.box = box_mlp(cfg.hidden)
+
+    def forward(self, feats: Tensor, text: Tensor) -> Tensor:
+        out = self.decoder(self.text(text).unsqueeze(1), self.memory(feats))
+        return self.box(out[:, 0]).sigmoid()
+
+
+@torch.no_grad()
+def embed_phrases(clip: Any, phrases: list[str], *, batch_size: int = 64) -> Tensor:
+    """A CLIP export's text tower over the phrases -> [P, E] float32 on the CPU."""
+    clip.eval()
+    out = [clip.encode_reports(phrases[i : i + batch_size]).float().cpu()
+           for i in range(0, len(phrases), batch_size)]  # fmt: skip
+    return torch.cat(out) if out else torch.zeros(0, clip.text_proj.out_features)
+
+
+@torch.no_grad()
+def predict_phrase_boxes(
+    head: GroundingHead,
+    feats: Tensor,
+    split: PhraseSplit,
+    text: Tensor,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Boxes [P, 4] (x0, y0, x1, y1 pixels) for every triple of the split."""
+    head.eval()
+    res = split.images.shape[-1]
+    out = []
+    for start in range(0, len(split), batch_size):
+        rows = split.image[start : start + batch_size]
+        box = head(feats[rows].to(device), text[start : start + batch_size].to(device))
+        out.append((cxcywh_to_xyxy(box) * res).clamp(0, res).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 4)
+
+
+def grounding_metrics(pred: Tensor, truth: Tensor) -> dict[str, Any]:
+    """Accuracy at IoU > 0.5 (MS-CXR's) and mean IoU over the triples."""
+    from torchvision.ops import box_iou
+
+    if not len(truth):
+        return {"acc50": None, "mean_iou": None, "n": 0}
+    iou = torch.diagonal(box_iou(pred, truth))
+    return {"acc50": float((iou > 0.5).float().mean()), "mean_iou": float(iou.mean()),
+            "n": len(truth)}  # fmt: skip
+
+
+def ground_encoder(
+    encoder: FrozenDenseEncoder,
+    splits: dict[str, PhraseSplit],
+    text: dict[str, Tensor],
+    cfg: GroundConfig,
+    *,
+    name: str,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], Tensor]:
+    """Train the head (train split), keep the best by val accuracy, score the test split:
+    the result row and the test predictions. `text`: each split's phrase embeddings."""
+    from torchvision.ops import generalized_box_iou
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = splits["train"]
+    if not len(train):
+        raise ValueError("no phrases with boxes in the train split")
+    feats = {k: encode_split(encoder, v.images, device=device) for k, v in splits.items()}
+    res = train.images.shape[-1]
+    target = xyxy_to_cxcywh(train.boxes / res)
+    head = GroundingHead(encoder.embed_dim, text["train"].shape[1], encoder.grid, cfg).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    check_on = "val" if len(splits["val"]) else "train"
+    best, best_state, since, history, step = -math.inf, None, 0, [], 0
+    for step in range(1, cfg.max_steps + 1):
+        head.train()
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+        box = head(feats["train"][train.image[rows]].to(device), text["train"][rows].to(device))
+        true = target[rows].to(device)
+        l1 = F.l1_loss(box, true)
+        giou = 1 - torch.diagonal(generalized_box_iou(cxcywh_to_xyxy(box), cxcywh_to_xyxy(true)))
+        loss = cfg.l1_weight * l1 + cfg.giou_weight * giou.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
+        opt.step()
+        if step % cfg.eval_every and step != cfg.max_steps:
+            continue
+        split = splits[check_on]
+        pred = predict_phrase_boxes(head, feats[check_on], split, text[check_on], device=device)
+        metrics = grounding_metrics(pred, split.boxes)
+        score = (metrics["acc50"] or 0.0) + 1e-3 * (metrics["mean_iou"] or 0.0)  # IoU breaks ties
+        history.append({"step": step, "loss": loss.item(), "val_acc50": metrics["acc50"],
+                        "val_mean_iou": metrics["mean_iou"]})  # fmt: skip
+        if score > best:
+            best, best_state, since = score, copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    test = splits["test"]
+    pred = predict_phrase_boxes(head, feats["test"], test, text["test"], device=device)
+    result = {
+        "encoder": name,
+        **{k: v for k, v in grounding_metrics(pred, test.boxes).items() if k != "n"},
+        "n": {k: len(v) for k, v in splits.items()},
+        "steps": step,
+        "history": history,
+        "config": asdict(cfg),
+    }
+    return result, pred
+
+
+def save_grounding_picture(
+    rows: list[tuple[str, Tensor]],
+    split: PhraseSplit,
+    path: str | Path,
+    *,
+    triples: int = 4,
+    caption: str | None = None,
+) -> None:
+    """A grid: test triples (rows) with the phrase as title, the true box (green) and each
+    encoder's box (red, one column per encoder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = min(triples, len(split))
+    if not n:
+        return
+    scale = 255.0 if split.images.dtype == torch.uint8 else 65535.0
+    cols = max(1, len(rows))
+    fig, axes = plt.subplots(n, cols, figsize=(2.8 * cols, 2.9 * n), squeeze=False)
+    for r in range(n):
+        image = split.images[split.image[r], 0].float().numpy() / scale
+        for c, (name, pred) in enumerate(rows):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            for box, colour in ((split.boxes[r], "lime"), (pred[r], "red")):
+                x0, y0, x1, y1 = box.tolist()
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour))
+            phrase = split.phrases[r]
+            ax.set_title(f"{name}\n{phrase[:48]}{'...' if len(phrase) > 48 else ''}", fontsize=6)
+            ax.axis("off")
+    fig.suptitle("green: truth, red: predicted" + (f"\n{caption}" if caption else ""), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
