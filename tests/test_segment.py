@@ -24,6 +24,7 @@ from raydiology.evaluation.segment import (
     LinearDecoder,
     SegmentConfig,
     UPerDecoder,
+    class_dice,
     dice_loss,
     dice_scores,
     evaluate_dice,
@@ -85,6 +86,36 @@ def test_dice_by_hand() -> None:
     assert dice_loss(logits, truth, known) < 1e-4  # class 2 is not annotated: left out
     assert dice_loss(-logits, truth, known) > 0.99
     assert dice_loss(-logits, truth, torch.zeros_like(known)) == 0
+
+
+def test_dice_metric_equals_counting_pixels() -> None:
+    """torchmetrics' Dice under our convention equals 2|P & T| / (|P| + |T|) counted pixel by
+    pixel on known masks, NaN where the truth is empty, means over annotated images only."""
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand(5, 3, 12, 12, generator=gen) < 0.3
+    pred = torch.rand(5, 3, 12, 12, generator=gen) < 0.4
+    truth[0, 0] = pred[0, 0] = False  # both empty: no Dice
+    truth[1, 1], pred[1, 1] = False, True  # empty truth, a prediction: still no Dice
+    pred[2, 2] = False  # a missed structure: Dice 0
+    pred[3, 0] = truth[3, 0]  # perfect: Dice 1
+    known = torch.ones(5, 3, dtype=torch.bool)
+    known[4, 1] = False  # not annotated: left out of the class mean
+
+    counted = np.full((5, 3), np.nan)
+    for i in range(5):
+        for k in range(3):
+            t, p = truth[i, k].numpy(), pred[i, k].numpy()
+            if t.sum():
+                counted[i, k] = 2 * np.logical_and(t, p).sum() / (t.sum() + p.sum())
+    scores = dice_scores(pred, truth).numpy()
+    np.testing.assert_allclose(scores, counted, rtol=1e-6)
+    assert np.isnan(scores[0, 0]) and np.isnan(scores[1, 1])
+    assert scores[2, 2] == 0 and scores[3, 0] == 1
+    counted[4, 1] = np.nan
+    np.testing.assert_allclose(class_dice(pred, truth, known), np.nanmean(counted, axis=0),
+                               rtol=1e-6)  # fmt: skip
+    empty = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    assert np.isnan(class_dice(empty, empty, torch.ones(2, 2, dtype=torch.bool))).all()
 
 
 def test_intermediate_layers_spread_to_the_last_block() -> None:
