@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,13 @@ from typer.testing import CliRunner
 from raydiology.cli import app
 from raydiology.data.corpus import read_rows
 from raydiology.data.ingest import ingest_images
-from raydiology.evaluation.ground import grounding_metrics, ms_cxr_file_list, phrase_splits
+from raydiology.evaluation.ground import (
+    BertPhraseEncoder,
+    grounding_metrics,
+    load_phrase_encoder,
+    ms_cxr_file_list,
+    phrase_splits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +45,25 @@ def _clip_export(folder: Path, runs: Path) -> Path:
     export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
     objective.export_extra(folder, write=True, gather=False)
     return folder
+
+
+def _bert_folder(folder: Path, words: list[str], *, masked_lm: bool = False) -> Any:
+    """A tiny real transformers BERT with random weights and a word-level WordPiece vocabulary
+    built here (no download), saved with `save_pretrained`; returns the model."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(3)
+    model = BertForMaskedLM(config) if masked_lm else BertModel(config, add_pooling_layer=False)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def _phrase_words(phrases: list[str]) -> list[str]:
+    return [w for p in phrases for w in re.findall(r"\w+|[^\w\s]", p.lower())]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,6 +119,40 @@ def test_ms_cxr_layout_reaches_the_corpus_as_phrases(tmp_path) -> None:
         ].sum() + 2 * (x1 - x0 + y1 - y0 + 12)
 
 
+def test_bert_folder_embeds_phrases_by_mean_or_cls(tmp_path) -> None:
+    """A save_pretrained BERT folder: mean pooling over the phrase's tokens (padding left out)
+    and the [CLS] state equal the model's own hidden states; a CXR-BERT-style folder (a
+    masked-LM checkpoint under a model_type transformers does not know) loads its BERT."""
+    phrases = ["There is a 1.2 cm nodule in the left upper lung zone.", "left lung nodule"]
+    bert = _bert_folder(tmp_path / "bert", _phrase_words(phrases))
+    mean = load_phrase_encoder(tmp_path / "bert")
+    assert isinstance(mean, BertPhraseEncoder) and mean.pool == "mean" and mean.dim == 32
+    got = mean(phrases, batch_size=2)  # one padded batch
+    for i, phrase in enumerate(phrases):
+        ids = mean.tokenizer(phrase, return_tensors="pt")["input_ids"]
+        assert ids[0, 0] == mean.tokenizer.cls_token_id and (ids != 1).all()  # no [UNK]
+        with torch.no_grad():
+            states = bert(input_ids=ids).last_hidden_state[0]
+        torch.testing.assert_close(got[i], states.mean(0))
+        if i == 0:
+            cls = BertPhraseEncoder(tmp_path / "bert", pool="cls")(phrases)
+            torch.testing.assert_close(cls[0], states[0])
+
+    cxr = tmp_path / "cxr"
+    mlm = _bert_folder(cxr, _phrase_words(phrases), masked_lm=True)
+    config = json.loads((cxr / "config.json").read_text())
+    config.update(model_type="cxr-bert", architectures=["CXRBertModel"],
+                  auto_map={"AutoModel": "modeling_cxrbert.CXRBertModel"})  # fmt: skip
+    (cxr / "config.json").write_text(json.dumps(config))
+    loaded = BertPhraseEncoder(cxr, pool="cls")
+    for name, weight in mlm.bert.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], weight)
+    with pytest.raises(FileNotFoundError, match="neither a CLIP"):
+        load_phrase_encoder(tmp_path)
+    with pytest.raises(ValueError, match="text pool"):
+        load_phrase_encoder(tmp_path / "bert", pool="max")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, smoke_export) -> dict[str, Path]:
     from raydiology.data.phantom import write_phantom_corpus
@@ -127,3 +188,24 @@ def test_cli_grounds_phrases_for_every_export(world, tmp_path) -> None:
         assert r["n"]["test"] == len(splits["test"])
     assert "acc@IoU>0.5" in (out / "ground.md").read_text()
     assert (out / "ground.png").stat().st_size > 1000
+
+
+def test_cli_grounds_phrases_with_a_local_bert(world, tmp_path) -> None:
+    """`--text-encoder` takes a Hugging Face BERT folder as well as a CLIP export."""
+    splits = phrase_splits(world["corpus"], 64)
+    bert = tmp_path / "bert"
+    _bert_folder(bert, _phrase_words([p for s in splits.values() for p in s.phrases]))
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "evaluate", "ground", f"mae={world['mae']}", "--corpus", str(world["corpus"]),
+        "--text-encoder", str(bert), "--text-pool", "cls", "--out", str(out),
+        "--max-steps", "20", "--eval-every", "10", "--device", "cpu",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "ground.json").read_text())
+    (row,) = payload["results"] if isinstance(payload, dict) else payload
+    assert row["text"] == str(bert) and row["text_pool"] == "cls" and row["steps"] == 20
+    assert 0 <= row["acc50"] <= 1 and row["n"]["test"] == len(splits["test"])
+    bad = CliRunner().invoke(app, ["evaluate", "ground", f"mae={world['mae']}", "--corpus",
+                                   str(world["corpus"]), "--text-encoder", str(tmp_path)])  # fmt: skip
+    assert bad.exit_code == 2 and "neither a CLIP" in bad.output

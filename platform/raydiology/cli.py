@@ -834,8 +834,17 @@ def evaluate_ground(
     encoders: Encoders,
     corpus: EvalCorpus,
     text: Annotated[
-        Path, typer.Option("--text", help="a CLIP run or export: its text tower embeds phrases")
+        Path,
+        typer.Option(
+            "--text-encoder",
+            "--text",
+            help="a CLIP run or export (its text tower) or a local Hugging Face BERT folder "
+            "(e.g. CXR-BERT) that embeds the phrases",
+        ),
     ],
+    text_pool: Annotated[
+        str, typer.Option(help="BERT phrase embedding: mean (over tokens) or cls ([CLS] state)")
+    ] = "mean",
     boxes: Annotated[
         str, typer.Option(help="the box-list column (entries with a phrase)")
     ] = "boxes",
@@ -855,13 +864,12 @@ def evaluate_ground(
     from raydiology.evaluation.features import parse_encoder_arg
     from raydiology.evaluation.ground import (
         GroundConfig,
-        embed_phrases,
         ground_encoder,
+        load_phrase_encoder,
         phrase_splits,
         save_grounding_picture,
     )
     from raydiology.evaluation.tables import write_results
-    from raydiology.models.clip import find_clip_export, load_clip
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -869,7 +877,7 @@ def evaluate_ground(
         cfg = GroundConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed)
         cfg.validate("ground")
         manifest = read_manifest(corpus)
-        clip = load_clip(find_clip_export(text), device=device)
+        embed = load_phrase_encoder(text, pool=text_pool, device=device)
     except (CorpusError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
@@ -882,13 +890,14 @@ def evaluate_ground(
             res = encoder.data.resolution
             if splits is None or splits["train"].images.shape[-1] != res:
                 splits = phrase_splits(corpus, res, boxes)
-                embedded = {k: embed_phrases(clip, v.phrases) for k, v in splits.items()}
+                embedded = {k: embed(v.phrases) for k, v in splits.items()}
             err.print(f"ground: {name} on {len(splits['train'])} training phrases")
             result, pred = ground_encoder(encoder, splits, embedded, cfg, name=name, device=device)
         except (CorpusError, FileNotFoundError, ValueError) as e:
             err.print(f"[red]{name}: {e}[/]")
             raise typer.Exit(2) from None
         result["text"] = str(text)
+        result["text_pool"] = getattr(embed, "pool", None)  # a BERT's; CLIP: its own [SEP]
         results.append(result)
         rows.append((name, pred))
         resolutions.add(res)

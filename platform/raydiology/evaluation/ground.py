@@ -3,8 +3,9 @@
 The task and metrics are MS-CXR's (Boecking et al. 2022, "Making the Most of Text Semantics
 to Improve Biomedical Vision-Language Processing"): each (image, phrase, box) triple asks
 for the box the phrase describes. The image encoder is a frozen raydiology export (its
-patch features, `evaluation.dense`); the phrase embedding comes from a frozen CLIP export's
-text tower (`models.clip.load_clip(...).encode_reports`). Only a small head learns: the
+patch features, `evaluation.dense`); the phrase embedding comes from a frozen text encoder:
+a CLIP export's text tower (`models.clip.load_clip(...).encode_reports`) or a local Hugging
+Face BERT folder (`BertPhraseEncoder`, e.g. CXR-BERT). Only a small head learns: the
 projected phrase embedding is the single query of a transformer decoder over the projected
 patch features (DETR's decoder with one text-conditioned query, Carion et al. 2020), and a
 3-layer MLP regresses the box, trained with DETR's L1 (weight 5) + generalised-IoU (weight
@@ -163,6 +164,95 @@ def embed_phrases(clip: Any, phrases: list[str], *, batch_size: int = 64) -> Ten
     out = [clip.encode_reports(phrases[i : i + batch_size]).float().cpu()
            for i in range(0, len(phrases), batch_size)]  # fmt: skip
     return torch.cat(out) if out else torch.zeros(0, clip.text_proj.out_features)
+
+
+TEXT_POOLS: tuple[str, ...] = ("mean", "cls")
+
+
+class BertPhraseEncoder:
+    """A local Hugging Face BERT folder (`save_pretrained`: config, weights, tokenizer) ->
+    phrase embeddings [P, H]. Read with `local_files_only` (nothing is downloaded), never
+    running the folder's own code (`trust_remote_code=False`); transformers takes the
+    safetensors weights where the folder has both them and `pytorch_model.bin`.
+
+    `pool="mean"` (the default) averages the last hidden states over the phrase's tokens
+    (attention mask): for a BERT not trained to put a sentence into [CLS] (BiomedBERT,
+    BioClinicalBERT), averaged tokens embed a sentence better than [CLS] (Reimers and
+    Gurevych 2019, Sentence-BERT, Table 1), and they keep the location and finding words a
+    box depends on. `pool="cls"` takes the [CLS] state, which CXR-BERT-specialized was
+    trained to align with images (Boecking et al. 2022; its projection head is not loaded).
+
+    A folder whose `model_type` transformers does not know but whose weights are BERT's
+    (CXR-BERT's "cxr-bert": a BertForMaskedLM with its own modelling code) loads as a plain
+    `BertModel`."""
+
+    def __init__(
+        self, folder: str | os.PathLike, *, pool: str = "mean", device: str | torch.device = "cpu"
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"text pool {pool!r}: expected one of {', '.join(TEXT_POOLS)}")
+        folder = Path(folder).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (not a save_pretrained folder)")
+        local: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+        self.folder, self.pool, self.device = folder, pool, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **local)
+        try:
+            config = AutoConfig.from_pretrained(str(folder), **local)
+        except ValueError:  # a model_type transformers does not know: read the folder as BERT
+            config = BertConfig.from_pretrained(str(folder), local_files_only=True)
+        model: Any
+        if isinstance(config, BertConfig):  # no pooler: phrases are pooled here
+            model = BertModel.from_pretrained(str(folder), config=config, local_files_only=True,
+                                              add_pooling_layer=False)  # fmt: skip
+        else:
+            model = AutoModel.from_pretrained(str(folder), config=config, **local)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.max_length = min(512, int(getattr(config, "max_position_embeddings", 512)))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, phrases: list[str], *, batch_size: int = 64) -> Tensor:
+        """Phrases -> [P, H] float32 on the CPU."""
+        out = []
+        for i in range(0, len(phrases), batch_size):
+            batch = self.tokenizer(phrases[i : i + batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")  # fmt: skip
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            states = self.model(**batch).last_hidden_state.float()
+            if self.pool == "cls":
+                out.append(states[:, 0].cpu())
+                continue
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def load_phrase_encoder(
+    path: str | os.PathLike, *, pool: str = "mean", device: str | torch.device = "cpu"
+) -> Any:
+    """`--text-encoder PATH` -> phrases -> [P, E]: a CLIP run or export (clip.json, its text
+    tower) or else a local Hugging Face BERT folder (config.json, `BertPhraseEncoder`)."""
+    from raydiology.models.clip import find_clip_export, load_clip
+
+    if pool not in TEXT_POOLS:
+        raise ValueError(f"text pool {pool!r}: expected one of {', '.join(TEXT_POOLS)}")
+    try:
+        folder = find_clip_export(Path(path))
+    except FileNotFoundError:
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: neither a CLIP run/export (clip.json) nor a Hugging Face BERT "
+                "folder (config.json)"
+            ) from None
+        return BertPhraseEncoder(path, pool=pool, device=device)
+    clip = load_clip(folder, device=device)
+    return lambda phrases: embed_phrases(clip, phrases)
 
 
 @torch.no_grad()
