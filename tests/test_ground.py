@@ -103,7 +103,8 @@ def test_ms_cxr_layout_reaches_the_corpus_as_phrases(tmp_path) -> None:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert ms_cxr_file_list(tmp_path / "ms_cxr.csv", "files/{}.png", tmp_path / "list.csv") == 2
+    made = ms_cxr_file_list(tmp_path / "ms_cxr.csv", "files/{}.png", tmp_path / "list.csv")
+    assert (made.images, made.phrases, made.rescaled, made.missing) == (2, 3, 0, 0)
     ingest_images([tmp_path / "list.csv"], tmp_path / "c", size=60, parallel=False,
                   progress=False, salt="s")  # fmt: skip
     assert len(read_rows(tmp_path / "c", columns=["boxes"])) == 2
@@ -151,6 +152,66 @@ def test_bert_folder_embeds_phrases_by_mean_or_cls(tmp_path) -> None:
         load_phrase_encoder(tmp_path)
     with pytest.raises(ValueError, match="text pool"):
         load_phrase_encoder(tmp_path / "bert", pool="max")
+
+
+# MS-CXR v1.1.0's columns, in its order (PhysioNet MS_CXR_Local_Alignment_v1.1.0.csv, as
+# mirrored by the Hugging Face dataset viewer of sunday-hao/mimic)
+MS_CXR_COLUMNS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
+                  "image_width", "image_height", "split"]  # fmt: skip
+
+
+def test_cli_ms_cxr_to_corpus_end_to_end(ray_cluster, tmp_path) -> None:
+    """`raydiology corpus ms-cxr` then `raydiology ingest` on an MS-CXR-layout CSV over phantom
+    PNGs in MIMIC-CXR-JPG's folder layout: each phrase arrives with its box on the lesion at
+    the corpus's geometry, in MS-CXR's split. Two films are stored at half the size MS-CXR
+    gives (a downsized copy): their boxes are scaled to the files."""
+    from raydiology.data.phantom import make_phantom
+
+    rng = np.random.default_rng(0)
+    jpg, rows, expected = tmp_path / "mimic-cxr-jpg", [], {}
+    splits = ["train", "train", "train", "val", "test", "test"]
+    for i, split in enumerate(splits):
+        case = make_phantom(rng, size=96, findings={"lung_lesion": True}, boxes=True)
+        assert case.boxes
+        x0, y0, x1, y1, _, phrase = case.boxes[0]
+        dicom = f"{i:08x}-0000"
+        path = f"files/p10/p1000000{i}/s5000000{i}/{dicom}.png"
+        (jpg / path).parent.mkdir(parents=True)
+        Image.fromarray(case.image).save(jpg / path)
+        scale = 2.0 if i % 3 == 0 else 1.0  # MS-CXR's pixels are twice the file's
+        phrases = [str(phrase)] + (["left lung nodule"] if i == 1 else [])
+        for text in phrases:
+            rows.append(dict(zip(MS_CXR_COLUMNS, [
+                dicom, "Lung Lesion", text, path, scale * float(x0), scale * float(y0),
+                scale * float(x1 - x0), scale * float(y1 - y0), 96 * scale, 96 * scale, split,
+            ], strict=True)))  # fmt: skip
+            expected[text] = (split, [float(v) * 64 / 96 for v in (x0, y0, x1, y1)])
+    with (tmp_path / "ms_cxr.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, MS_CXR_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    listed = tmp_path / "lists" / "ms_cxr_files.csv"
+    made = CliRunner().invoke(app, ["corpus", "ms-cxr", str(tmp_path / "ms_cxr.csv"),
+                                    "--images", str(jpg), "--out", str(listed)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "7 phrases on 6 images (test 2, train 3, val 1)" in made.output
+    assert "2 image(s) of another size" in made.output
+    ingest = CliRunner().invoke(app, ["ingest", str(listed), "--out", str(tmp_path / "corpus"),
+                                      "--size", "64"])  # fmt: skip
+    assert ingest.exit_code == 0, ingest.output
+    assert "ingested 6" in ingest.output
+
+    got = phrase_splits(tmp_path / "corpus", 64)
+    assert sum(len(s) for s in got.values()) == 7
+    for name, split in got.items():
+        for i, phrase in enumerate(split.phrases):
+            want_split, box = expected[phrase]
+            assert name == want_split
+            torch.testing.assert_close(split.boxes[i], torch.tensor(box), atol=0.5, rtol=0)
+    bad = CliRunner().invoke(app, ["corpus", "ms-cxr", str(tmp_path / "ms_cxr.csv"), "--images",
+                                   str(jpg), "--out", str(listed), "--no-keep-split"])  # fmt: skip
+    assert bad.exit_code == 0 and "(unsplit 6)" in bad.output
 
 
 @pytest.fixture(scope="module")

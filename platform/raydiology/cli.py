@@ -322,6 +322,47 @@ def corpus_phantom(
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
 
+@corpus_app.command("ms-cxr")
+def corpus_ms_cxr(
+    annotations: Annotated[
+        Path, typer.Argument(help="MS-CXR's CSV (PhysioNet MS_CXR_Local_Alignment_v1.1.0.csv)")
+    ],
+    images: Annotated[
+        str,
+        typer.Option(
+            help="the MIMIC-CXR-JPG folder MS-CXR's `path` column is relative to, or a pattern "
+            "with {} for the dicom_id (e.g. 'jpg/{}.jpg')"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="ingest file list (CSV) to write")],
+    keep_split: Annotated[
+        bool, typer.Option(help="carry MS-CXR's train/val/test split into the corpus")
+    ] = True,
+) -> None:
+    """MS-CXR's phrase-grounding boxes -> an ingest file list (path, boxes with phrases,
+    split); then `raydiology ingest FILELIST --out CORPUS` and `raydiology evaluate ground`."""
+    from raydiology.evaluation.ground import ms_cxr_file_list
+
+    if "{}" not in images:  # a folder given relative to here, not to the file list
+        images = str(Path(images).expanduser().resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        made = ms_cxr_file_list(annotations, images, out, keep_split=keep_split)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        what = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+        err.print(f"{annotations}: {what}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(made.splits.items()))
+    console.print(f"{made.phrases} phrases on {made.images} images ({splits}) -> {out}",
+                  soft_wrap=True)  # fmt: skip
+    if made.rescaled:
+        console.print(f"{made.rescaled} image(s) of another size than MS-CXR's: boxes scaled")
+    if made.missing:
+        err.print(f"[yellow]{made.missing} image(s) not found under {images}: ingest "
+                  "will quarantine them[/]")  # fmt: skip
+    console.print(f"next: raydiology ingest {out} --out CORPUS", soft_wrap=True)
+
+
 @corpus_app.command("stats")
 def corpus_stats(
     corpus: Annotated[Path, typer.Argument(help="corpus folder")],

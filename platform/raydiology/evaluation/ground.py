@@ -16,7 +16,8 @@ best head kept and an early stop after `patience` validations.
 
 Input: the corpus's box lists whose entries carry a phrase (`[x0, y0, x1, y1, label,
 phrase]`, docs/corpus_format.md); MS-CXR's CSV layout (image, phrase, box) reaches the
-corpus through `ms_cxr_file_list` and ingest, which fits the boxes like the images.
+corpus through `ms_cxr_file_list` (`raydiology corpus ms-cxr`) and ingest, which fits the
+boxes like the images.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,24 +123,93 @@ def phrase_splits(
     return out
 
 
-def ms_cxr_file_list(ms_cxr_csv: str | os.PathLike, images: str, out_csv: str | os.PathLike) -> int:
-    """MS-CXR's annotation CSV (one row per (image, phrase, box): `dicom_id`, `label_text`,
-    `category_name`, `x`, `y`, `w`, `h` in the image's pixels) -> an ingest file list with a
-    `path` (`images`/<dicom_id>.<ext>, `{}` in `images` taking the id, e.g. "files/{}.jpg")
-    and a `boxes` column; returns the number of images. Ingest then fits the boxes like the
-    images (docs/corpus_format.md)."""
-    grouped: dict[str, list[list[Any]]] = defaultdict(list)
+MS_CXR_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class MsCxrFileList:
+    """What `ms_cxr_file_list` wrote: images and phrases, and how many images had their
+    boxes rescaled (a copy of another size than MS-CXR's) or were not found."""
+
+    images: int
+    phrases: int
+    rescaled: int
+    missing: int
+    splits: dict[str, int]
+
+
+def ms_cxr_file_list(
+    ms_cxr_csv: str | os.PathLike,
+    images: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    *,
+    keep_split: bool = True,
+) -> MsCxrFileList:
+    """MS-CXR's annotation CSV -> an ingest file list with `path`, `boxes` and (where MS-CXR
+    has them) `split` and `study_id`; ingest then fits the boxes like the images
+    (docs/corpus_format.md).
+
+    MS-CXR's CSV (PhysioNet `MS_CXR_Local_Alignment_v1.1.0.csv`) has one row per (image,
+    phrase, box): `dicom_id`, `category_name`, `label_text`, `path` (the image in
+    MIMIC-CXR-JPG, "files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg"), the box `x`, `y`, `w`, `h`
+    in the pixels of an image `image_width` x `image_height`, and `split` (v1.1.0; v1.0.0
+    has none). `images`: the MIMIC-CXR-JPG folder that `path` is relative to, or a pattern
+    whose `{}` takes the dicom_id (e.g. "jpg/{}.jpg"); relative paths resolve against
+    `out_csv`'s folder, as ingest reads them. An image found with another size than MS-CXR's
+    (a downsized copy) gets its boxes scaled to it. `keep_split`: carry MS-CXR's split (the
+    benchmark's; off: ingest's rows get the evaluations' hash split)."""
+    from PIL import Image
+
+    boxes: dict[str, list[list[Any]]] = defaultdict(list)
+    meta: dict[str, dict[str, Any]] = {}
     with open(ms_cxr_csv, newline="") as f:
-        for row in csv.DictReader(f):
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            image_id = row["dicom_id"]
+            if "{}" in str(images):
+                path = str(images).format(image_id)
+            elif row.get("path"):
+                path = str(Path(images) / row["path"])
+            else:
+                raise ValueError(f"{ms_cxr_csv}:{line}: no `path` column: give the images as "
+                                 "a pattern with {} for the dicom_id")  # fmt: skip
+            width, height = row.get("image_width") or "", row.get("image_height") or ""
+            size = (float(width), float(height)) if width and height else None
+            entry = {"path": path, "size": size, "split": row.get("split") or None}
+            if entry["split"] is not None and entry["split"] not in MS_CXR_SPLITS:
+                raise ValueError(f"{ms_cxr_csv}:{line}: split {entry['split']!r} is not one of "
+                                 f"{', '.join(MS_CXR_SPLITS)}")  # fmt: skip
+            if meta.setdefault(image_id, entry) != entry:
+                raise ValueError(f"{ms_cxr_csv}:{line}: {image_id} differs from its first row "
+                                 "in path, image size or split")  # fmt: skip
             x, y, w, h = (float(row[k]) for k in ("x", "y", "w", "h"))
             label = row.get("category_name") or "finding"
-            grouped[row["dicom_id"]].append([x, y, x + w, y + h, label, row["label_text"]])
+            boxes[image_id].append([x, y, x + w, y + h, label, row["label_text"]])
+    root = Path(out_csv).parent
+    rescaled = missing = 0
+    splits: dict[str, int] = defaultdict(int)
     with open(out_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "boxes"])
-        for image_id, boxes in sorted(grouped.items()):
-            writer.writerow([images.format(image_id), json.dumps(boxes)])
-    return len(grouped)
+        writer.writerow(["path", "boxes", "split", "study_id"])
+        for image_id, listed in sorted(boxes.items()):
+            entry = meta[image_id]
+            file = root / entry["path"]  # an absolute path stays itself
+            if not file.is_file():
+                missing += 1
+            elif entry["size"] is not None:
+                with Image.open(file) as image:  # reads the header only
+                    width, height = image.size
+                sx, sy = width / entry["size"][0], height / entry["size"][1]
+                if (sx, sy) != (1.0, 1.0):
+                    rescaled += 1
+                    listed = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy, *b[4:]] for b in listed]
+            split = entry["split"] if keep_split else None
+            splits[split or "unsplit"] += 1
+            study = re.search(r"/s(\d+)/", "/" + entry["path"].replace(os.sep, "/"))
+            writer.writerow([entry["path"], json.dumps(listed), split or "",
+                             study.group(1) if study else ""])  # fmt: skip
+    phrases = sum(len(v) for v in boxes.values())
+    return MsCxrFileList(images=len(boxes), phrases=phrases, rescaled=rescaled,
+                         missing=missing, splits=dict(splits))  # fmt: skip
 
 
 class GroundingHead(nn.Module):
