@@ -144,6 +144,37 @@ def test_dense_encoder_gives_patch_maps_of_the_export(world, name) -> None:
     assert not any(p.requires_grad for p in dense.parameters())
 
 
+def test_timm_encoder_gives_its_layers_through_forward_intermediates(world, tmp_path) -> None:
+    """EVA-X's encoder is timm's Eva: its maps come from timm's `forward_intermediates` and
+    equal the block outputs read by hooks and the encoder's own output; the registry's
+    other ViTs (no such method) keep the hooks."""
+    import raydiology
+
+    folder = _export("evax.yaml", tmp_path / "evax", 0, "data.resolution=64",
+                     "model.teacher.path=null")  # fmt: skip
+    dense = load_dense_encoder(folder)
+    assert dense.uses_timm_intermediates and dense.layer_ids == [0, 0, 0, 1]  # depth 2
+    assert not load_dense_encoder(world["mae"]).uses_timm_intermediates
+    raw = raydiology.load_encoder(folder)
+    seen: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(raw.blocks):
+        block.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out))
+    x = torch.randn(2, dense.data.channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats = dense(x)
+    with torch.no_grad():
+        tokens = raw(x)
+    gh, gw = dense.grid
+
+    def as_map(tokens: torch.Tensor) -> torch.Tensor:  # CLS first, then the patches row-major
+        return tokens[:, 1:].transpose(1, 2).reshape(2, -1, gh, gw)
+
+    torch.testing.assert_close(feats["last"], as_map(tokens))
+    for got, block in zip(feats["layers"], dense.layer_ids, strict=True):
+        torch.testing.assert_close(got, as_map(seen[block]))
+    logits = UPerDecoder(dense.embed_dim, 2, channels=8)(feats)
+    assert logits.shape == (2, 2, 4 * gh, 4 * gw)
+
+
 def test_decoders_map_features_to_class_logits() -> None:
     feats = {"last": torch.randn(2, 16, 4, 4), "layers": [torch.randn(2, 16, 4, 4)] * 4}
     assert LinearDecoder(16, 3)(feats).shape == (2, 3, 4, 4)
