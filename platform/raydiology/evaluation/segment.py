@@ -200,9 +200,9 @@ def dice_scores(pred: Tensor, masks: Tensor) -> Tensor:
     pred, masks = pred.bool(), masks.bool()
     if pred.shape[0] == 0:
         return torch.zeros(pred.shape[:2], dtype=torch.float64)
-    dice = dice_score(
-        pred.long(),
-        masks.long(),
+    dice = dice_score(  # uint8 in: 1 byte a pixel, as the bool masks (sums come out int64)
+        pred.to(torch.uint8),
+        masks.to(torch.uint8),
         num_classes=masks.shape[1],
         include_background=True,
         average="none",
