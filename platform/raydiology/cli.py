@@ -331,7 +331,7 @@ def corpus_ms_cxr(
         str,
         typer.Option(
             help="the MIMIC-CXR-JPG folder MS-CXR's `path` column is relative to, or a pattern "
-            "with {} for the dicom_id (e.g. 'jpg/{}.jpg')"
+            "with {} for the dicom_id (e.g. 'jpg/{}.jpg', relative to the --out file's folder)"
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="ingest file list (CSV) to write")],
