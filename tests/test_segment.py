@@ -24,6 +24,7 @@ from raydiology.evaluation.segment import (
     LinearDecoder,
     SegmentConfig,
     UPerDecoder,
+    class_dice,
     dice_loss,
     dice_scores,
     evaluate_dice,
@@ -87,6 +88,36 @@ def test_dice_by_hand() -> None:
     assert dice_loss(-logits, truth, torch.zeros_like(known)) == 0
 
 
+def test_dice_metric_equals_counting_pixels() -> None:
+    """torchmetrics' Dice under our convention equals 2|P & T| / (|P| + |T|) counted pixel by
+    pixel on known masks, NaN where the truth is empty, means over annotated images only."""
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand(5, 3, 12, 12, generator=gen) < 0.3
+    pred = torch.rand(5, 3, 12, 12, generator=gen) < 0.4
+    truth[0, 0] = pred[0, 0] = False  # both empty: no Dice
+    truth[1, 1], pred[1, 1] = False, True  # empty truth, a prediction: still no Dice
+    pred[2, 2] = False  # a missed structure: Dice 0
+    pred[3, 0] = truth[3, 0]  # perfect: Dice 1
+    known = torch.ones(5, 3, dtype=torch.bool)
+    known[4, 1] = False  # not annotated: left out of the class mean
+
+    counted = np.full((5, 3), np.nan)
+    for i in range(5):
+        for k in range(3):
+            t, p = truth[i, k].numpy(), pred[i, k].numpy()
+            if t.sum():
+                counted[i, k] = 2 * np.logical_and(t, p).sum() / (t.sum() + p.sum())
+    scores = dice_scores(pred, truth).numpy()
+    np.testing.assert_allclose(scores, counted, rtol=1e-6)
+    assert np.isnan(scores[0, 0]) and np.isnan(scores[1, 1])
+    assert scores[2, 2] == 0 and scores[3, 0] == 1
+    counted[4, 1] = np.nan
+    np.testing.assert_allclose(class_dice(pred, truth, known), np.nanmean(counted, axis=0),
+                               rtol=1e-6)  # fmt: skip
+    empty = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    assert np.isnan(class_dice(empty, empty, torch.ones(2, 2, dtype=torch.bool))).all()
+
+
 def test_intermediate_layers_spread_to_the_last_block() -> None:
     assert intermediate_layers(12) == [2, 5, 8, 11]
     assert intermediate_layers(24) == [5, 11, 17, 23]
@@ -111,6 +142,37 @@ def test_dense_encoder_gives_patch_maps_of_the_export(world, name) -> None:
     torch.testing.assert_close(raw.norm(feats["layers"][-1].flatten(2).transpose(1, 2)),
                                tokens[:, 1:])  # fmt: skip
     assert not any(p.requires_grad for p in dense.parameters())
+
+
+def test_timm_encoder_gives_its_layers_through_forward_intermediates(world, tmp_path) -> None:
+    """EVA-X's encoder is timm's Eva: its maps come from timm's `forward_intermediates` and
+    equal the block outputs read by hooks and the encoder's own output; the registry's
+    other ViTs (no such method) keep the hooks."""
+    import raydiology
+
+    folder = _export("evax.yaml", tmp_path / "evax", 0, "data.resolution=64",
+                     "model.teacher.path=null")  # fmt: skip
+    dense = load_dense_encoder(folder)
+    assert dense.uses_timm_intermediates and dense.layer_ids == [0, 0, 0, 1]  # depth 2
+    assert not load_dense_encoder(world["mae"]).uses_timm_intermediates
+    raw = raydiology.load_encoder(folder)
+    seen: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(raw.blocks):
+        block.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out))
+    x = torch.randn(2, dense.data.channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats = dense(x)
+    with torch.no_grad():
+        tokens = raw(x)
+    gh, gw = dense.grid
+
+    def as_map(tokens: torch.Tensor) -> torch.Tensor:  # CLS first, then the patches row-major
+        return tokens[:, 1:].transpose(1, 2).reshape(2, -1, gh, gw)
+
+    torch.testing.assert_close(feats["last"], as_map(tokens))
+    for got, block in zip(feats["layers"], dense.layer_ids, strict=True):
+        torch.testing.assert_close(got, as_map(seen[block]))
+    logits = UPerDecoder(dense.embed_dim, 2, channels=8)(feats)
+    assert logits.shape == (2, 2, 4 * gh, 4 * gw)
 
 
 def test_decoders_map_features_to_class_logits() -> None:

@@ -322,6 +322,47 @@ def corpus_phantom(
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 
 
+@corpus_app.command("ms-cxr")
+def corpus_ms_cxr(
+    annotations: Annotated[
+        Path, typer.Argument(help="MS-CXR's CSV (PhysioNet MS_CXR_Local_Alignment_v1.1.0.csv)")
+    ],
+    images: Annotated[
+        str,
+        typer.Option(
+            help="the MIMIC-CXR-JPG folder MS-CXR's `path` column is relative to, or a pattern "
+            "with {} for the dicom_id (e.g. 'jpg/{}.jpg', relative to the --out file's folder)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="ingest file list (CSV) to write")],
+    keep_split: Annotated[
+        bool, typer.Option(help="carry MS-CXR's train/val/test split into the corpus")
+    ] = True,
+) -> None:
+    """MS-CXR's phrase-grounding boxes -> an ingest file list (path, boxes with phrases,
+    split); then `raydiology ingest FILELIST --out CORPUS` and `raydiology evaluate ground`."""
+    from raydiology.evaluation.ground import ms_cxr_file_list
+
+    if "{}" not in images:  # a folder given relative to here, not to the file list
+        images = str(Path(images).expanduser().resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        made = ms_cxr_file_list(annotations, images, out, keep_split=keep_split)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        what = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+        err.print(f"{annotations}: {what}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(made.splits.items()))
+    console.print(f"{made.phrases} phrases on {made.images} images ({splits}) -> {out}",
+                  soft_wrap=True)  # fmt: skip
+    if made.rescaled:
+        console.print(f"{made.rescaled} image(s) of another size than MS-CXR's: boxes scaled")
+    if made.missing:
+        err.print(f"[yellow]{made.missing} image(s) not found under {images}: ingest "
+                  "will quarantine them[/]")  # fmt: skip
+    console.print(f"next: raydiology ingest {out} --out CORPUS", soft_wrap=True)
+
+
 @corpus_app.command("stats")
 def corpus_stats(
     corpus: Annotated[Path, typer.Argument(help="corpus folder")],
@@ -834,8 +875,17 @@ def evaluate_ground(
     encoders: Encoders,
     corpus: EvalCorpus,
     text: Annotated[
-        Path, typer.Option("--text", help="a CLIP run or export: its text tower embeds phrases")
+        Path,
+        typer.Option(
+            "--text-encoder",
+            "--text",
+            help="a CLIP run or export (its text tower) or a local Hugging Face BERT folder "
+            "(e.g. CXR-BERT) that embeds the phrases",
+        ),
     ],
+    text_pool: Annotated[
+        str, typer.Option(help="BERT phrase embedding: mean (over tokens) or cls ([CLS] state)")
+    ] = "mean",
     boxes: Annotated[
         str, typer.Option(help="the box-list column (entries with a phrase)")
     ] = "boxes",
@@ -855,13 +905,12 @@ def evaluate_ground(
     from raydiology.evaluation.features import parse_encoder_arg
     from raydiology.evaluation.ground import (
         GroundConfig,
-        embed_phrases,
         ground_encoder,
+        load_phrase_encoder,
         phrase_splits,
         save_grounding_picture,
     )
     from raydiology.evaluation.tables import write_results
-    from raydiology.models.clip import find_clip_export, load_clip
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -869,7 +918,7 @@ def evaluate_ground(
         cfg = GroundConfig(max_steps=max_steps, eval_every=eval_every, lr=lr, seed=seed)
         cfg.validate("ground")
         manifest = read_manifest(corpus)
-        clip = load_clip(find_clip_export(text), device=device)
+        embed = load_phrase_encoder(text, pool=text_pool, device=device)
     except (CorpusError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
@@ -882,13 +931,14 @@ def evaluate_ground(
             res = encoder.data.resolution
             if splits is None or splits["train"].images.shape[-1] != res:
                 splits = phrase_splits(corpus, res, boxes)
-                embedded = {k: embed_phrases(clip, v.phrases) for k, v in splits.items()}
+                embedded = {k: embed(v.phrases) for k, v in splits.items()}
             err.print(f"ground: {name} on {len(splits['train'])} training phrases")
             result, pred = ground_encoder(encoder, splits, embedded, cfg, name=name, device=device)
         except (CorpusError, FileNotFoundError, ValueError) as e:
             err.print(f"[red]{name}: {e}[/]")
             raise typer.Exit(2) from None
         result["text"] = str(text)
+        result["text_pool"] = getattr(embed, "pool", None)  # a BERT's; CLIP: its own [SEP]
         results.append(result)
         rows.append((name, pred))
         resolutions.add(res)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +37,10 @@ class FrozenDenseEncoder(nn.Module):
     """An exported encoder, frozen, returning patch-feature maps.
 
     forward(x [B, C, R, R]) -> {"last": [B, D, gh, gw] (the encoder's output, normed),
-    "layers": [[B, D, gh, gw] x 4] (outputs of the blocks `layer_ids`)}. The intermediate
-    outputs are read with forward hooks on the encoder's block stack, so every ViT-style
-    encoder of the registry (MAE, DINOv2, EVA-X) works without a per-model method.
+    "layers": [[B, D, gh, gw] x 4] (outputs of the blocks `layer_ids`, before the final
+    norm)}. A timm model (EVA-X's encoder is timm's `Eva`) gives them through timm's own
+    `forward_intermediates`, as issue 17 asks; the registry's other ViTs (MAE, DINOv2) have
+    no such method, and their block outputs are read with forward hooks on the block stack.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -54,8 +56,12 @@ class FrozenDenseEncoder(nn.Module):
         self.prefix = int(getattr(encoder, "num_prefix_tokens", 1))
         self.embed_dim = int(getattr(encoder, "embed_dim"))  # noqa: B009
         self._captured: dict[int, Tensor] = {}
-        for i in sorted(set(self.layer_ids)):
-            stack[i].register_forward_hook(self._capture(i))
+        self.uses_timm_intermediates = _is_timm_model(encoder) and callable(
+            getattr(encoder, "forward_intermediates", None)
+        )
+        if not self.uses_timm_intermediates:
+            for i in sorted(set(self.layer_ids)):
+                stack[i].register_forward_hook(self._capture(i))
 
     def _capture(self, index: int):
         def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
@@ -76,10 +82,23 @@ class FrozenDenseEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        if self.uses_timm_intermediates:
+            taken = sorted(set(self.layer_ids))  # timm returns each block once, in order
+            timm_model: Any = self.encoder
+            last, maps = timm_model.forward_intermediates(
+                x, indices=taken, norm=False, output_fmt="NCHW"
+            )
+            by_block = dict(zip(taken, maps, strict=True))
+            return {"last": self._to_map(last), "layers": [by_block[i] for i in self.layer_ids]}
         self._captured.clear()
         last = self.encoder(x)
         layers = [self._to_map(self._captured[i]) for i in self.layer_ids]
         return {"last": self._to_map(last), "layers": layers}
+
+
+def _is_timm_model(module: nn.Module) -> bool:
+    """Built from a timm model class (possibly subclassed, as EVA-X's encoder is)."""
+    return any(c.__module__.startswith("timm.") for c in type(module).__mro__)
 
 
 def load_dense_encoder(

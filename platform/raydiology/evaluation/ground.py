@@ -3,8 +3,9 @@
 The task and metrics are MS-CXR's (Boecking et al. 2022, "Making the Most of Text Semantics
 to Improve Biomedical Vision-Language Processing"): each (image, phrase, box) triple asks
 for the box the phrase describes. The image encoder is a frozen raydiology export (its
-patch features, `evaluation.dense`); the phrase embedding comes from a frozen CLIP export's
-text tower (`models.clip.load_clip(...).encode_reports`). Only a small head learns: the
+patch features, `evaluation.dense`); the phrase embedding comes from a frozen text encoder:
+a CLIP export's text tower (`models.clip.load_clip(...).encode_reports`) or a local Hugging
+Face BERT folder (`BertPhraseEncoder`, e.g. CXR-BERT). Only a small head learns: the
 projected phrase embedding is the single query of a transformer decoder over the projected
 patch features (DETR's decoder with one text-conditioned query, Carion et al. 2020), and a
 3-layer MLP regresses the box, trained with DETR's L1 (weight 5) + generalised-IoU (weight
@@ -15,7 +16,8 @@ best head kept and an early stop after `patience` validations.
 
 Input: the corpus's box lists whose entries carry a phrase (`[x0, y0, x1, y1, label,
 phrase]`, docs/corpus_format.md); MS-CXR's CSV layout (image, phrase, box) reaches the
-corpus through `ms_cxr_file_list` and ingest, which fits the boxes like the images.
+corpus through `ms_cxr_file_list` (`raydiology corpus ms-cxr`) and ingest, which fits the
+boxes like the images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,24 +123,93 @@ def phrase_splits(
     return out
 
 
-def ms_cxr_file_list(ms_cxr_csv: str | os.PathLike, images: str, out_csv: str | os.PathLike) -> int:
-    """MS-CXR's annotation CSV (one row per (image, phrase, box): `dicom_id`, `label_text`,
-    `category_name`, `x`, `y`, `w`, `h` in the image's pixels) -> an ingest file list with a
-    `path` (`images`/<dicom_id>.<ext>, `{}` in `images` taking the id, e.g. "files/{}.jpg")
-    and a `boxes` column; returns the number of images. Ingest then fits the boxes like the
-    images (docs/corpus_format.md)."""
-    grouped: dict[str, list[list[Any]]] = defaultdict(list)
+MS_CXR_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class MsCxrFileList:
+    """What `ms_cxr_file_list` wrote: images and phrases, and how many images had their
+    boxes rescaled (a copy of another size than MS-CXR's) or were not found."""
+
+    images: int
+    phrases: int
+    rescaled: int
+    missing: int
+    splits: dict[str, int]
+
+
+def ms_cxr_file_list(
+    ms_cxr_csv: str | os.PathLike,
+    images: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    *,
+    keep_split: bool = True,
+) -> MsCxrFileList:
+    """MS-CXR's annotation CSV -> an ingest file list with `path`, `boxes` and (where MS-CXR
+    has them) `split` and `study_id`; ingest then fits the boxes like the images
+    (docs/corpus_format.md).
+
+    MS-CXR's CSV (PhysioNet `MS_CXR_Local_Alignment_v1.1.0.csv`) has one row per (image,
+    phrase, box): `dicom_id`, `category_name`, `label_text`, `path` (the image in
+    MIMIC-CXR-JPG, "files/pNN/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg"), the box `x`, `y`, `w`, `h`
+    in the pixels of an image `image_width` x `image_height`, and `split` (v1.1.0; v1.0.0
+    has none). `images`: the MIMIC-CXR-JPG folder that `path` is relative to, or a pattern
+    whose `{}` takes the dicom_id (e.g. "jpg/{}.jpg"); relative paths resolve against
+    `out_csv`'s folder, as ingest reads them. An image found with another size than MS-CXR's
+    (a downsized copy) gets its boxes scaled to it. `keep_split`: carry MS-CXR's split (the
+    benchmark's; off: ingest's rows get the evaluations' hash split)."""
+    from PIL import Image
+
+    boxes: dict[str, list[list[Any]]] = defaultdict(list)
+    meta: dict[str, dict[str, Any]] = {}
     with open(ms_cxr_csv, newline="") as f:
-        for row in csv.DictReader(f):
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            image_id = row["dicom_id"]
+            if "{}" in str(images):
+                path = str(images).format(image_id)
+            elif row.get("path"):
+                path = str(Path(images) / row["path"])
+            else:
+                raise ValueError(f"{ms_cxr_csv}:{line}: no `path` column: give the images as "
+                                 "a pattern with {} for the dicom_id")  # fmt: skip
+            width, height = row.get("image_width") or "", row.get("image_height") or ""
+            size = (float(width), float(height)) if width and height else None
+            entry = {"path": path, "size": size, "split": row.get("split") or None}
+            if entry["split"] is not None and entry["split"] not in MS_CXR_SPLITS:
+                raise ValueError(f"{ms_cxr_csv}:{line}: split {entry['split']!r} is not one of "
+                                 f"{', '.join(MS_CXR_SPLITS)}")  # fmt: skip
+            if meta.setdefault(image_id, entry) != entry:
+                raise ValueError(f"{ms_cxr_csv}:{line}: {image_id} differs from its first row "
+                                 "in path, image size or split")  # fmt: skip
             x, y, w, h = (float(row[k]) for k in ("x", "y", "w", "h"))
             label = row.get("category_name") or "finding"
-            grouped[row["dicom_id"]].append([x, y, x + w, y + h, label, row["label_text"]])
+            boxes[image_id].append([x, y, x + w, y + h, label, row["label_text"]])
+    root = Path(out_csv).parent
+    rescaled = missing = 0
+    splits: dict[str, int] = defaultdict(int)
     with open(out_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "boxes"])
-        for image_id, boxes in sorted(grouped.items()):
-            writer.writerow([images.format(image_id), json.dumps(boxes)])
-    return len(grouped)
+        writer.writerow(["path", "boxes", "split", "study_id"])
+        for image_id, listed in sorted(boxes.items()):
+            entry = meta[image_id]
+            file = root / entry["path"]  # an absolute path stays itself
+            if not file.is_file():
+                missing += 1
+            elif entry["size"] is not None:
+                with Image.open(file) as image:  # reads the header only
+                    width, height = image.size
+                sx, sy = width / entry["size"][0], height / entry["size"][1]
+                if (sx, sy) != (1.0, 1.0):
+                    rescaled += 1
+                    listed = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy, *b[4:]] for b in listed]
+            split = entry["split"] if keep_split else None
+            splits[split or "unsplit"] += 1
+            study = re.search(r"/s(\d+)/", "/" + entry["path"].replace(os.sep, "/"))
+            writer.writerow([entry["path"], json.dumps(listed), split or "",
+                             study.group(1) if study else ""])  # fmt: skip
+    phrases = sum(len(v) for v in boxes.values())
+    return MsCxrFileList(images=len(boxes), phrases=phrases, rescaled=rescaled,
+                         missing=missing, splits=dict(splits))  # fmt: skip
 
 
 class GroundingHead(nn.Module):
@@ -163,6 +235,95 @@ def embed_phrases(clip: Any, phrases: list[str], *, batch_size: int = 64) -> Ten
     out = [clip.encode_reports(phrases[i : i + batch_size]).float().cpu()
            for i in range(0, len(phrases), batch_size)]  # fmt: skip
     return torch.cat(out) if out else torch.zeros(0, clip.text_proj.out_features)
+
+
+TEXT_POOLS: tuple[str, ...] = ("mean", "cls")
+
+
+class BertPhraseEncoder:
+    """A local Hugging Face BERT folder (`save_pretrained`: config, weights, tokenizer) ->
+    phrase embeddings [P, H]. Read with `local_files_only` (nothing is downloaded), never
+    running the folder's own code (`trust_remote_code=False`); transformers takes the
+    safetensors weights where the folder has both them and `pytorch_model.bin`.
+
+    `pool="mean"` (the default) averages the last hidden states over the phrase's tokens
+    (attention mask): for a BERT not trained to put a sentence into [CLS] (BiomedBERT,
+    BioClinicalBERT), averaged tokens embed a sentence better than [CLS] (Reimers and
+    Gurevych 2019, Sentence-BERT, Table 1), and they keep the location and finding words a
+    box depends on. `pool="cls"` takes the [CLS] state, which CXR-BERT-specialized was
+    trained to align with images (Boecking et al. 2022; its projection head is not loaded).
+
+    A folder whose `model_type` transformers does not know but whose weights are BERT's
+    (CXR-BERT's "cxr-bert": a BertForMaskedLM with its own modelling code) loads as a plain
+    `BertModel`."""
+
+    def __init__(
+        self, folder: str | os.PathLike, *, pool: str = "mean", device: str | torch.device = "cpu"
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"text pool {pool!r}: expected one of {', '.join(TEXT_POOLS)}")
+        folder = Path(folder).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (not a save_pretrained folder)")
+        local: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+        self.folder, self.pool, self.device = folder, pool, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **local)
+        try:
+            config = AutoConfig.from_pretrained(str(folder), **local)
+        except ValueError:  # a model_type transformers does not know: read the folder as BERT
+            config = BertConfig.from_pretrained(str(folder), local_files_only=True)
+        model: Any
+        if isinstance(config, BertConfig):  # no pooler: phrases are pooled here
+            model = BertModel.from_pretrained(str(folder), config=config, local_files_only=True,
+                                              add_pooling_layer=False)  # fmt: skip
+        else:
+            model = AutoModel.from_pretrained(str(folder), config=config, **local)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.max_length = min(512, int(getattr(config, "max_position_embeddings", 512)))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, phrases: list[str], *, batch_size: int = 64) -> Tensor:
+        """Phrases -> [P, H] float32 on the CPU."""
+        out = []
+        for i in range(0, len(phrases), batch_size):
+            batch = self.tokenizer(phrases[i : i + batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")  # fmt: skip
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            states = self.model(**batch).last_hidden_state.float()
+            if self.pool == "cls":
+                out.append(states[:, 0].cpu())
+                continue
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def load_phrase_encoder(
+    path: str | os.PathLike, *, pool: str = "mean", device: str | torch.device = "cpu"
+) -> Any:
+    """`--text-encoder PATH` -> phrases -> [P, E]: a CLIP run or export (clip.json, its text
+    tower) or else a local Hugging Face BERT folder (config.json, `BertPhraseEncoder`)."""
+    from raydiology.models.clip import find_clip_export, load_clip
+
+    if pool not in TEXT_POOLS:
+        raise ValueError(f"text pool {pool!r}: expected one of {', '.join(TEXT_POOLS)}")
+    try:
+        folder = find_clip_export(Path(path))
+    except FileNotFoundError:
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: neither a CLIP run/export (clip.json) nor a Hugging Face BERT "
+                "folder (config.json)"
+            ) from None
+        return BertPhraseEncoder(path, pool=pool, device=device)
+    clip = load_clip(folder, device=device)
+    return lambda phrases: embed_phrases(clip, phrases)
 
 
 @torch.no_grad()

@@ -12,9 +12,10 @@ Choices the protocol leaves open, fixed here (no source: say so when comparing):
   a lesion inside a lung); the Dice loss is the soft Dice per class averaged over the
   classes annotated in the batch (V-Net's soft Dice, Milletari et al. 2016, squared terms
   left out as in MONAI's default `squared_pred=False`);
-- the metric is the Dice of the thresholded (0.5) prediction per image and class, averaged
-  over the test images whose truth for that class is non-empty (MONAI DiceMetric's
-  `ignore_empty=True` convention: an empty truth has no defined Dice);
+- the metric is the Dice of the thresholded (0.5) prediction per image and class
+  (torchmetrics' `dice_score`), averaged over the test images whose truth for that class
+  is non-empty (MONAI DiceMetric's `ignore_empty=True` convention: an empty truth has no
+  defined Dice);
 - the ranges of the augmentations (affine ±10°, ±5 % shift, 0.9-1.1 scale; elastic
   alpha 20 px-equivalent, sigma 5; gamma 0.7-1.5; noise std 0.02) are not given by XR-0;
 - optimiser Adam; validation every `eval_every` steps, plateau patience and early stop in
@@ -190,12 +191,33 @@ def dice_loss(logits: Tensor, masks: Tensor, known: Tensor, eps: float = 1e-5) -
 
 def dice_scores(pred: Tensor, masks: Tensor) -> Tensor:
     """Hard Dice per (image, class): pred, masks [B, K, H, W] bool -> [B, K]; NaN where the
-    truth is empty (no defined Dice; left out of means)."""
+    truth is empty (no defined Dice; left out of means). torchmetrics computes the Dice of
+    each (image, class) (`average="none"`, samplewise, every class kept: the classes are
+    independent sigmoids, none is background); it gives 0, not NaN, for a non-empty
+    prediction over an empty truth, hence the mask."""
+    from torchmetrics.functional.segmentation import dice_score
+
     pred, masks = pred.bool(), masks.bool()
-    inter = (pred & masks).sum(dim=(2, 3)).double()
-    total = pred.sum(dim=(2, 3)).double() + masks.sum(dim=(2, 3)).double()
-    dice = 2 * inter / total.clamp(min=1)
+    if pred.shape[0] == 0:
+        return torch.zeros(pred.shape[:2], dtype=torch.float64)
+    dice = dice_score(  # uint8 in: 1 byte a pixel, as the bool masks (sums come out int64)
+        pred.to(torch.uint8),
+        masks.to(torch.uint8),
+        num_classes=masks.shape[1],
+        include_background=True,
+        average="none",
+        input_format="one-hot",
+        aggregation_level="samplewise",
+    ).double()
     return torch.where(masks.sum(dim=(2, 3)) > 0, dice, torch.nan)
+
+
+def class_dice(pred: Tensor, masks: Tensor, known: Tensor) -> np.ndarray:
+    """Mean Dice per class [K] over the images whose truth for the class is annotated
+    (`known` [B, K]) and non-empty; NaN for a class with no such image."""
+    scores = torch.where(known, dice_scores(pred, masks), torch.nan).numpy()
+    with np.errstate(all="ignore"):
+        return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in scores.T])
 
 
 # -- augmentation -------------------------------------------------------------------------
@@ -283,9 +305,7 @@ def evaluate_dice(
 ) -> np.ndarray:
     """Mean Dice per class [K] over images with a non-empty, annotated truth (NaN: none)."""
     pred = predict(encoder, decoder, split, device=device, bank=bank)
-    scores = torch.where(split.known, dice_scores(pred, split.masks), torch.nan).numpy()
-    with np.errstate(all="ignore"):
-        return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in scores.T])
+    return class_dice(pred, split.masks, split.known)
 
 
 def _quantise(images01: Tensor, dtype: torch.dtype) -> Tensor:
