@@ -144,6 +144,41 @@ def test_dense_encoder_gives_patch_maps_of_the_export(world, name) -> None:
     assert not any(p.requires_grad for p in dense.parameters())
 
 
+@pytest.mark.parametrize("tower", ["arg", "bi"])
+def test_vision_mamba_layers_are_read_as_raster_maps(tmp_path, tower) -> None:
+    """The Vision Mamba blocks see another sequence than the encoder returns (stage 1:
+    cluster order; stages 2-3: CLS in the middle): each layer map, put through the
+    encoder's final norm, must equal the encoder's output patch for patch."""
+    import raydiology
+
+    if tower == "arg":
+        folder = _export("mambaxray_vl/stage1_arg.yaml", tmp_path / tower, 0)
+    else:  # the 4-direction encoder, as the CLIP image tower of stage 2
+        from raydiology.config import load_experiment
+        from raydiology.registry import build_model, build_objective
+        from raydiology.train.export import export_encoder
+
+        exp = load_experiment(REPO / "experiments/mambaxray_vl/stage2_clip.yaml",
+                              profile="clip_smoke", overrides=[
+                                  "data.resolution=64", "model.image.timm=null",
+                                  "model.image.model.flavor=tiny",
+                                  "model.image.model.use_cuda_kernels=false"])  # fmt: skip
+        torch.manual_seed(0)
+        objective = build_objective(exp.objective, build_model(exp.model, exp.data))
+        folder = tmp_path / tower
+        export_encoder(objective, folder, exp=exp, corpus_sha256=None, step=0)
+    dense = load_dense_encoder(folder)
+    raw = raydiology.load_encoder(folder)
+    x = torch.randn(2, dense.data.channels, *raw.image_size)
+    feats = dense(x)
+    with torch.no_grad():
+        patches = raw(x)[:, dense.prefix :]
+    final_norm = raw.feature_norms[-1] if tower == "arg" else raw.norm
+    last_layer = feats["layers"][-1].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(final_norm(last_layer), patches)
+    torch.testing.assert_close(feats["last"].flatten(2).transpose(1, 2), patches)
+
+
 def test_timm_encoder_gives_its_layers_through_forward_intermediates(world, tmp_path) -> None:
     """EVA-X's encoder is timm's Eva: its maps come from timm's `forward_intermediates` and
     equal the block outputs read by hooks and the encoder's own output; the registry's

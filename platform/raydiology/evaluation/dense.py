@@ -40,7 +40,10 @@ class FrozenDenseEncoder(nn.Module):
     "layers": [[B, D, gh, gw] x 4] (outputs of the blocks `layer_ids`, before the final
     norm)}. A timm model (EVA-X's encoder is timm's `Eva`) gives them through timm's own
     `forward_intermediates`, as issue 17 asks; the registry's other ViTs (MAE, DINOv2) have
-    no such method, and their block outputs are read with forward hooks on the block stack.
+    no such method, and their block outputs are read with forward hooks on the block stack
+    (`layer_stack`), put back into raster order by the encoder's `layer_patches` where its
+    blocks see another order (the Vision Mamba encoders). CNN towers (timm ResNets in the
+    CLIP smoke profiles) have no token layers and are refused.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -92,8 +95,18 @@ class FrozenDenseEncoder(nn.Module):
             return {"last": self._to_map(last), "layers": [by_block[i] for i in self.layer_ids]}
         self._captured.clear()
         last = self.encoder(x)
-        layers = [self._to_map(self._captured[i]) for i in self.layer_ids]
+        layers = [self._block_map(self._captured[i]) for i in self.layer_ids]
         return {"last": self._to_map(last), "layers": layers}
+
+    def _block_map(self, tokens: Tensor) -> Tensor:
+        """A block's output -> [B, D, gh, gw]. Encoders whose blocks see another sequence
+        than their output (Vision Mamba: cluster order, or CLS in the middle) say how to
+        read its patches (`layer_patches`); a ViT's blocks see its output's layout."""
+        reader = getattr(self.encoder, "layer_patches", None)
+        if reader is None:
+            return self._to_map(tokens)
+        gh, gw = self.grid
+        return reader(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
 def _is_timm_model(module: nn.Module) -> bool:

@@ -294,6 +294,7 @@ class VisionMambaEncoder(PatchGrid, nn.Module):
     """
 
     pos_embed: Tensor  # [1, N, D], raster order
+    layer_stack = "layers"  # the block stack (dense evaluations hook its outputs)
 
     def __init__(
         self,
@@ -387,9 +388,13 @@ class VisionMambaEncoder(PatchGrid, nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images [B, C, H, W] -> tokens [B, N, D], raster order (the encoder protocol)."""
-        x = self.forward_features(images)[-1]  # [B, N, D] cluster order
-        order = cluster_order(self.grid_size, self.cluster_size, images.device)
-        return x[:, torch.argsort(order)]
+        return self.layer_patches(self.forward_features(images)[-1])
+
+    def layer_patches(self, tokens: Tensor) -> Tensor:
+        """A block's output [B, N, D] (cluster order) -> its patches [B, N, D] in raster
+        order (how `evaluation.dense` reads intermediate layers)."""
+        order = cluster_order(self.grid_size, self.cluster_size, tokens.device)
+        return tokens[:, torch.argsort(order)]
 
 
 class CrossAttentionBlock(nn.Module):
@@ -690,7 +695,13 @@ class BiVisionMambaEncoder(LayerIds, PatchGrid, nn.Module):
         for block in self.layers:
             x = block(x, column_order=column_order)
         x = self.norm(x)
-        return torch.cat([x[:, mid : mid + 1], x[:, :mid], x[:, mid + 1 :]], dim=1)
+        return torch.cat([x[:, mid : mid + 1], self.layer_patches(x)], dim=1)
+
+    def layer_patches(self, tokens: Tensor) -> Tensor:
+        """A block's output [B, N+1, D] (CLS in the middle) -> its patches [B, N, D] in
+        raster order (how `evaluation.dense` reads intermediate layers)."""
+        mid = self.cls_index
+        return torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], dim=1)
 
 
 def _insert_row(table: Tensor, index: int) -> Tensor:
