@@ -166,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help=f"change a setting of the test's: {[f.name for f in fields(GAIN)]}")  # fmt: skip
+                        help=f"change a setting: {[f.name for f in fields(GAIN)]}")  # fmt: skip
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=None,
                         help="fine-tune seeds (head init, batch order) per pretraining")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
