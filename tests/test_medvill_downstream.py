@@ -226,24 +226,28 @@ def test_paper_experiments_on_the_meta_device():
         assert baseline.output.dir == "runs/finetune_only" and baseline.name == exp.name
 
 
-def _pretrain_in_process(exp, corpus: str, steps: int):
-    """A few plain-torch steps of MedViLL pretraining on the training phantoms."""
+def _pretrain_in_process(exp, corpus: str, steps: int, *, rows: int | None = 8, seed: int = 0):
+    """Plain-torch steps of MedViLL pretraining on the training phantoms: the first `rows`
+    of them (None: all), in batches of `exp.train.micro_batch_size`, in order, cycling."""
     from raydiology.data.corpus import read_rows
     from raydiology.data.pipeline import preprocess_batch, to_model_input
 
     table = read_rows(corpus)
     train = np.asarray(table.column("split").to_numpy(zero_copy_only=False)) == "train"
-    batch = {n: table.column(n).to_numpy(zero_copy_only=False)[train][:8]
+    batch = {n: table.column(n).to_numpy(zero_copy_only=False)[train][:rows]
              for n in table.column_names}  # fmt: skip
     columns = exp.objective.config.corpus_columns()
     out = preprocess_batch(batch, data=exp.data, label_columns=[], extra_columns=columns)
     inputs = {k: (list(v) if v.dtype == object else torch.from_numpy(v)) for k, v in out.items()}
     inputs["image"] = to_model_input(inputs["image"], exp.data, dtype=torch.float32)
-    torch.manual_seed(0)
+    size, total = exp.train.micro_batch_size, len(inputs["image"])
+    torch.manual_seed(seed)
     objective = build_objective(exp.objective, build_model(exp.model, exp.data))
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
     for step in range(steps):
-        loss = objective(inputs, generator=torch.Generator().manual_seed(step))["loss"]
+        start = step % max(1, total // size) * size
+        chunk = {k: v[start : start + size] for k, v in inputs.items()}
+        loss = objective(chunk, generator=torch.Generator().manual_seed(step))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
