@@ -788,7 +788,9 @@ def evaluate_segment(
             splits = dense_splits(corpus, columns, res)
         err.print(f"segment: {name} ({cfg.decoder}) on {', '.join(classes)}")
         try:
-            result, head = segment_encoder(encoder, splits, classes, cfg, name=name, device=device)
+            result, head = segment_encoder(
+                encoder, splits, classes, cfg, name=name, device=device, progress=True
+            )
         except ValueError as e:
             err.print(f"[red]{name}: {e}[/]")
             raise typer.Exit(2) from None
@@ -852,7 +854,9 @@ def evaluate_detect(
             if splits is None or splits[0]["train"].images.shape[-1] != res:
                 splits = box_splits(corpus, res, boxes)
             err.print(f"detect: {name} on {', '.join(splits[1])}")
-            result, _, preds = detect_encoder(encoder, *splits, cfg, name=name, device=device)
+            result, _, preds = detect_encoder(
+                encoder, *splits, cfg, name=name, device=device, progress=True
+            )
         except (CorpusError, FileNotFoundError, ValueError) as e:
             err.print(f"[red]{name}: {e}[/]")
             raise typer.Exit(2) from None
@@ -933,7 +937,9 @@ def evaluate_ground(
                 splits = phrase_splits(corpus, res, boxes)
                 embedded = {k: embed(v.phrases) for k, v in splits.items()}
             err.print(f"ground: {name} on {len(splits['train'])} training phrases")
-            result, pred = ground_encoder(encoder, splits, embedded, cfg, name=name, device=device)
+            result, pred = ground_encoder(
+                encoder, splits, embedded, cfg, name=name, device=device, progress=True
+            )
         except (CorpusError, FileNotFoundError, ValueError) as e:
             err.print(f"[red]{name}: {e}[/]")
             raise typer.Exit(2) from None

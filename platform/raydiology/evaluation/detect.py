@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from raydiology.config_base import check
 from raydiology.evaluation.dense import FrozenDenseEncoder
-from raydiology.evaluation.features import hash_split
+from raydiology.evaluation.features import Progress, hash_split
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,6 +353,7 @@ def train_detector(
     cfg: DetectConfig,
     *,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[DetrDecoder, dict[str, Any], dict[str, Tensor]]:
     """Train the decoder on the train split's frozen features, validating by mAP@50 on the
     val split; returns the best decoder, the training log and each split's features."""
@@ -368,27 +369,29 @@ def train_detector(
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     check_on = ("val", val) if len(val) else ("train", train)
     best, best_state, since, history, step = -math.inf, None, 0, [], 0
-    for step in range(1, cfg.max_steps + 1):
-        decoder.train()
-        rows = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
-        logits, boxes = decoder(feats["train"][rows].to(device))
-        losses = detr_loss(logits, boxes, [train.labels[i] for i in rows],
-                           [targets[i] for i in rows], cfg)  # fmt: skip
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip_norm)
-        opt.step()
-        if step % cfg.eval_every and step != cfg.max_steps:
-            continue
-        preds = predict_boxes(decoder, feats[check_on[0]], res, device=device)
-        score = box_metrics(preds, check_on[1])["map50"] or 0.0
-        history.append({"step": step, "loss": losses["loss"].item(), "val_map50": score})
-        if score > best:
-            best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
-        else:
-            since += 1
-            if since >= cfg.patience:
-                break
+    with Progress(enabled=progress, description="detection head", total=cfg.max_steps) as bar:
+        for step in range(1, cfg.max_steps + 1):
+            bar.advance()
+            decoder.train()
+            rows = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
+            logits, boxes = decoder(feats["train"][rows].to(device))
+            losses = detr_loss(logits, boxes, [train.labels[i] for i in rows],
+                               [targets[i] for i in rows], cfg)  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip_norm)
+            opt.step()
+            if step % cfg.eval_every and step != cfg.max_steps:
+                continue
+            preds = predict_boxes(decoder, feats[check_on[0]], res, device=device)
+            score = box_metrics(preds, check_on[1])["map50"] or 0.0
+            history.append({"step": step, "loss": losses["loss"].item(), "val_map50": score})
+            if score > best:
+                best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    break
     if best_state is not None:
         decoder.load_state_dict(best_state)
     decoder.eval()
@@ -403,10 +406,13 @@ def detect_encoder(
     *,
     name: str,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[dict[str, Any], DetrDecoder, list[dict[str, Tensor]]]:
     """Train a decoder and score it on the test split: the result row, the decoder and its
     test predictions."""
-    decoder, log, feats = train_detector(encoder, splits, classes, cfg, device=device)
+    decoder, log, feats = train_detector(
+        encoder, splits, classes, cfg, device=device, progress=progress
+    )
     test = splits["test"]
     preds = predict_boxes(decoder, feats["test"], test.images.shape[-1], device=device)
     scores = box_metrics(preds, test)

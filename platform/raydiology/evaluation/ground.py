@@ -50,6 +50,7 @@ from raydiology.evaluation.detect import (
     transformer_decoder,
     xyxy_to_cxcywh,
 )
+from raydiology.evaluation.features import Progress
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,6 +367,7 @@ def ground_encoder(
     *,
     name: str,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[dict[str, Any], Tensor]:
     """Train the head (train split), keep the best by val accuracy, score the test split:
     the result row and the test predictions. `text`: each split's phrase embeddings."""
@@ -383,32 +385,38 @@ def ground_encoder(
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     check_on = "val" if len(splits["val"]) else "train"
     best, best_state, since, history, step = -math.inf, None, 0, [], 0
-    for step in range(1, cfg.max_steps + 1):
-        head.train()
-        rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
-        box = head(feats["train"][train.image[rows]].to(device), text["train"][rows].to(device))
-        true = target[rows].to(device)
-        l1 = F.l1_loss(box, true)
-        giou = 1 - torch.diagonal(generalized_box_iou(cxcywh_to_xyxy(box), cxcywh_to_xyxy(true)))
-        loss = cfg.l1_weight * l1 + cfg.giou_weight * giou.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
-        opt.step()
-        if step % cfg.eval_every and step != cfg.max_steps:
-            continue
-        split = splits[check_on]
-        pred = predict_phrase_boxes(head, feats[check_on], split, text[check_on], device=device)
-        metrics = grounding_metrics(pred, split.boxes)
-        score = (metrics["acc50"] or 0.0) + 1e-3 * (metrics["mean_iou"] or 0.0)  # IoU breaks ties
-        history.append({"step": step, "loss": loss.item(), "val_acc50": metrics["acc50"],
-                        "val_mean_iou": metrics["mean_iou"]})  # fmt: skip
-        if score > best:
-            best, best_state, since = score, copy.deepcopy(head.state_dict()), 0
-        else:
-            since += 1
-            if since >= cfg.patience:
-                break
+    with Progress(enabled=progress, description="grounding head", total=cfg.max_steps) as bar:
+        for step in range(1, cfg.max_steps + 1):
+            bar.advance()
+            head.train()
+            rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+            box = head(feats["train"][train.image[rows]].to(device), text["train"][rows].to(device))
+            true = target[rows].to(device)
+            l1 = F.l1_loss(box, true)
+            giou = 1 - torch.diagonal(
+                generalized_box_iou(cxcywh_to_xyxy(box), cxcywh_to_xyxy(true))
+            )
+            loss = cfg.l1_weight * l1 + cfg.giou_weight * giou.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
+            opt.step()
+            if step % cfg.eval_every and step != cfg.max_steps:
+                continue
+            split = splits[check_on]
+            pred = predict_phrase_boxes(head, feats[check_on], split, text[check_on], device=device)
+            metrics = grounding_metrics(pred, split.boxes)
+            score = (metrics["acc50"] or 0.0) + 1e-3 * (
+                metrics["mean_iou"] or 0.0
+            )  # IoU breaks ties
+            history.append({"step": step, "loss": loss.item(), "val_acc50": metrics["acc50"],
+                            "val_mean_iou": metrics["mean_iou"]})  # fmt: skip
+            if score > best:
+                best, best_state, since = score, copy.deepcopy(head.state_dict()), 0
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    break
     if best_state is not None:
         head.load_state_dict(best_state)
     test = splits["test"]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from raydiology.config_base import check
 from raydiology.evaluation.dense import DenseSplit, FrozenDenseEncoder
+from raydiology.evaluation.features import Progress
 
 Decoder = Literal["linear", "uper"]
 DECODERS: tuple[str, ...] = ("linear", "uper")
@@ -319,6 +320,7 @@ def train_decoder(
     cfg: SegmentConfig,
     *,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a decoder on the frozen encoder's features (train split), validating by mean
     Dice on the val split; returns the best decoder (by val Dice) and the training log."""
@@ -341,38 +343,42 @@ def train_decoder(
     scale = 255.0 if train.images.dtype == torch.uint8 else 65535.0
     best, best_state, since, history = -math.inf, copy.deepcopy(decoder.state_dict()), 0, []
     step = 0
-    for step in range(1, cfg.max_steps + 1):
-        decoder.train()
-        rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
-        images, masks = train.images[rows], train.masks[rows]
-        if augment is not None:
-            pairs = [augment(i.float() / scale, m, gen) for i, m in zip(images, masks, strict=True)]
-            images = _quantise(torch.stack([p[0] for p in pairs]), train.images.dtype)
-            masks = torch.stack([p[1] for p in pairs])
-            feats = encoder(_model_input(images, encoder, device))
-        else:
-            assert banks is not None
-            feats = banks["train"][rows]
-        logits = upsample_logits(decoder(feats), size)
-        loss = dice_loss(logits, masks.to(device), train.known[rows].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % cfg.eval_every and step != cfg.max_steps:
-            continue
-        which = "val" if len(val) else "train"
-        bank = banks[which] if banks is not None else None
-        per_class = evaluate_dice(encoder, decoder, splits[which], device=device, bank=bank)
-        score = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
-        history.append({"step": step, "loss": loss.item(), "val_dice": score,
-                        "lr": opt.param_groups[0]["lr"]})  # fmt: skip
-        plateau.step(score)
-        if score > best:
-            best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
-        else:
-            since += 1
-            if since >= cfg.patience:
-                break
+    with Progress(enabled=progress, description="segmentation head", total=cfg.max_steps) as bar:
+        for step in range(1, cfg.max_steps + 1):
+            bar.advance()
+            decoder.train()
+            rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
+            images, masks = train.images[rows], train.masks[rows]
+            if augment is not None:
+                pairs = [
+                    augment(i.float() / scale, m, gen) for i, m in zip(images, masks, strict=True)
+                ]
+                images = _quantise(torch.stack([p[0] for p in pairs]), train.images.dtype)
+                masks = torch.stack([p[1] for p in pairs])
+                feats = encoder(_model_input(images, encoder, device))
+            else:
+                assert banks is not None
+                feats = banks["train"][rows]
+            logits = upsample_logits(decoder(feats), size)
+            loss = dice_loss(logits, masks.to(device), train.known[rows].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % cfg.eval_every and step != cfg.max_steps:
+                continue
+            which = "val" if len(val) else "train"
+            bank = banks[which] if banks is not None else None
+            per_class = evaluate_dice(encoder, decoder, splits[which], device=device, bank=bank)
+            score = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
+            history.append({"step": step, "loss": loss.item(), "val_dice": score,
+                            "lr": opt.param_groups[0]["lr"]})  # fmt: skip
+            plateau.step(score)
+            if score > best:
+                best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    break
     decoder.load_state_dict(best_state)
     decoder.eval()
     return decoder, {"steps": step, "best_val_dice": best, "history": history}
@@ -386,9 +392,10 @@ def segment_encoder(
     *,
     name: str,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Train a decoder and score it on the test split: the result row and the decoder."""
-    decoder, log = train_decoder(encoder, splits, cfg, device=device)
+    decoder, log = train_decoder(encoder, splits, cfg, device=device, progress=progress)
     test = splits["test"]
     per_class = evaluate_dice(encoder, decoder, test, device=device)
     dice = {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, per_class, strict=True)}
