@@ -15,6 +15,10 @@ augmentation (features computed once), Adam lr 1e-3, `--seg-steps` steps; detect
 DETR-style decoder at lr 1e-3 (DETR's 1e-4 does not fit even ideal features in 1500 steps:
 tests/test_detect.py), `--det-steps` steps. Every value here is a CLI option of `raydiology
 evaluate segment|detect`.
+
+`--baselines` adds two feature-free rows per seed: "position", a one-hot of the patch's place
+in the grid, the same for every image (segmentation; what a decoder gets from location alone),
+and "pixels", each patch's raw pixels (detection; the patch grid's own limit).
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 MASKS = ["mask_lungs", "mask_heart", "mask_clavicles", "mask_lesion"]
@@ -52,6 +59,30 @@ def phantoms(folder: Path, n: int, size: int, **kind: bool) -> Path:
     return folder
 
 
+class PositionOnly(nn.Module):
+    """Stands in for a dense encoder: a one-hot of each patch's grid place, the same for every
+    image, so a decoder can learn only where the classes usually are."""
+
+    def __init__(self, like: nn.Module) -> None:
+        super().__init__()
+        self.data, self.grid = like.data, like.grid  # the real encoder's input handling
+        self.embed_dim = self.grid[0] * self.grid[1]
+        self.layer_ids = [0] * 4
+
+    def forward(self, x: Tensor) -> dict[str, object]:
+        gh, gw = self.grid
+        onehot = torch.eye(gh * gw).reshape(1, gh * gw, gh, gw).expand(len(x), -1, -1, -1)
+        return {"last": onehot, "layers": [onehot] * 4}
+
+
+def pixel_patches(encoder: object, images: Tensor, **_: object) -> Tensor:
+    """Stands in for `detect.encode_split`: each 16-px patch's pixels, standardised."""
+    x = images.float()
+    x = (x - x.mean()) / x.std()
+    side = images.shape[-1] // 16
+    return F.unfold(x, 16, stride=16).reshape(len(x), 256, side, side)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trained", help="NAME=EXPORT of the trained encoder")
@@ -65,6 +96,7 @@ def main() -> None:
     parser.add_argument("--seg-steps", type=int, default=2000)
     parser.add_argument("--det-steps", type=int, default=1000)
     parser.add_argument("--tasks", default="linear,detect")
+    parser.add_argument("--baselines", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -83,6 +115,28 @@ def main() -> None:
     print("detection images", {k: len(v) for k, v in det.items()},
           "test boxes", sum(len(b) for b in det["test"].boxes))  # fmt: skip
     figures: dict[tuple[str, str], list[float]] = {}
+
+    def baseline(task: str, like: nn.Module, seed: int) -> None:
+        import raydiology.evaluation.detect as detect
+
+        if task in ("linear", "uper"):
+            cfg = SegmentConfig(decoder=task, augment=False, lr=1e-3, eval_every=100,  # type: ignore[arg-type]
+                                max_steps=args.seg_steps, patience=5, seed=seed)  # fmt: skip
+            row, _ = segment_encoder(PositionOnly(like), seg, CLASSES, cfg, name="position")  # type: ignore[arg-type]
+            who, value = "position", row["dice_mean"]
+        else:
+            encode, detect.encode_split = detect.encode_split, pixel_patches  # type: ignore[assignment]
+            try:
+                dcfg = DetectConfig(lr=1e-3, max_steps=args.det_steps, eval_every=100,
+                                    patience=5, seed=seed)  # fmt: skip
+                patches = SimpleNamespace(embed_dim=256, grid=like.grid)  # what the head reads
+                row, _, _ = detect_encoder(patches, det, det_classes, dcfg, name="pixels")  # type: ignore[arg-type]
+            finally:
+                detect.encode_split = encode
+            who, value = "pixels", row["map50"] or 0.0
+        figures.setdefault((task, who), []).append(value)
+        print(f"seed {seed} {task:6s} {who:8s} {value:.3f}", flush=True)
+
     for seed in range(args.seeds):
         folder = args.work / f"random{seed + 1}"
         pair = {name: trained, "random": random_export(args.experiment, args.profile, folder,
@@ -90,6 +144,8 @@ def main() -> None:
         for who, path in pair.items():
             encoder = load_dense_encoder(path)
             for task in tasks:
+                if who == "random" and args.baselines:
+                    baseline(task, encoder, seed)
                 start = time.perf_counter()
                 if task in ("linear", "uper"):
                     cfg = SegmentConfig(decoder=task, augment=False, lr=1e-3, eval_every=100,  # type: ignore[arg-type]
