@@ -59,6 +59,7 @@ class GainSettings:
     pretrain_steps: int = 300
     pretrain_rows: int = 0  # training phantoms pretraining cycles through; 0: all
     finetune_steps: int = 30
+    finetune_rows: int = 0  # labelled training phantoms the fine-tune sees (the first); 0: all
     batch: int = 8  # fine-tune micro-batch
     lr: float = 3.0e-3  # fine-tune
     schedule: str = "cosine"  # fine-tune: constant | cosine (no warmup)
@@ -83,8 +84,9 @@ def gain_overrides(g: GainSettings, out: Path, *, seed: int = 0) -> tuple[list[s
                   f"scaling.num_workers={g.workers}"]  # fmt: skip
 
 
-def fine_tune_in_process(exp, corpus: str, folder: Path) -> Path:
-    """The training loop's optimisation without Ray or DeepSpeed; returns the run folder."""
+def fine_tune_in_process(exp, corpus: str, folder: Path, *, rows: int | None = None) -> Path:
+    """The training loop's optimisation without Ray or DeepSpeed, on the first `rows`
+    training phantoms (None: all); returns the run folder."""
     from raydiology.data.corpus import read_rows
     from raydiology.data.pipeline import preprocess_batch, to_model_input
     from raydiology.registry import build_model, build_objective
@@ -92,9 +94,10 @@ def fine_tune_in_process(exp, corpus: str, folder: Path) -> Path:
 
     table = read_rows(corpus)
     train = np.isin(table.column("split").to_numpy(zero_copy_only=False), exp.data.splits)
-    rows = {n: table.column(n).to_numpy(zero_copy_only=False)[train] for n in table.column_names}
+    labelled = {n: table.column(n).to_numpy(zero_copy_only=False)[train][:rows]
+                for n in table.column_names}  # fmt: skip
     columns = exp.objective.config.corpus_columns()
-    out = preprocess_batch(rows, data=exp.data, label_columns=[], extra_columns=columns)
+    out = preprocess_batch(labelled, data=exp.data, label_columns=[], extra_columns=columns)
     inputs = {k: (list(v) if v.dtype == object else torch.from_numpy(v)) for k, v in out.items()}
     inputs["image"] = to_model_input(inputs["image"], exp.data, dtype=torch.float32)
 
@@ -153,7 +156,8 @@ def measure(
         order = [] if finetune_seed is None else [f"train.seed={finetune_seed}"]
         for name, init in (("pretrained", str(work / "medvill")), ("finetune_only", "null")):
             exp = smoke(DIAGNOSIS, *overrides, *order, f"model.pretrained={init}")
-            run = fine_tune_in_process(exp, corpus, work / f"{name}-{finetune_seed}")
+            run = fine_tune_in_process(exp, corpus, work / f"{name}-{finetune_seed}",
+                                       rows=settings.finetune_rows or None)  # fmt: skip
             held_out = evaluate_medvill_heads(run, corpus, task="diagnosis",
                                               split=["val", "test"])  # fmt: skip
             scores[name] = held_out["micro_auroc"]
