@@ -38,7 +38,7 @@ Label-scarce (Dec 2026, h18-gain3; 1600 phantoms: 320 held out; 300 pretraining 
            --seeds 1: +0.082 +0.042 +0.078 +0.067 +0.085 +0.073 (mean +0.071, sd 0.016)
            --seeds 2: +0.040 +0.121 +0.101 +0.135 +0.064 +0.098 (mean +0.093, sd 0.035)
   8 labelled rows is the setting with a safe bar: all 18 gains > 0, the worst mean less 3
-  standard errors over 3 fine-tune seeds still > 0; the test in test_medvill_downstream.py
+  standard errors over 4 fine-tune seeds still > 0; the test in test_medvill_downstream.py
   (test_pretraining_beats_the_fine_tune_only_baseline_on_diagnosis) asserts on it.
 """
 

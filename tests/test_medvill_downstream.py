@@ -296,7 +296,7 @@ def test_pretraining_beats_the_fine_tune_only_baseline_on_diagnosis(tmp_path):
     fine-tune only the first 8 labelled rows; 320 held-out phantoms (val+test). In-process
     (tests/medvill_gain.py); the Ray Train path of such a fine-tune is the test above.
 
-    The gain is paired per fine-tune seed (head init, batch order) and averaged over 3.
+    The gain is paired per fine-tune seed (head init, batch order) and averaged over 4.
     Measured with
         PYTHONPATH=platform python tests/medvill_gain.py --seeds S --finetune-seeds 1 2 3 4 5 6 \\
             --set images=1600 --set finetune_rows=8
@@ -304,20 +304,22 @@ def test_pretraining_beats_the_fine_tune_only_baseline_on_diagnosis(tmp_path):
         S=0: +0.129 +0.032 +0.067 +0.077 +0.041 +0.040  mean +0.064 (sd 0.036)
         S=1: +0.082 +0.042 +0.078 +0.067 +0.085 +0.073  mean +0.071 (sd 0.016)
         S=2: +0.040 +0.121 +0.101 +0.135 +0.064 +0.098  mean +0.093 (sd 0.035)
-    All 18 > 0 (min +0.032). Over 3 seeds, the worst mean less 3 standard errors is still
-    > 0 (+0.064 - 3 * 0.036 / sqrt(3) = +0.002); this test (S=0, seeds 1-3) measures +0.076.
-    The bar, +0.02, is our choice: below every single-seed gain measured. With 16 or 32
-    labelled rows, or image-only input, the gain was smaller and noisier (medvill_gain.py).
+    All 18 > 0. Over 4 seeds, the worst mean less 3 standard errors is still > 0
+    (+0.064 - 3 * 0.036 / 2 = +0.010). Runs are not bit-reproducible (the cause is not yet
+    found): seeds 1-3 of S=0 gave +0.085 +0.031 +0.050 and +0.157 +0.019 +0.078 in two
+    pytest runs, so the lowest single gain seen is +0.019. The bar, +0.015, is our choice:
+    below every single gain measured. With 16 or 32 labelled rows, or image-only input, the
+    gain was smaller and noisier (table in medvill_gain.py).
     """
     from dataclasses import replace
 
     from medvill_gain import GAIN, measure
 
     settings = replace(GAIN, images=1600, finetune_rows=8)
-    rows = measure(settings, 0, tmp_path, finetune_seeds=[1, 2, 3])
+    rows = measure(settings, 0, tmp_path, finetune_seeds=[1, 2, 3, 4])
     gains = [r["gain"] for r in rows]
     print("pretraining gain per fine-tune seed:", [f"{g:+.3f}" for g in gains])
-    assert np.mean(gains) > 0.02, rows
+    assert np.mean(gains) > 0.015, rows
 
 
 def test_evaluate_medvill_vqa_from_the_command_line(tmp_path):
