@@ -289,6 +289,40 @@ def test_smoke_diagnosis_fine_tune_from_a_pretrained_export(ray_cluster, tmp_pat
         evaluate_medvill_heads(result.run_dir, corpus, task="vqa")
 
 
+def test_pretraining_beats_the_fine_tune_only_baseline_on_diagnosis(tmp_path):
+    """Issue 18 item 4: diagnosis fine-tuned from a MedViLL pretraining export scores a higher
+    micro AUROC on held-out phantoms than the same fine-tune from scratch (`model.pretrained=
+    null`), label-scarce: pretraining sees all 1280 training image+report pairs, each
+    fine-tune only the first 8 labelled rows; 320 held-out phantoms (val+test). In-process
+    (tests/medvill_gain.py); the Ray Train path of such a fine-tune is the test above.
+
+    The gain is paired per fine-tune seed (head init, batch order) and averaged over 4.
+    Measured with
+        PYTHONPATH=platform python tests/medvill_gain.py --seeds S --finetune-seeds 1 2 3 4 5 6 \\
+            --set images=1600 --set finetune_rows=8
+    (Dec 2026, 2 busy cores) the gain per fine-tune seed 1..6 and its mean, per pretraining S:
+        S=0: +0.129 +0.032 +0.067 +0.077 +0.041 +0.040  mean +0.064 (sd 0.036)
+        S=1: +0.082 +0.042 +0.078 +0.067 +0.085 +0.073  mean +0.071 (sd 0.016)
+        S=2: +0.040 +0.121 +0.101 +0.135 +0.064 +0.098  mean +0.093 (sd 0.035)
+    All 18 > 0. Over 4 seeds, the worst mean less 3 standard errors is still > 0
+    (+0.064 - 3 * 0.036 / 2 = +0.010). Runs are not bit-reproducible (the cause is not yet
+    found): seeds 1-3 of S=0 gave +0.085 +0.031 +0.050 and +0.157 +0.019 +0.078 in two
+    pytest runs, so the lowest single gain seen is +0.019. The bar, +0.015, is our choice:
+    below every single gain measured. With 16 or 32 labelled rows, or image-only input, the
+    gain was smaller and noisier (table in medvill_gain.py). This test measured means
+    +0.082 (+0.116 +0.062 +0.068 +0.081) and +0.079 (+0.098 +0.046 +0.103 +0.067); ~93 s.
+    """
+    from dataclasses import replace
+
+    from medvill_gain import GAIN, measure
+
+    settings = replace(GAIN, images=1600, finetune_rows=8)
+    rows = measure(settings, 0, tmp_path, finetune_seeds=[1, 2, 3, 4])
+    gains = [r["gain"] for r in rows]
+    print("pretraining gain per fine-tune seed:", [f"{g:+.3f}" for g in gains])
+    assert np.mean(gains) > 0.015, rows
+
+
 def test_evaluate_medvill_vqa_from_the_command_line(tmp_path):
     import json
 
