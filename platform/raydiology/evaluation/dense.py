@@ -9,6 +9,8 @@ along with the image's geometry).
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,30 @@ class FrozenDenseEncoder(nn.Module):
 def _is_timm_model(module: nn.Module) -> bool:
     """Built from a timm model class (possibly subclassed, as EVA-X's encoder is)."""
     return any(c.__module__.startswith("timm.") for c in type(module).__mro__)
+
+
+class BestSoFar:
+    """The dense heads' validation rule: keep a copy of the best-scoring weights, and say
+    when `patience` validations in a row brought no better score (early stop)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.score = -math.inf
+        self.state: dict[str, Tensor] | None = None
+        self.since = 0
+
+    def update(self, score: float, module: nn.Module) -> bool:
+        """Record a validation score; True when training should stop."""
+        if score > self.score:
+            self.score, self.state, self.since = score, copy.deepcopy(module.state_dict()), 0
+            return False
+        self.since += 1
+        return self.since >= self.patience
+
+    def restore(self, module: nn.Module) -> None:
+        """Load the best weights seen (no-op before the first validation)."""
+        if self.state is not None:
+            module.load_state_dict(self.state)
 
 
 def load_dense_encoder(

@@ -26,8 +26,6 @@ Choices of this module (no source; say so when comparing):
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydiology.config_base import check
-from raydiology.evaluation.dense import FrozenDenseEncoder
+from raydiology.evaluation.dense import BestSoFar, FrozenDenseEncoder
 from raydiology.evaluation.features import Progress, hash_split
 
 
@@ -368,7 +366,7 @@ def train_detector(
     decoder = DetrDecoder(encoder.embed_dim, len(classes), encoder.grid, cfg).to(device)
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     check_on = ("val", val) if len(val) else ("train", train)
-    best, best_state, since, history, step = -math.inf, None, 0, [], 0
+    kept, history, step = BestSoFar(cfg.patience), [], 0
     with Progress(enabled=progress, description="detection head", total=cfg.max_steps) as bar:
         for step in range(1, cfg.max_steps + 1):
             bar.advance()
@@ -386,16 +384,11 @@ def train_detector(
             preds = predict_boxes(decoder, feats[check_on[0]], res, device=device)
             score = box_metrics(preds, check_on[1])["map50"] or 0.0
             history.append({"step": step, "loss": losses["loss"].item(), "val_map50": score})
-            if score > best:
-                best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
-            else:
-                since += 1
-                if since >= cfg.patience:
-                    break
-    if best_state is not None:
-        decoder.load_state_dict(best_state)
+            if kept.update(score, decoder):
+                break
+    kept.restore(decoder)
     decoder.eval()
-    return decoder, {"steps": step, "best_val_map50": best, "history": history}, feats
+    return decoder, {"steps": step, "best_val_map50": kept.score, "history": history}, feats
 
 
 def detect_encoder(

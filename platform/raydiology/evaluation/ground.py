@@ -22,10 +22,8 @@ boxes like the images.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import math
 import os
 import re
 from collections import defaultdict
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydiology.config_base import check
-from raydiology.evaluation.dense import FrozenDenseEncoder
+from raydiology.evaluation.dense import BestSoFar, FrozenDenseEncoder
 from raydiology.evaluation.detect import (
     PatchMemory,
     box_mlp,
@@ -384,7 +382,7 @@ def ground_encoder(
     head = GroundingHead(encoder.embed_dim, text["train"].shape[1], encoder.grid, cfg).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     check_on = "val" if len(splits["val"]) else "train"
-    best, best_state, since, history, step = -math.inf, None, 0, [], 0
+    kept, history, step = BestSoFar(cfg.patience), [], 0
     with Progress(enabled=progress, description="grounding head", total=cfg.max_steps) as bar:
         for step in range(1, cfg.max_steps + 1):
             bar.advance()
@@ -411,14 +409,9 @@ def ground_encoder(
             )  # IoU breaks ties
             history.append({"step": step, "loss": loss.item(), "val_acc50": metrics["acc50"],
                             "val_mean_iou": metrics["mean_iou"]})  # fmt: skip
-            if score > best:
-                best, best_state, since = score, copy.deepcopy(head.state_dict()), 0
-            else:
-                since += 1
-                if since >= cfg.patience:
-                    break
-    if best_state is not None:
-        head.load_state_dict(best_state)
+            if kept.update(score, head):
+                break
+    kept.restore(head)
     test = splits["test"]
     pred = predict_phrase_boxes(head, feats["test"], test, text["test"], device=device)
     result = {

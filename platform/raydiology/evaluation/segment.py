@@ -24,8 +24,6 @@ Choices the protocol leaves open, fixed here (no source: say so when comparing):
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydiology.config_base import check
-from raydiology.evaluation.dense import DenseSplit, FrozenDenseEncoder
+from raydiology.evaluation.dense import BestSoFar, DenseSplit, FrozenDenseEncoder
 from raydiology.evaluation.features import Progress
 
 Decoder = Literal["linear", "uper"]
@@ -341,7 +339,7 @@ def train_decoder(
     if augment is None:
         banks = {k: FeatureBank(encoder, splits[k], device) for k in ("train", "val")}
     scale = 255.0 if train.images.dtype == torch.uint8 else 65535.0
-    best, best_state, since, history = -math.inf, copy.deepcopy(decoder.state_dict()), 0, []
+    kept, history = BestSoFar(cfg.patience), []
     step = 0
     with Progress(enabled=progress, description="segmentation head", total=cfg.max_steps) as bar:
         for step in range(1, cfg.max_steps + 1):
@@ -373,15 +371,11 @@ def train_decoder(
             history.append({"step": step, "loss": loss.item(), "val_dice": score,
                             "lr": opt.param_groups[0]["lr"]})  # fmt: skip
             plateau.step(score)
-            if score > best:
-                best, best_state, since = score, copy.deepcopy(decoder.state_dict()), 0
-            else:
-                since += 1
-                if since >= cfg.patience:
-                    break
-    decoder.load_state_dict(best_state)
+            if kept.update(score, decoder):
+                break
+    kept.restore(decoder)
     decoder.eval()
-    return decoder, {"steps": step, "best_val_dice": best, "history": history}
+    return decoder, {"steps": step, "best_val_dice": kept.score, "history": history}
 
 
 def segment_encoder(
