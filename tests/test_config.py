@@ -79,6 +79,8 @@ def test_set_overrides_any_field_with_yaml_values():
         ("data.mean=[0.5, 0.5]", "data.mean", "one per channel"),
         ("train.micro_batch_size=two", "train.micro_batch_size", "an integer"),
         ("scaling.num_workers=0", "scaling.num_workers", "at least 1"),
+        ("data.phantom.pose=10", "data.phantom.pose", "0..9"),
+        ("data.phantom.lesion_scale=0", "data.phantom.lesion_scale", "(0, 4]"),
         ("bogus.key=1", "bogus", "one of the sections"),
         # the smoke profile trains 24 steps at lr 1e-3
         (

@@ -9,7 +9,10 @@ probability 0.6, 47 test lesions; lr 1e-3, up to 1000 steps, 3 seeds), test mAP@
 - DINOv2, quickstart profile with 400 steps: 0.000 0.000 0.000; random: 0.000 0.000 0.001;
 - `--baselines`' "pixels", the decoder on each 16-px patch's raw pixels: 0.000 0.000 0.000.
 The phantom lesions are 5-7 px boxes (10th-90th percentile) on an 8 x 8 patch grid: IoU 0.5
-asks for a box within about a pixel from 16-px patches, which no features here give."""
+asks for a box within about a pixel from 16-px patches, which no features here give.
+Larger lesions on phantoms without the location shortcut (`--pose 5 --lesion-scale 3`: boxes
+10-20 px, 10th-90th percentile; one seed, 47 test lesions) leave it near zero: HD-MAE
+quickstart trained on such phantoms 0.012 (mean IoU 0.108), random 0.003 (0.077)."""
 
 from __future__ import annotations
 

@@ -169,3 +169,39 @@ def test_corpus_deterministic(tmp_path):
     # split depends only on the index, so it does not move between seeds
     splits = [read_rows(tmp_path / d, ["split"]).column("split").to_pylist() for d in "ac"]
     assert splits[0] == splits[1]
+
+
+def test_pose_spreads_the_anatomy_and_lesion_scale_grows_the_nodule():
+    """What tests/margin_figures.py's `--pose` phantoms rely on: with `pose` the heart is no
+    longer where it usually is, and `lesion_scale` nodules span more than a 16-px patch at 128.
+    The findings are those of the default film (the draws keep their number and order)."""
+
+    def films(**look):
+        lesion = {"lung_lesion": True}
+        return [
+            make_phantom(
+                np.random.default_rng([9, i]),
+                size=128,
+                findings=lesion,
+                masks=True,
+                boxes=True,
+                **look,
+            )
+            for i in range(24)
+        ]
+
+    def heart_centres(cases):
+        return np.array([np.argwhere(c.masks["heart"]).mean(0) for c in cases])
+
+    def lesion_sides(cases):
+        boxes = [c.boxes[0][:4] for c in cases]
+        return np.array([max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes])
+
+    centred, wide = films(), films(pose=5, lesion_scale=3)
+    assert [c.findings for c in centred] == [c.findings for c in wide]
+    spread = heart_centres(wide).std(0) / heart_centres(centred).std(0)
+    assert (spread > 3).all(), spread  # rows and columns
+    assert np.median(lesion_sides(centred)) < 8 and np.median(lesion_sides(wide)) > 12
+    assert (heart_centres(films(pose=1.0)) == heart_centres(centred)).all()
+    with pytest.raises(ValueError, match="pose 10"):
+        make_phantom(np.random.default_rng(0), pose=10)

@@ -15,7 +15,23 @@ mean test Dice per seed:
   position (a random ViT: 92 % of its patch features' variance is positional) score higher
   than features that carry content (trained HD-MAE: 22 %).
 UPerNet (one seed, 400 steps) 0.644 trained, 0.641 random; with XR-0's augmentations (linear,
-1500 steps) trained 0.430, random 0.478, position 0.535. A margin test would fail."""
+1500 steps) trained 0.430, random 0.478, position 0.535. A margin test would fail.
+
+Phantoms without the location shortcut do not change this (`corpus phantom --pose 5
+--lesion-scale 3`: anatomy shifted, scaled 0.5-1 and tilted up to 15 degrees; `margin_figures.py
+... --pose 5 --lesion-scale 3`, 2 seeds). Position-only falls to 0.326 0.329, below random;
+the trained encoders stay at or below random:
+- HD-MAE random 0.399 0.410; quickstart on the default phantoms 0.394 0.395; quickstart on
+  pose-5 phantoms (`--set data.phantom.pose=5 --set data.phantom.lesion_scale=3`) 0.363 0.389;
+- XR-0 DINOv2, quickstart on pose-5 phantoms (800 steps, loss flat at 8.29 from step 500):
+  0.195 0.195, its random 0.201 0.198; EVA-X quickstart on pose-5 phantoms 0.174, its
+  random 0.166 (one seed, 600 steps);
+- label-scarce, 8 training images (`--seg-train 8`): default-trained 0.338 0.330, pose-trained
+  0.209 0.210, random 0.363 0.361.
+Our reading, not measured further: the phantoms' structures are told apart by brightness, which
+a random encoder passes on (a random patch embedding keeps each patch's pixels), so it reads
+them as well as a 16-px grid allows; pretraining of CPU size adds nothing a linear or patch
+readout can use. Whether much longer pretraining would show a margin was not measured."""
 
 from __future__ import annotations
 

@@ -305,6 +305,11 @@ def corpus_phantom(
     boxes: Annotated[
         bool, typer.Option(help="also write the lesion's box + report phrase (PA films)")
     ] = False,
+    pose: Annotated[
+        float,
+        typer.Option(help="spread of the patient's shift, size and tilt (1 centred, 5 wide)"),
+    ] = 1.0,
+    lesion_scale: Annotated[float, typer.Option(help="nodule radius factor (1: 1.4-2.6 cm)")] = 1.0,
 ) -> None:
     """Generate procedural chest radiograph phantoms with findings and reports."""
     from raydiology.data.phantom import write_phantom_corpus
@@ -318,6 +323,8 @@ def corpus_phantom(
         views=views,
         masks=masks,
         boxes=boxes,
+        pose=pose,
+        lesion_scale=lesion_scale,
     )
     console.print(f"{manifest.rows} phantom images ({size}px, {views} per study) -> {out}")
 

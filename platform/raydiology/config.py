@@ -35,9 +35,14 @@ class PhantomConfig:
     # films per phantom study: 1 = PA only; 2 = PA + LATERAL sharing one report, labels and
     # split (`images` counts studies, so the corpus holds images x views films)
     views: int = 1
+    # spread of the patient's placement on the film and the nodules' size (`make_phantom`)
+    pose: float = 1.0
+    lesion_scale: float = 1.0
 
     def validate(self, key: str) -> None:
         check(self.images >= 1, f"{key}.images", self.images, "at least 1")
+        check(0 <= self.pose <= 9, f"{key}.pose", self.pose, "0..9")
+        check(0 < self.lesion_scale <= 4, f"{key}.lesion_scale", self.lesion_scale, "(0, 4]")
         check(self.views in (1, 2), f"{key}.views", self.views, "1 (PA) or 2 (PA + LATERAL)")
         check(16 <= self.size <= 4096, f"{key}.size", self.size, "16..4096 pixels")
         check(0 <= self.finding_prob <= 1, f"{key}.finding_prob", self.finding_prob, "0..1")

@@ -478,13 +478,15 @@ def _draw_devices(a: _Anatomy, size: int, kind: str, view: str = "PA") -> np.nda
     return _box_blur(np.asarray(mask, dtype=np.float32) * (1.0 / 255.0), max(0, width // 3))
 
 
-def _anatomy(rng: np.random.Generator) -> _Anatomy:
+def _anatomy(rng: np.random.Generator, pose: float = 1.0) -> _Anatomy:
+    """`pose` widens the patient's placement on the film (shift, size, tilt) by that factor;
+    1 is a well-centred PA film. The draws stay the same in number and order."""
     u = rng.uniform
     dome_left = u(0.34, 0.42)
     return _Anatomy(
-        scale=u(0.9, 1.0),
-        shift=(u(-0.04, 0.04), u(-0.0, 0.08)),
-        angle=math.radians(u(-3.0, 3.0)),
+        scale=u(1.0 - 0.1 * pose, 1.0),
+        shift=(u(-0.04 * pose, 0.04 * pose), u(0.04 - 0.04 * pose, 0.04 + 0.04 * pose)),
+        angle=math.radians(u(-3.0 * pose, 3.0 * pose)),
         body_half_width=u(0.88, 0.98),
         lung_width=u(0.68, 0.75),
         apex=u(-0.72, -0.64),
@@ -518,7 +520,7 @@ class _FindingDraw:
     phrasing: int  # seed for the report's wording
 
 
-def _finding_draw(rng: np.random.Generator) -> _FindingDraw:
+def _finding_draw(rng: np.random.Generator, lesion_scale: float = 1.0) -> _FindingDraw:
     sides = ("left", "right")
     return _FindingDraw(
         effusion_side=sides[int(rng.integers(2))],
@@ -526,7 +528,7 @@ def _finding_draw(rng: np.random.Generator) -> _FindingDraw:
         pneumothorax_side=sides[int(rng.integers(2))],
         pneumothorax_gap=float(rng.uniform(0.08, 0.16)),
         lesion_side=sides[int(rng.integers(2))],
-        lesion_radius=float(rng.uniform(0.035, 0.065)),
+        lesion_radius=float(rng.uniform(0.035, 0.065)) * lesion_scale,
         device=("ett", "cvc", "ngt", "ett+ngt", "ett+cvc")[int(rng.integers(5))],
         phrasing=int(rng.integers(2**31)),
     )
@@ -541,6 +543,8 @@ def make_phantom(
     view: Literal["PA", "LATERAL"] = "PA",
     masks: bool = False,
     boxes: bool = False,
+    pose: float = 1.0,
+    lesion_scale: float = 1.0,
 ) -> PhantomCase:
     """One phantom film; each finding present with probability `finding_prob`.
 
@@ -551,9 +555,17 @@ def make_phantom(
     `findings` forces chosen findings on or off (the rest stay random); the random stream is
     consumed identically either way, so forcing changes only the forced findings, and the
     same generator state filmed PA and LATERAL is one patient seen twice (same report).
+    `pose` spreads the patient's shift, size and tilt on the film by that factor (1: a
+    well-centred film; 5: anatomy anywhere within a fifth of the film and half to full size, so
+    a dense evaluation cannot score by where structures usually are); `lesion_scale` scales
+    the nodule's radius (1: 1.4-2.6 cm; 3: lesions a 16-px patch grid can localise at 128 px).
     """
     if not 16 <= size <= 4096:
         raise ValueError(f"size {size} outside 16..4096")
+    if not 0 <= pose <= 9:  # 10 would shrink the patient to nothing (scale 1 - 0.1 x pose)
+        raise ValueError(f"pose {pose} outside 0..9")
+    if not 0 < lesion_scale <= 4:  # larger no longer fits inside a lung
+        raise ValueError(f"lesion_scale {lesion_scale} outside (0, 4]")
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
     unknown = set(findings or {}) - set(FINDINGS)
@@ -561,8 +573,8 @@ def make_phantom(
         raise ValueError(f"unknown finding {sorted(unknown)[0]!r}; known: {', '.join(FINDINGS)}")
     present = {name: bool(rng.uniform() < finding_prob) for name in FINDINGS}
     present.update({k: bool(v) for k, v in (findings or {}).items()})
-    anatomy = _anatomy(rng)
-    draw = _finding_draw(rng)
+    anatomy = _anatomy(rng, pose)
+    draw = _finding_draw(rng, lesion_scale)
     lesion = _lesion_centre(anatomy, draw)
 
     frame = _Frame(min(size, _RENDER_MAX), anatomy)
@@ -777,6 +789,8 @@ def write_phantom_corpus(
     progress: bool = True,
     masks: bool = False,
     boxes: bool = False,
+    pose: float = 1.0,
+    lesion_scale: float = 1.0,
 ) -> Manifest:
     """Write `n` phantom studies of `views` films each (1: PA; 2: PA then LATERAL) as a
     corpus; identical shards for identical arguments.
@@ -789,6 +803,7 @@ def write_phantom_corpus(
     `masks` adds a `mask_<class>` column per MASK_CLASSES (binary, the film's size; null on
     LATERAL films), for segmentation evaluation; `boxes` a `boxes` column (the lesion's box
     and report phrase, `make_phantom`; null on LATERAL films), for detection and grounding.
+    `pose` and `lesion_scale` are `make_phantom`'s.
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 (PA) or 2 (PA + LATERAL), not {views!r}")
@@ -799,6 +814,10 @@ def write_phantom_corpus(
         options["masks"] = True
     if boxes:
         options["boxes"] = True
+    if pose != 1.0:
+        options["pose"] = pose
+    if lesion_scale != 1.0:
+        options["lesion_scale"] = lesion_scale
     with CorpusWriter(
         out_dir,
         made_by={"command": "phantom", "options": options},
@@ -823,6 +842,8 @@ def write_phantom_corpus(
                     view=view,  # type: ignore[arg-type]  # one of VIEWS
                     masks=masks,
                     boxes=boxes,
+                    pose=pose,
+                    lesion_scale=lesion_scale,
                 )
                 mask_columns = {
                     f"mask_{k}": None if case.masks is None else case.masks[k]

@@ -291,6 +291,8 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
         / "_corpora"
         / f"phantom-n{p.images}-s{p.size}-seed{p.seed}-p{p.finding_prob:g}"
         f"{f'-v{p.views}' if p.views > 1 else ''}"
+        f"{f'-pose{p.pose:g}' if p.pose != 1 else ''}"
+        f"{f'-lesion{p.lesion_scale:g}' if p.lesion_scale != 1 else ''}"
     )
     try:
         read_manifest(folder)
@@ -301,7 +303,7 @@ def resolve_corpus(exp: Experiment, *, console: Console) -> str:
         shutil.rmtree(folder, ignore_errors=True)
         write_phantom_corpus(
             folder, n=p.images, size=p.size, seed=p.seed, finding_prob=p.finding_prob,
-            views=p.views,
+            views=p.views, pose=p.pose, lesion_scale=p.lesion_scale,
         )  # fmt: skip
     return str(folder)
 
