@@ -70,7 +70,7 @@ class PositionOnly(nn.Module):
         super().__init__()
         self.data, self.grid = like.data, like.grid  # the real encoder's input handling
         self.embed_dim = self.grid[0] * self.grid[1]
-        self.layer_ids = [0] * 4
+        self.layer_ids, self.layer_dims, self.pyramid = [0] * 4, [self.embed_dim] * 4, False
 
     def forward(self, x: Tensor) -> dict[str, object]:
         gh, gw = self.grid

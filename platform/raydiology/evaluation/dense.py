@@ -44,29 +44,55 @@ class FrozenDenseEncoder(nn.Module):
     `forward_intermediates`, as issue 17 asks; the registry's other ViTs (MAE, DINOv2) have
     no such method, and their block outputs are read with forward hooks on the block stack
     (`layer_stack`), put back into raster order by the encoder's `layer_patches` where its
-    blocks see another order (the Vision Mamba encoders). CNN towers (timm ResNets in the
-    CLIP smoke profiles) have no token layers and are refused.
+    blocks see another order (the Vision Mamba encoders).
+
+    Hierarchical timm backbones behind the encoder protocol (`TimmEncoder`/`CNNGrid`: the
+    ResNets of MedViLL, R2Gen and the CLIP smoke profiles, R2GenGPT's Swin) are a `pyramid`:
+    "layers" are their last four stages (strides 4-32 for a ResNet, channels `layer_dims`),
+    through timm's `forward_intermediates`, and "last" is the encoder's output map.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.data = encoder_data_config(encoder)
-        stack = getattr(encoder, getattr(encoder, "layer_stack", "blocks"), None)
-        if not isinstance(stack, nn.ModuleList):
-            raise ValueError(f"{type(encoder).__name__} has no block stack to read layers from")
-        self.layer_ids = intermediate_layers(len(stack))
-        gh, gw = getattr(encoder, "grid_size")  # noqa: B009  # the encoder protocol's, untyped
-        self.grid = (int(gh), int(gw))
         self.prefix = int(getattr(encoder, "num_prefix_tokens", 1))
         self.embed_dim = int(getattr(encoder, "embed_dim"))  # noqa: B009
         self._captured: dict[int, Tensor] = {}
-        self.uses_timm_intermediates = _is_timm_model(encoder) and callable(
-            getattr(encoder, "forward_intermediates", None)
-        )
+        stack = getattr(encoder, getattr(encoder, "layer_stack", "blocks"), None)
+        body = getattr(encoder, "body", None)
+        self.pyramid = not isinstance(stack, nn.ModuleList) and _has_timm_intermediates(body)
+        self.uses_timm_intermediates = self.pyramid or _has_timm_intermediates(encoder)
+        if self.pyramid:
+            stages = len(body.feature_info)  # type: ignore[union-attr, arg-type]
+            if stages < NUM_INTERMEDIATE:
+                raise ValueError(f"{type(body).__name__} has {stages} stages, fewer than "
+                                 f"the {NUM_INTERMEDIATE} a dense decoder reads")  # fmt: skip
+            self.layer_ids = list(range(stages - NUM_INTERMEDIATE, stages))
+            info: Any = body.feature_info  # type: ignore[union-attr]
+            self.layer_dims = [int(info[i]["num_chs"]) for i in self.layer_ids]
+            self.grid = self._output_grid()
+            return
+        if not isinstance(stack, nn.ModuleList):
+            raise ValueError(f"{type(encoder).__name__} has no block stack to read layers from")
+        self.layer_ids = intermediate_layers(len(stack))
+        self.layer_dims = [self.embed_dim] * NUM_INTERMEDIATE
+        gh, gw = getattr(encoder, "grid_size")  # noqa: B009  # the encoder protocol's, untyped
+        self.grid = (int(gh), int(gw))
         if not self.uses_timm_intermediates:
             for i in sorted(set(self.layer_ids)):
                 stack[i].register_forward_hook(self._capture(i))
+
+    @torch.no_grad()
+    def _output_grid(self) -> tuple[int, int]:
+        """A backbone without a `grid_size`: the token grid of one blank image (square)."""
+        side = self.data.resolution
+        tokens = self.encoder(torch.zeros(1, self.data.channels, side, side))
+        grid = math.isqrt(tokens.shape[1] - self.prefix)
+        if grid * grid != tokens.shape[1] - self.prefix:
+            raise ValueError(f"{type(self.encoder).__name__}: {tokens.shape[1]} tokens are "
+                             "not a square grid")  # fmt: skip
+        return grid, grid
 
     def _capture(self, index: int):
         def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
@@ -87,6 +113,12 @@ class FrozenDenseEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        if self.pyramid:
+            body: Any = getattr(self.encoder, "body")  # noqa: B009
+            maps = body.forward_intermediates(
+                x, indices=self.layer_ids, intermediates_only=True, output_fmt="NCHW"
+            )
+            return {"last": self._to_map(self.encoder(x)), "layers": list(maps)}
         if self.uses_timm_intermediates:
             taken = sorted(set(self.layer_ids))  # timm returns each block once, in order
             timm_model: Any = self.encoder
@@ -111,9 +143,11 @@ class FrozenDenseEncoder(nn.Module):
         return reader(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
-def _is_timm_model(module: nn.Module) -> bool:
-    """Built from a timm model class (possibly subclassed, as EVA-X's encoder is)."""
-    return any(c.__module__.startswith("timm.") for c in type(module).__mro__)
+def _has_timm_intermediates(module: object) -> bool:
+    """Built from a timm model class (possibly subclassed, as EVA-X's encoder is) that gives
+    its layers through `forward_intermediates`."""
+    timm_class = any(c.__module__.startswith("timm.") for c in type(module).__mro__)
+    return timm_class and callable(getattr(module, "forward_intermediates", None))
 
 
 class BestSoFar:

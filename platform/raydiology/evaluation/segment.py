@@ -96,29 +96,34 @@ class UPerDecoder(nn.Module):
 
     A plain ViT gives four maps at one stride (16); they are first rescaled to strides 4, 8,
     16, 32 (x4 and x2 transposed convs, identity, 2x2 max pool), as BEiT and ViT-Adapter do
-    before UPerNet. PPM bin sizes 1, 2, 3, 6 are PSPNet's (Zhao et al. 2017).
-    `[B, D, gh, gw] x 4 -> logits [B, K, 4 gh, 4 gw]`.
+    before UPerNet. A `pyramid` backbone (a ResNet's stages, `dims` their channels) is
+    already at those strides. PPM bin sizes 1, 2, 3, 6 are PSPNet's (Zhao et al. 2017).
+    `[B, D, gh, gw] x 4 -> logits [B, K, 4 gh, 4 gw]` (a pyramid: at its finest level).
     """
 
-    def __init__(self, dim: int, classes: int, channels: int = 128) -> None:
+    def __init__(
+        self, dims: int | list[int], classes: int, channels: int = 128, pyramid: bool = False
+    ) -> None:
         super().__init__()
-        self.rescale = nn.ModuleList(
-            [
+        d = [dims] * 4 if isinstance(dims, int) else list(dims)
+        rescale: list[nn.Module] = [nn.Identity()] * 4
+        if not pyramid:
+            rescale = [
                 nn.Sequential(
-                    nn.ConvTranspose2d(dim, dim, 2, stride=2),
-                    nn.BatchNorm2d(dim),
+                    nn.ConvTranspose2d(d[0], d[0], 2, stride=2),
+                    nn.BatchNorm2d(d[0]),
                     nn.GELU(),
-                    nn.ConvTranspose2d(dim, dim, 2, stride=2),
+                    nn.ConvTranspose2d(d[0], d[0], 2, stride=2),
                 ),
-                nn.ConvTranspose2d(dim, dim, 2, stride=2),
+                nn.ConvTranspose2d(d[1], d[1], 2, stride=2),
                 nn.Identity(),
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
-        )
+        self.rescale = nn.ModuleList(rescale)
         self.bins = (1, 2, 3, 6)
-        self.ppm = nn.ModuleList(_conv_bn_relu(dim, channels, 1) for _ in self.bins)
-        self.bottleneck = _conv_bn_relu(dim + len(self.bins) * channels, channels, 3)
-        self.lateral = nn.ModuleList(_conv_bn_relu(dim, channels, 1) for _ in range(3))
+        self.ppm = nn.ModuleList(_conv_bn_relu(d[3], channels, 1) for _ in self.bins)
+        self.bottleneck = _conv_bn_relu(d[3] + len(self.bins) * channels, channels, 3)
+        self.lateral = nn.ModuleList(_conv_bn_relu(d[i], channels, 1) for i in range(3))
         self.fpn = nn.ModuleList(_conv_bn_relu(channels, channels, 3) for _ in range(3))
         self.fuse = _conv_bn_relu(4 * channels, channels, 3)
         self.classify = nn.Conv2d(channels, classes, 1)
@@ -143,10 +148,10 @@ class UPerDecoder(nn.Module):
         return self.classify(self.fuse(torch.cat(outs, dim=1)))
 
 
-def build_decoder(cfg: SegmentConfig, dim: int, classes: int) -> nn.Module:
+def build_decoder(cfg: SegmentConfig, encoder: FrozenDenseEncoder, classes: int) -> nn.Module:
     if cfg.decoder == "linear":
-        return LinearDecoder(dim, classes)
-    return UPerDecoder(dim, classes, cfg.uper_channels)
+        return LinearDecoder(encoder.embed_dim, classes)
+    return UPerDecoder(encoder.layer_dims, classes, cfg.uper_channels, pyramid=encoder.pyramid)
 
 
 def upsample_logits(logits: Tensor, size: int) -> Tensor:
@@ -328,7 +333,7 @@ def train_decoder(
     if len(train) == 0:
         raise ValueError("no annotated images in the train split")
     classes = train.masks.shape[1]
-    decoder = build_decoder(cfg, encoder.embed_dim, classes).to(device)
+    decoder = build_decoder(cfg, encoder, classes).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
