@@ -241,8 +241,8 @@ def test_timm_encoder_gives_its_layers_through_forward_intermediates(world, tmp_
 
 def test_cnn_tower_gives_its_stages_as_a_pyramid(world, tmp_path) -> None:
     """A ResNet image tower (the CLIP smoke profile's resnet10t; MedViLL and R2Gen export the
-    same kind) is read as a pyramid: its four stages at strides 4-32 from timm's
-    `forward_intermediates`, its output map as "last"; UPerNet takes the stages as they are,
+    same kind) is read as a pyramid: its four stages at strides 4-32 (named by timm's
+    `feature_info`), its output map as "last"; UPerNet takes the stages as they are,
     and `evaluate segment` runs on the export."""
     import raydiology
     from raydiology.config import load_experiment

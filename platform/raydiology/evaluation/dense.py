@@ -49,7 +49,8 @@ class FrozenDenseEncoder(nn.Module):
     Hierarchical timm backbones behind the encoder protocol (`TimmEncoder`/`CNNGrid`: the
     ResNets of MedViLL, R2Gen and the CLIP smoke profiles, R2GenGPT's Swin) are a `pyramid`:
     "layers" are their last four stages (strides 4-32 for a ResNet, channels `layer_dims`),
-    through timm's `forward_intermediates`, and "last" is the encoder's output map.
+    named by timm's `feature_info` and read by the same hooks, so the backbone runs once;
+    "last" is the encoder's output map.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -61,16 +62,17 @@ class FrozenDenseEncoder(nn.Module):
         self._captured: dict[int, Tensor] = {}
         stack = getattr(encoder, getattr(encoder, "layer_stack", "blocks"), None)
         body = getattr(encoder, "body", None)
-        self.pyramid = not isinstance(stack, nn.ModuleList) and _has_timm_intermediates(body)
-        self.uses_timm_intermediates = self.pyramid or _has_timm_intermediates(encoder)
+        info: Any = getattr(body, "feature_info", None)
+        self.pyramid = not isinstance(stack, nn.ModuleList) and _is_timm_model(body) and bool(info)
+        self.uses_timm_intermediates = not self.pyramid and _has_timm_intermediates(encoder)
         if self.pyramid:
-            stages = len(body.feature_info)  # type: ignore[union-attr, arg-type]
-            if stages < NUM_INTERMEDIATE:
-                raise ValueError(f"{type(body).__name__} has {stages} stages, fewer than "
+            if len(info) < NUM_INTERMEDIATE:
+                raise ValueError(f"{type(body).__name__} has {len(info)} stages, fewer than "
                                  f"the {NUM_INTERMEDIATE} a dense decoder reads")  # fmt: skip
-            self.layer_ids = list(range(stages - NUM_INTERMEDIATE, stages))
-            info: Any = body.feature_info  # type: ignore[union-attr]
+            self.layer_ids = list(range(len(info) - NUM_INTERMEDIATE, len(info)))
             self.layer_dims = [int(info[i]["num_chs"]) for i in self.layer_ids]
+            for i in self.layer_ids:
+                body.get_submodule(info[i]["module"]).register_forward_hook(self._capture(i))  # type: ignore[union-attr]
             self.grid = self._output_grid()
             return
         if not isinstance(stack, nn.ModuleList):
@@ -113,12 +115,6 @@ class FrozenDenseEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
-        if self.pyramid:
-            body: Any = getattr(self.encoder, "body")  # noqa: B009
-            maps = body.forward_intermediates(
-                x, indices=self.layer_ids, intermediates_only=True, output_fmt="NCHW"
-            )
-            return {"last": self._to_map(self.encoder(x)), "layers": list(maps)}
         if self.uses_timm_intermediates:
             taken = sorted(set(self.layer_ids))  # timm returns each block once, in order
             timm_model: Any = self.encoder
@@ -129,13 +125,18 @@ class FrozenDenseEncoder(nn.Module):
             return {"last": self._to_map(last), "layers": [by_block[i] for i in self.layer_ids]}
         self._captured.clear()
         last = self.encoder(x)
-        layers = [self._block_map(self._captured[i]) for i in self.layer_ids]
+        layers = [self._block_map(self._captured[i], dim)
+                  for i, dim in zip(self.layer_ids, self.layer_dims, strict=True)]  # fmt: skip
         return {"last": self._to_map(last), "layers": layers}
 
-    def _block_map(self, tokens: Tensor) -> Tensor:
+    def _block_map(self, tokens: Tensor, dim: int) -> Tensor:
         """A block's output -> [B, D, gh, gw]. Encoders whose blocks see another sequence
         than their output (Vision Mamba: cluster order, or CLS in the middle) say how to
-        read its patches (`layer_patches`); a ViT's blocks see its output's layout."""
+        read its patches (`layer_patches`); a ViT's blocks see its output's layout; a
+        pyramid's stages give maps already (NCHW; Swin's NHWC stages are turned)."""
+        if tokens.ndim == 4:
+            channels_last = tokens.shape[1] != dim and tokens.shape[-1] == dim
+            return tokens.permute(0, 3, 1, 2) if channels_last else tokens
         reader = getattr(self.encoder, "layer_patches", None)
         if reader is None:
             return self._to_map(tokens)
@@ -143,11 +144,14 @@ class FrozenDenseEncoder(nn.Module):
         return reader(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
+def _is_timm_model(module: object) -> bool:
+    """Built from a timm model class (possibly subclassed, as EVA-X's encoder is)."""
+    return any(c.__module__.startswith("timm.") for c in type(module).__mro__)
+
+
 def _has_timm_intermediates(module: object) -> bool:
-    """Built from a timm model class (possibly subclassed, as EVA-X's encoder is) that gives
-    its layers through `forward_intermediates`."""
-    timm_class = any(c.__module__.startswith("timm.") for c in type(module).__mro__)
-    return timm_class and callable(getattr(module, "forward_intermediates", None))
+    """A timm model that gives its layers through `forward_intermediates`."""
+    return _is_timm_model(module) and callable(getattr(module, "forward_intermediates", None))
 
 
 class BestSoFar:
